@@ -1,0 +1,177 @@
+"""ecoquant's Python API: everything the CLI does, as typed functions.
+
+>>> from ecoquant.api import QuantizeConfig, quantize
+>>> quantize("google/gemma-4-E4B-it", "out/e4b-w4a16", QuantizeConfig(method="rtn"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from ecoquant.errors import EcoquantError
+from ecoquant.export.compressed_tensors import export_checkpoint
+from ecoquant.export.footprint import Footprint, estimate_footprint
+from ecoquant.export.recipe import build_recipe, hash_model_files
+from ecoquant.models.loading import load_config, meta_model, resolve_model, tensor_infos
+from ecoquant.models.presets import Preset, get_preset
+from ecoquant.models.selection import Selection, select_modules
+from ecoquant.progress import progress_bar
+from ecoquant.quantize.rtn import rtn_quantize
+from ecoquant.quantize.scheme import QuantScheme
+
+Method = Literal["rtn", "gptq", "awq"]
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """A model folder and the modules a preset (plus overrides) selects in it."""
+
+    path: Path
+    config: Any
+    preset: Preset
+    selection: Selection
+    #: Linear modules that stay unquantized: the checkpoint's ``quantization_config.ignore``.
+    ignore_linears: tuple[str, ...]
+    model: nn.Module = field(repr=False)
+
+
+def plan_model(
+    path: Path, preset: str = "auto", targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()
+) -> ModelPlan:
+    """Resolve a preset and overrides against the model's module tree (built on meta: no weights).
+
+    ``targets`` replaces the preset's targets when given; ``ignore`` extends its ignore list
+    (e.g. ``re:.*layers\\.0\\..*`` keeps the first layer in bf16).
+    """
+    config = load_config(path)
+    chosen = get_preset(preset, getattr(config, "model_type", None))
+    model = meta_model(config)
+    selection = select_modules(model, targets or chosen.targets, (*chosen.ignore, *ignore))
+    ignore_linears = tuple(
+        name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in selection
+    )
+    return ModelPlan(path, config, chosen, selection, ignore_linears, model)
+
+
+def plan_footprint(plan: ModelPlan, scheme: QuantScheme) -> Footprint:
+    """Bytes before/after, from the checkpoint's headers, or from meta shapes for a config-only folder."""
+    if any(plan.path.glob("*.safetensors")):
+        triples = ((t.name, t.dtype, t.shape) for t in tensor_infos(plan.path))
+    else:
+        triples = (
+            (name, "BF16" if p.dtype.is_floating_point else "I64", tuple(p.shape))
+            for name, p in plan.model.named_parameters()
+        )
+    return estimate_footprint(triples, plan.selection, scheme)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """What ``ecoquant quantize`` does.
+
+    Attributes:
+        method: ``rtn`` (data-free), ``gptq`` or ``awq`` (calibrated, layer by layer).
+        scheme: bits, group size, symmetry and observer.
+        preset: a named module selection, or ``auto`` (by model type).
+        targets: replaces the preset's targets when non-empty.
+        ignore: added to the preset's ignore list.
+        overwrite: replace an existing output folder.
+    """
+
+    method: Method = "rtn"
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    preset: str = "auto"
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ("rtn", "gptq", "awq"):
+            raise EcoquantError(f"unknown method {self.method!r}; use rtn, gptq or awq")
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """Where the checkpoint went and what it cost."""
+
+    out: Path
+    modules: int
+    source_bytes: int
+    output_bytes: int
+    seconds: float
+    recipe: dict[str, Any]
+
+
+def quantize(
+    model: str | Path, out: str | Path, config: QuantizeConfig = QuantizeConfig(), show_progress: bool = True
+) -> QuantizeResult:
+    """Quantize ``model`` (folder or hub id) into a compressed-tensors checkpoint at ``out``."""
+    t_start = time.perf_counter()
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not config.overwrite:
+        raise EcoquantError(f"{out} already exists; choose another --out or pass --overwrite")
+    path = resolve_model(model)
+    plan = plan_model(path, config.preset, config.targets, config.ignore)
+    timings: dict[str, float] = {"plan": time.perf_counter() - t_start}
+
+    t = time.perf_counter()
+    source_hash = hash_model_files(path)
+    timings["hash_source"] = time.perf_counter() - t
+
+    if config.method != "rtn":
+        raise EcoquantError(f"method {config.method!r} is not available in this build yet; use --method rtn")
+    scheme = config.scheme
+
+    def quantize_fn(name: str, weight: Any) -> Any:
+        return rtn_quantize(weight, scheme)
+
+    recipe_holder: dict[str, Any] = {}
+
+    def recipe(sizes: dict[str, int]) -> dict[str, Any]:
+        timings["quantize_and_write"] = time.perf_counter() - t_write
+        timings["total"] = time.perf_counter() - t_start
+        recipe_holder.update(
+            build_recipe(
+                source_id=str(model),
+                source_path=path,
+                source_hash=source_hash,
+                method=config.method,
+                method_config=None,
+                scheme=scheme.to_dict(),
+                preset=plan.preset.name,
+                targets=list(config.targets or plan.preset.targets),
+                ignore=[*plan.preset.ignore, *config.ignore],
+                modules=list(plan.selection.modules),
+                calibration=None,
+                timings_s=timings,
+                footprint=sizes,
+            )
+        )
+        return recipe_holder
+
+    t_write = time.perf_counter()
+    with progress_bar(f"{config.method} W{scheme.num_bits}A16", len(plan.selection), show_progress) as advance:
+        sizes = export_checkpoint(
+            path,
+            out,
+            selection=plan.selection,
+            scheme=scheme,
+            quantize_fn=quantize_fn,
+            ignore_linears=list(plan.ignore_linears),
+            recipe=recipe,
+            overwrite=config.overwrite,
+            on_module=advance,
+        )
+    return QuantizeResult(
+        out=out,
+        modules=sizes["quantized_modules"],
+        source_bytes=sizes["source_bytes"],
+        output_bytes=sizes["output_bytes"],
+        seconds=time.perf_counter() - t_start,
+        recipe=recipe_holder,
+    )

@@ -1,0 +1,51 @@
+"""``ecoquant fixtures tiny-gemma4`` and ``ecoquant fixtures e4b-twin``: the offline Gemma-4 test models.
+
+Each prints the folder's path on stdout (and nothing else there), so a script can
+write ``MODEL=$(ecoquant fixtures tiny-gemma4)``; what it built goes to stderr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ecoquant.cli.app import console, fixtures_app, guarded
+from ecoquant.fixtures.cache import build_atomically
+from ecoquant.fixtures.e4b_twin import build_e4b_twin, describe, e4b_twin_path, write_e4b_twin
+from ecoquant.fixtures.tiny_gemma4 import build_tiny_gemma4, tiny_gemma4_path
+
+OutOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Folder to create (must not exist yet). Default: a cached folder under $ECOQUANT_CACHE "
+        "(or ~/.cache/ecoquant), built once and reused.",
+        file_okay=False,
+    ),
+]
+
+
+@fixtures_app.command("tiny-gemma4")
+@guarded
+def tiny_gemma4(out: OutOption = None) -> None:
+    """Build the tiny Gemma-4 E checkpoint (vision, audio, PLE, KV sharing; ~13 MB) and print its folder."""
+    with console.status("Building the tiny Gemma-4 checkpoint"):
+        folder = tiny_gemma4_path() if out is None else build_atomically(out, build_tiny_gemma4)
+    console.print(f"tiny Gemma-4 checkpoint: {folder}", highlight=False)
+    typer.echo(str(folder))
+
+
+@fixtures_app.command("e4b-twin")
+@guarded
+def e4b_twin(out: OutOption = None) -> None:
+    """Write google/gemma-4-E4B-it's config.json alone (a config-only model folder) and print its folder."""
+    folder = e4b_twin_path() if out is None else build_atomically(out, write_e4b_twin)
+    shape = describe(build_e4b_twin())
+    console.print(
+        f"E4B shape twin: {shape.num_layers} layers ({shape.kv_shared_layers} KV-shared), "
+        f"{shape.num_parameters:,} parameters, {shape.parameter_gib:.2f} GiB in bf16 — {folder}",
+        highlight=False,
+    )
+    typer.echo(str(folder))

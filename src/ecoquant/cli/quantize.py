@@ -1,0 +1,138 @@
+"""``ecoquant quantize``, ``inspect``, ``verify`` and ``presets``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ecoquant.api import QuantizeConfig, quantize
+from ecoquant.cli.app import app, console, guarded
+from ecoquant.export.footprint import human_bytes
+from ecoquant.export.inspect import Inspection, inspect_checkpoint
+from ecoquant.export.verify import summary, verify
+from ecoquant.models.presets import AUTO_PRESETS, DEFAULT_PRESET, PRESETS
+from ecoquant.quantize.scheme import QuantScheme
+
+out_console = Console()
+
+
+def scheme_from_options(group_size: int, observer: str, asymmetric: bool) -> QuantScheme:
+    """The CLI's ``--group-size -1`` means one scale per output channel."""
+    return QuantScheme(group_size=None if group_size == -1 else group_size, observer=observer, symmetric=not asymmetric)  # type: ignore[arg-type]
+
+
+@app.command("quantize")
+@guarded
+def quantize_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder (with config.json and safetensors) or hub id.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to create.")],
+    method: Annotated[str, typer.Option(help="rtn (data-free), gptq or awq (calibrated layer by layer).")] = "rtn",
+    observer: Annotated[str, typer.Option(help="Scale choice: minmax, or mse (per-group clipping search).")] = "minmax",
+    group_size: Annotated[int, typer.Option(help="Input channels per scale: 32, 64, 128, or -1 per channel.")] = 128,
+    asymmetric: Annotated[bool, typer.Option(help="Store a zero point per group (default: symmetric).")] = False,
+    preset: Annotated[str, typer.Option(help="Module selection: auto, gemma4-e, gemma4-e-mlpo, text-decoder.")] = "auto",
+    target: Annotated[list[str] | None, typer.Option(help="Replace the preset's targets (name, class or re:pattern); repeatable.")] = None,
+    ignore: Annotated[list[str] | None, typer.Option(help="Also keep these in bf16 (name or re:pattern); repeatable.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Quantize a model's language stack to int4 (W4A16) as a compressed-tensors pack-quantized checkpoint."""
+    config = QuantizeConfig(
+        method=method,  # type: ignore[arg-type]
+        scheme=scheme_from_options(group_size, observer, asymmetric),
+        preset=preset,
+        targets=tuple(target or ()),
+        ignore=tuple(ignore or ()),
+        overwrite=overwrite,
+    )
+    result = quantize(model, out, config, show_progress=progress)
+    console.print(
+        f"[green]wrote[/] {result.out}: {result.modules} modules, "
+        f"{human_bytes(result.source_bytes)} -> {human_bytes(result.output_bytes)} in {result.seconds:.1f} s"
+    )
+    out_console.print(str(result.out), highlight=False)
+
+
+def render_inspection(info: Inspection) -> None:
+    """Print an inspection as rich tables."""
+    title = "quantized checkpoint" if info.quantized else f"plan with preset {info.preset}"
+    table = Table(title=f"{info.path} ({title})")
+    table.add_column("module kind")
+    table.add_column("count", justify="right")
+    for kind, count in info.module_kinds.items():
+        table.add_row(kind, str(count))
+    table.add_row("[bold]total", f"[bold]{info.module_count}")
+    out_console.print(table)
+    before = "unknown" if info.before_bytes is None else human_bytes(info.before_bytes)
+    verb = "is" if info.quantized else "would be"
+    out_console.print(f"weights: {before} before -> {human_bytes(info.after_bytes)} after ({verb})")
+    if info.scheme:
+        out_console.print(f"scheme: {json.dumps(info.scheme)}")
+    if info.recipe:
+        r = info.recipe
+        out_console.print(
+            f"recipe: method={r['method']} preset={r['preset']} source={r['source']['model']} "
+            f"ecoquant={r['ecoquant']['version']} ({r['ecoquant']['git_sha'] or 'no git'}) "
+            f"calibration={json.dumps(r['calibration'])}"
+        )
+
+
+@app.command("inspect")
+@guarded
+def inspect_cmd(
+    model: Annotated[str, typer.Argument(help="A quantized checkpoint, a model folder, or a config-only folder.")],
+    preset: Annotated[str, typer.Option(help="For an unquantized model: the selection to price.")] = "auto",
+    group_size: Annotated[int, typer.Option(help="For an unquantized model: group size to price (-1 per channel).")] = 128,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show what is (or would be) quantized, the weight footprint before and after, and the recipe."""
+    info = inspect_checkpoint(model, preset, scheme_from_options(group_size, "minmax", False))
+    if as_json:
+        d = {k: v for k, v in info.__dict__.items() if k != "path"}
+        out_console.print_json(json.dumps({"path": str(info.path), **d}))
+    else:
+        render_inspection(info)
+
+
+@app.command("verify")
+@guarded
+def verify_cmd(
+    checkpoint: Annotated[str, typer.Argument(help="Quantized checkpoint folder.")],
+    base: Annotated[str, typer.Option("--base", help="The model it was made from (folder or hub id).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Load a checkpoint through transformers and compare it with its base: weight error and logits."""
+    v = verify(checkpoint, base)
+    s = summary(v)
+    if as_json:
+        out_console.print_json(json.dumps({**s, "module_errors": v.module_errors}))
+        return
+    table = Table(title=f"{checkpoint} vs {base}")
+    table.add_column("module")
+    table.add_column("relative weight error", justify="right")
+    for name, err in v.module_errors.items():
+        table.add_row(name, f"{err:.4f}")
+    out_console.print(table)
+    out_console.print(
+        f"modules: {s['modules']}, mean relative error {s['relative_error_mean']:.4f}, "
+        f"max {s['relative_error_max']:.4f} ({s['worst_module']})\n"
+        f"logits ({'image+text' if v.with_image else 'text'} prompt): max |diff| {s['logits_max_abs_diff']:.4f}, "
+        f"mean |diff| {s['logits_mean_abs_diff']:.4f}, top-1 agreement {s['top1_agreement']:.3f}"
+    )
+
+
+@app.command("presets")
+def presets_cmd() -> None:
+    """List the module-selection presets."""
+    table = Table(title="presets (auto picks by model type)")
+    for col in ("name", "auto for", "targets", "ignore", "what"):
+        table.add_column(col)
+    for p in PRESETS.values():
+        auto = [t for t, n in AUTO_PRESETS.items() if n == p.name] + (["any other"] if p.name == DEFAULT_PRESET else [])
+        table.add_row(p.name, ", ".join(auto), "\n".join(p.targets), "\n".join(p.ignore), p.description)
+    out_console.print(table)

@@ -1,0 +1,229 @@
+"""Write a compressed-tensors ``pack-quantized`` checkpoint, shard by shard.
+
+The output is what llmcompressor writes for W4A16 and what vLLM's
+``CompressedTensorsWNA16`` loader (Marlin kernels) and transformers read with
+no ``quantization=`` argument: for every quantized Linear ``X``,
+
+* ``X.weight_packed`` int32 ``[out, in * bits / 32]`` (compressed-tensors' ``pack_to_int32``),
+* ``X.weight_scale`` ``[out, groups]`` in the source dtype,
+* ``X.weight_shape`` int64 ``[2]``,
+* ``X.weight_zero_point`` packed int32, only when asymmetric,
+
+and ``config.json`` gains a ``quantization_config`` built from compressed-tensors'
+own ``QuantizationConfig`` with the unquantized Linears listed in ``ignore``
+(as llmcompressor lists them).
+
+Memory: source tensors are read one at a time and untouched ones are copied
+with chunked reads, so peak memory is one weight plus its codes, whatever the
+shard size. Safety: everything is written into a hidden sibling folder that
+is renamed into place only when complete; on any error it is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ecoquant.errors import EcoquantError
+from ecoquant.export.safetensors_stream import DTYPE_NAMES, PlannedTensor, read_tensor, write_streaming
+from ecoquant.models.loading import SIDECAR_FILES, TensorInfo, shard_files, shard_tensors
+from ecoquant.models.selection import Selection
+from ecoquant.quantize.primitives import QuantizedWeight, check_group_size
+from ecoquant.quantize.scheme import QuantScheme
+
+QuantizeFn = Callable[[str, torch.Tensor], QuantizedWeight]
+
+
+def packed_entries(module: str, shape: tuple[int, int], dtype: str, scheme: QuantScheme) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Names, dtypes and shapes of the tensors that replace ``module.weight``.
+
+    Shared by the writer (to plan headers) and the footprint arithmetic (to
+    price a checkpoint that does not exist yet, such as the E4B shape twin).
+    """
+    out_f, in_f = shape
+    groups = scheme.groups_for(in_f)
+    entries = {
+        f"{module}.weight_packed": ("I32", (out_f, math.ceil(in_f * scheme.num_bits / 32))),
+        f"{module}.weight_scale": (dtype, (out_f, groups)),
+        f"{module}.weight_shape": ("I64", (2,)),
+    }
+    if not scheme.symmetric:
+        entries[f"{module}.weight_zero_point"] = ("I32", (math.ceil(out_f * scheme.num_bits / 32), groups))
+    return entries
+
+
+def pack(qw: QuantizedWeight, scheme: QuantScheme, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A module's quantized tensors, packed with compressed-tensors' own ``pack_to_int32``."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    tensors = {
+        "weight_packed": pack_to_int32(qw.q, scheme.num_bits),
+        "weight_scale": qw.scale.to(scale_dtype),
+        "weight_shape": torch.tensor(qw.q.shape, dtype=torch.int64),
+    }
+    if not scheme.symmetric:
+        assert qw.zero_point is not None, "asymmetric quantization needs zero points"
+        tensors["weight_zero_point"] = pack_to_int32(qw.zero_point, scheme.num_bits, packed_dim=0)
+    return tensors
+
+
+def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict[str, Any]:
+    """The ``quantization_config`` block of ``config.json``, built by compressed-tensors."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    group = QuantizationScheme(targets=["Linear"], weights=scheme.to_quantization_args())
+    config = QuantizationConfig(
+        config_groups={"group_0": group},
+        format="pack-quantized",
+        quantization_status="compressed",
+        ignore=ignore,
+    )
+    return config.model_dump(exclude_none=False, mode="json")
+
+
+def plan_shard(
+    infos: list[TensorInfo],
+    selection: Selection,
+    scheme: QuantScheme,
+    quantize_fn: QuantizeFn,
+    replace: Mapping[str, torch.Tensor],
+) -> list[PlannedTensor]:
+    """What one output shard holds: packed tensors for selected modules, the rest copied or replaced."""
+    planned: list[PlannedTensor] = []
+    for info in infos:
+        module = info.name.removesuffix(".weight")
+        if info.name.endswith(".weight") and module in selection:
+            if len(info.shape) != 2:
+                raise EcoquantError(f"{module} is selected but its weight has shape {list(info.shape)}, not [out, in]")
+            check_group_size(module, info.shape[1], scheme)
+            planned.extend(_planned_packed(info, module, scheme, quantize_fn))
+        elif info.name in replace:
+            value = replace[info.name]
+            planned.append(
+                PlannedTensor(info.name, DTYPE_NAMES[value.dtype], tuple(value.shape), produce=lambda v=value: v)
+            )
+        else:
+            planned.append(PlannedTensor(info.name, info.dtype, info.shape, source=info))
+    return planned
+
+
+def _planned_packed(info: TensorInfo, module: str, scheme: QuantScheme, quantize_fn: QuantizeFn) -> list[PlannedTensor]:
+    """Planned entries for one module whose tensors are computed together, once, when first written."""
+    cache: dict[str, torch.Tensor] = {}
+    entries = packed_entries(module, (info.shape[0], info.shape[1]), info.dtype, scheme)
+
+    def produce(suffix: str) -> torch.Tensor:
+        if not cache:
+            weight = read_tensor(info)
+            cache.update(pack(quantize_fn(module, weight), scheme, weight.dtype))
+        # Tensors are written in name order, so a module's entries are consecutive:
+        # free each one as soon as it is written.
+        return cache.pop(suffix)
+
+    return [
+        PlannedTensor(name, dtype, shape, produce=lambda s=name.rsplit(".", 1)[1]: produce(s))
+        for name, (dtype, shape) in entries.items()
+    ]
+
+
+@contextmanager
+def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling folder that becomes ``out`` only if the block completes."""
+    out = out.expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise EcoquantError(f"{out} already exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export_checkpoint(
+    source: Path,
+    out: Path,
+    *,
+    selection: Selection,
+    scheme: QuantScheme,
+    quantize_fn: QuantizeFn,
+    ignore_linears: list[str],
+    replace: Mapping[str, torch.Tensor] | None = None,
+    recipe: Callable[[dict[str, int]], dict[str, Any]] | None = None,
+    overwrite: bool = False,
+    on_module: Callable[[str], None] | None = None,
+) -> dict[str, int]:
+    """Stream ``source`` into a pack-quantized checkpoint at ``out``; return byte counts.
+
+    Args:
+        source: model folder with config.json and safetensors weights.
+        out: the checkpoint folder to create (atomically).
+        selection: modules to quantize.
+        scheme: how.
+        quantize_fn: ``(module_name, weight) -> QuantizedWeight``; RTN computes on the
+            spot, GPTQ/AWQ look up what calibration produced.
+        ignore_linears: Linear modules left in bf16, listed in ``quantization_config.ignore``.
+        replace: tensors to write instead of the source's (AWQ-folded norms).
+        recipe: called with the byte counts; its result is written as ``quant_recipe.json``.
+        overwrite: replace an existing ``out``.
+        on_module: progress callback, called after each quantized module is written.
+
+    Returns:
+        ``{"source_bytes": ..., "output_bytes": ..., "quantized_modules": ...}``.
+    """
+    replace = dict(replace or {})
+    shards = shard_files(source)
+    seen: set[str] = set()
+    with atomic_output_dir(out, overwrite) as tmp:
+        weight_map: dict[str, str] = {}
+        source_bytes = output_bytes = 0
+        for shard in shards:
+            infos = shard_tensors(shard)
+            source_bytes += sum(i.nbytes for i in infos)
+            planned = plan_shard(infos, selection, scheme, quantize_fn, replace)
+
+            def written(t: PlannedTensor) -> None:
+                if t.name.endswith(".weight_shape"):
+                    module = t.name.removesuffix(".weight_shape")
+                    seen.add(module)
+                    if on_module is not None:
+                        on_module(module)
+
+            output_bytes += write_streaming(tmp / shard.name, planned, {"format": "pt"}, on_tensor=written)
+            weight_map.update({t.name: shard.name for t in planned})
+        missing = [m for m in selection.modules if m not in seen]
+        if missing:
+            raise EcoquantError(
+                f"{len(missing)} selected modules have no weight in {source} (first: {missing[0]}); "
+                "the checkpoint's tensor names do not match the model's module names"
+            )
+        if len(shards) > 1 or (source / "model.safetensors.index.json").exists():
+            index = {"metadata": {"total_size": output_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config = json.loads((source / "config.json").read_text())
+        config["quantization_config"] = quantization_config(scheme, ignore_linears)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in SIDECAR_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+        sizes = {"source_bytes": source_bytes, "output_bytes": output_bytes, "quantized_modules": len(seen)}
+        if recipe is not None:
+            (tmp / "quant_recipe.json").write_text(json.dumps(recipe(sizes), indent=2) + "\n")
+    return sizes

@@ -1,0 +1,82 @@
+"""What a model folder holds: a quantized checkpoint's modules and footprint, or a plan for one.
+
+``ecoquant inspect`` works on three kinds of folder: a compressed-tensors
+checkpoint (reports what is packed, its size, and its recipe), an ordinary
+model (reports what a preset would quantize and the size after), and a
+config-only folder such as the E4B shape twin (the same, from meta shapes).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ecoquant.models.loading import resolve_model, tensor_infos
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """The facts ``inspect`` reports."""
+
+    path: Path
+    quantized: bool
+    #: module kind (the name with layer numbers replaced by ``*``) -> count
+    module_kinds: dict[str, int]
+    module_count: int
+    #: bytes of weights before and after quantization (before is None when unknown)
+    before_bytes: int | None
+    after_bytes: int
+    scheme: dict[str, Any] | None
+    recipe: dict[str, Any] | None
+    preset: str | None = None
+
+
+def module_kind(name: str) -> str:
+    """``model.language_model.layers.7.self_attn.q_proj`` -> ``model.language_model.layers.*.self_attn.q_proj``."""
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def inspect_checkpoint(model: str | Path, preset: str = "auto", scheme: Any = None) -> Inspection:
+    """Describe a quantized checkpoint, or what quantizing a plain model with ``preset`` would give."""
+    path = resolve_model(model)
+    config = json.loads((path / "config.json").read_text())
+    qconfig = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if qconfig is not None:
+        infos = list(tensor_infos(path))
+        modules = [t.name.removesuffix(".weight_packed") for t in infos if t.name.endswith(".weight_packed")]
+        recipe_file = path / "quant_recipe.json"
+        recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else None
+        before = recipe["footprint"]["weights_before_bytes"] if recipe else None
+        weights = next(iter(qconfig.get("config_groups", {}).values()), {}).get("weights")
+        return Inspection(
+            path=path,
+            quantized=True,
+            module_kinds=dict(Counter(module_kind(m) for m in modules)),
+            module_count=len(modules),
+            before_bytes=before,
+            after_bytes=sum(t.nbytes for t in infos),
+            scheme=weights,
+            recipe=recipe,
+        )
+
+    from ecoquant.api import plan_footprint, plan_model
+    from ecoquant.quantize.scheme import QuantScheme
+
+    plan = plan_model(path, preset)
+    scheme = scheme or QuantScheme()
+    fp = plan_footprint(plan, scheme)
+    return Inspection(
+        path=path,
+        quantized=False,
+        module_kinds=dict(Counter(module_kind(m) for m in plan.selection.modules)),
+        module_count=len(plan.selection),
+        before_bytes=fp.before_bytes,
+        after_bytes=fp.after_bytes,
+        scheme=scheme.to_dict(),
+        recipe=None,
+        preset=plan.preset.name,
+    )

@@ -1,0 +1,140 @@
+"""Reading and writing safetensors one tensor at a time.
+
+``safetensors.torch.save_file`` needs every tensor of a file in memory at
+once, and ``safe_open`` maps the whole file (mapped pages count towards RSS
+as they are touched). E4B's per-layer embedding alone is a 5.6 GB tensor, so
+a "near one shard" memory bound needs a writer that takes tensors one at a
+time and copies untouched tensors with plain chunked reads. The format is the
+published one (8-byte little-endian header length, JSON header padded to 8
+bytes, then raw little-endian data); files written here are read back with
+the safetensors library in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from ecoquant.models.loading import TensorInfo
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_CHUNK = 64 << 20  # bytes per read when copying a tensor unchanged
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """One tensor, read with a plain file read (no memory map)."""
+    with info.shard.open("rb") as f:
+        f.seek(info.start)
+        buf = bytearray(f.read(info.nbytes))
+    if not buf:
+        return torch.empty(info.shape, dtype=DTYPES[info.dtype])
+    return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor to be written: its header entry now, its bytes later.
+
+    ``produce`` returns the tensor (computed tensors); ``produce_rows`` yields
+    it as consecutive row blocks (for tensors too large to hold at once, such
+    as a synthetic 5.6 GB embedding); or ``source`` names a tensor to copy
+    byte for byte.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor] | None = None
+    source: TensorInfo | None = None
+    produce_rows: Callable[[], Iterable[torch.Tensor]] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * DTYPES[self.dtype].itemsize
+
+
+def write_streaming(
+    path: Path,
+    tensors: Iterable[PlannedTensor],
+    metadata: dict[str, str] | None = None,
+    on_tensor: Callable[[PlannedTensor], None] | None = None,
+) -> int:
+    """Write a safetensors file, producing or copying one tensor at a time. Returns bytes of data.
+
+    The header must be known before any data, so shapes and dtypes are planned
+    first; a produced tensor whose shape or dtype differs from its plan is a bug
+    and raises ``ValueError``.
+    """
+    planned = sorted(tensors, key=lambda t: t.name)
+    header: dict[str, object] = {}
+    offset = 0
+    for t in planned:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in planned:
+            _write_one(f, t)
+            if on_tensor is not None:
+                on_tensor(t)
+    return offset
+
+
+def _write_one(f: BinaryIO, t: PlannedTensor) -> None:
+    if t.source is not None:
+        with t.source.shard.open("rb") as src:
+            src.seek(t.source.start)
+            left = t.source.nbytes
+            while left:
+                chunk = src.read(min(_CHUNK, left))
+                f.write(chunk)
+                left -= len(chunk)
+        return
+    if t.produce_rows is not None:
+        written = 0
+        for block in t.produce_rows():
+            _check(t, block, t.shape[1:])
+            data = block.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+            f.write(memoryview(data))
+            written += data.nbytes
+        if written != t.nbytes:
+            raise ValueError(f"{t.name}: row blocks gave {written} bytes, planned {t.nbytes}")
+        return
+    assert t.produce is not None, f"{t.name} has neither a source nor a producer"
+    value = t.produce().contiguous().cpu()
+    _check(t, value, t.shape)
+    f.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _check(t: PlannedTensor, value: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """A produced tensor must match its header entry (for row blocks: all but the first dim)."""
+    got = tuple(value.shape) if shape == t.shape else tuple(value.shape[1:])
+    if got != shape or DTYPE_NAMES.get(value.dtype) != t.dtype:
+        raise ValueError(
+            f"{t.name}: produced {DTYPE_NAMES.get(value.dtype)}{list(value.shape)}, planned {t.dtype}{list(t.shape)}"
+        )
