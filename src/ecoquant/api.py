@@ -21,6 +21,7 @@ from ecoquant.models.loading import load_config, meta_model, resolve_model, tens
 from ecoquant.models.presets import Preset, get_preset
 from ecoquant.models.selection import Selection, select_modules
 from ecoquant.progress import progress_bar
+from ecoquant.quantize.primitives import check_group_size
 from ecoquant.quantize.rtn import rtn_quantize
 from ecoquant.quantize.scheme import QuantScheme
 
@@ -70,6 +71,13 @@ def plan_footprint(plan: ModelPlan, scheme: QuantScheme) -> Footprint:
     return estimate_footprint(triples, plan.selection, scheme)
 
 
+def check_plan(plan: ModelPlan, scheme: QuantScheme) -> None:
+    """Refuse, before any work, a scheme that some selected module cannot take."""
+    modules = dict(plan.model.named_modules())
+    for name in plan.selection.modules:
+        check_group_size(name, modules[name].in_features, scheme)
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     """What ``ecoquant quantize`` does.
@@ -117,6 +125,7 @@ def quantize(
         raise EcoquantError(f"{out} already exists; choose another --out or pass --overwrite")
     path = resolve_model(model)
     plan = plan_model(path, config.preset, config.targets, config.ignore)
+    check_plan(plan, config.scheme)
     timings: dict[str, float] = {"plan": time.perf_counter() - t_start}
 
     t = time.perf_counter()

@@ -78,16 +78,18 @@ def pack(qw: QuantizedWeight, scheme: QuantScheme, scale_dtype: torch.dtype) -> 
 
 def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict[str, Any]:
     """The ``quantization_config`` block of ``config.json``, built by compressed-tensors."""
+    import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-    group = QuantizationScheme(targets=["Linear"], weights=scheme.to_quantization_args())
+    group = QuantizationScheme(targets=["Linear"], weights=scheme.to_quantization_args(), format="pack-quantized")
     config = QuantizationConfig(
         config_groups={"group_0": group},
         format="pack-quantized",
         quantization_status="compressed",
         ignore=ignore,
     )
-    return config.model_dump(exclude_none=False, mode="json")
+    # ``version`` is what compressed-tensors' own writer adds: the library that defines the format.
+    return {**config.model_dump(exclude_none=False, mode="json"), "version": compressed_tensors.__version__}
 
 
 def plan_shard(

@@ -1,0 +1,62 @@
+"""ecoquant's min-max RTN against llmcompressor 0.14's QuantizationModifier(scheme="W4A16").
+
+llmcompressor pins its own transformers, so it runs in its own throw-away uv
+environment (``uv run --isolated``), from the reference script in
+``bench/external``. Needs the package registry (PyPI) and a few minutes the
+first time; marked ``llmcompressor``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ecoquant.api import QuantizeConfig, quantize
+from ecoquant.models.presets import get_preset
+
+REPO = Path(__file__).resolve().parents[1]
+LLMCOMPRESSOR = ["--with", "llmcompressor==0.14.0.1", "--with", "torch==2.13.0", "--with", "torchvision==0.28.0"]
+
+pytestmark = pytest.mark.llmcompressor
+
+
+def run_llmcompressor(src: Path, out: Path, ignore: tuple[str, ...]) -> None:
+    uv = shutil.which("uv")
+    assert uv, "uv is needed to build llmcompressor's environment"
+    cmd = [uv, "run", "--isolated", "--no-project", *LLMCOMPRESSOR, "python",
+           str(REPO / "bench/external/llmcompressor_oneshot.py"), str(src), str(out)]
+    for pattern in ignore:
+        cmd += ["--ignore", pattern]
+    subprocess.run(cmd, check=True, timeout=1800, capture_output=True)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+def test_rtn_minmax_is_bit_exact_with_llmcompressor(tiny_gemma4: Path, tmp_path: Path) -> None:
+    preset = get_preset("gemma4-e")
+    run_llmcompressor(tiny_gemma4, tmp_path / "llmc", preset.ignore)
+    quantize(tiny_gemma4, tmp_path / "ours", QuantizeConfig(preset="gemma4-e"), show_progress=False)
+    theirs, ours = _tensors(tmp_path / "llmc"), _tensors(tmp_path / "ours")
+    assert set(theirs) == set(ours)
+    packed = [k for k in ours if k.endswith(".weight_packed")]
+    assert len(packed) == 37
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    qc_theirs = json.loads((tmp_path / "llmc/config.json").read_text())["quantization_config"]
+    qc_ours = json.loads((tmp_path / "ours/config.json").read_text())["quantization_config"]
+    assert sorted(qc_theirs["ignore"]) == sorted(qc_ours["ignore"])
+    for key in ("num_bits", "group_size", "symmetric", "strategy", "type"):
+        assert qc_theirs["config_groups"]["group_0"]["weights"][key] == qc_ours["config_groups"]["group_0"]["weights"][key]
+    assert qc_theirs["format"] == qc_ours["format"] == "pack-quantized"
