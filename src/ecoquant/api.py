@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rich.console import Console
 from torch import nn
 
 from ecoquant.errors import EcoquantError
@@ -20,6 +21,7 @@ from ecoquant.export.recipe import build_recipe, hash_model_files
 from ecoquant.models.loading import load_config, meta_model, resolve_model, tensor_infos
 from ecoquant.models.presets import Preset, get_preset
 from ecoquant.models.selection import Selection, select_modules
+from ecoquant.export.vllm_compat import check_fused_siblings, marlin_warnings
 from ecoquant.progress import progress_bar
 from ecoquant.quantize.primitives import check_group_size
 from ecoquant.quantize.rtn import rtn_quantize
@@ -71,11 +73,17 @@ def plan_footprint(plan: ModelPlan, scheme: QuantScheme) -> Footprint:
     return estimate_footprint(triples, plan.selection, scheme)
 
 
-def check_plan(plan: ModelPlan, scheme: QuantScheme) -> None:
-    """Refuse, before any work, a scheme that some selected module cannot take."""
-    modules = dict(plan.model.named_modules())
+def check_plan(plan: ModelPlan, scheme: QuantScheme) -> list[str]:
+    """Refuse, before any work, what cannot be written or loaded; return what vLLM would run slowly.
+
+    Errors: a group size that does not divide a selected layer's input, a selection
+    that splits projections vLLM fuses. Warnings: layers Marlin cannot run.
+    """
+    linears = {n: (m.in_features, m.out_features) for n, m in plan.model.named_modules() if isinstance(m, nn.Linear)}
     for name in plan.selection.modules:
-        check_group_size(name, modules[name].in_features, scheme)
+        check_group_size(name, linears[name][0], scheme)
+    check_fused_siblings(plan.selection, linears)
+    return marlin_warnings(plan.selection, linears, scheme)
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,10 @@ def quantize(
         raise EcoquantError(f"{out} already exists; choose another --out or pass --overwrite")
     path = resolve_model(model)
     plan = plan_model(path, config.preset, config.targets, config.ignore)
-    check_plan(plan, config.scheme)
+    warnings = check_plan(plan, config.scheme)
+    if show_progress:
+        for w in warnings:
+            Console(stderr=True).print(f"[yellow]warning:[/] {w}", highlight=False)
     timings: dict[str, float] = {"plan": time.perf_counter() - t_start}
 
     t = time.perf_counter()
@@ -161,6 +172,7 @@ def quantize(
                 footprint=sizes,
             )
         )
+        recipe_holder["warnings"] = warnings
         return recipe_holder
 
     t_write = time.perf_counter()

@@ -12,9 +12,8 @@ from typing import Annotated
 import typer
 
 from ecoquant.cli.app import console, fixtures_app, guarded
-from ecoquant.fixtures.cache import build_atomically
-from ecoquant.fixtures.e4b_twin import build_e4b_twin, describe, e4b_twin_path, write_e4b_twin
-from ecoquant.fixtures.tiny_gemma4 import build_tiny_gemma4, tiny_gemma4_path
+
+# The builders import torch and transformers: imported inside the commands so ``--help`` stays fast.
 
 OutOption = Annotated[
     Path | None,
@@ -31,6 +30,9 @@ OutOption = Annotated[
 @guarded
 def tiny_gemma4(out: OutOption = None) -> None:
     """Build the tiny Gemma-4 E checkpoint (vision, audio, PLE, KV sharing; ~13 MB) and print its folder."""
+    from ecoquant.fixtures.cache import build_atomically
+    from ecoquant.fixtures.tiny_gemma4 import build_tiny_gemma4, tiny_gemma4_path
+
     with console.status("Building the tiny Gemma-4 checkpoint"):
         folder = tiny_gemma4_path() if out is None else build_atomically(out, build_tiny_gemma4)
     console.print(f"tiny Gemma-4 checkpoint: {folder}", highlight=False)
@@ -41,6 +43,9 @@ def tiny_gemma4(out: OutOption = None) -> None:
 @guarded
 def e4b_twin(out: OutOption = None) -> None:
     """Write google/gemma-4-E4B-it's config.json alone (a config-only model folder) and print its folder."""
+    from ecoquant.fixtures.cache import build_atomically
+    from ecoquant.fixtures.e4b_twin import build_e4b_twin, describe, e4b_twin_path, write_e4b_twin
+
     folder = e4b_twin_path() if out is None else build_atomically(out, write_e4b_twin)
     shape = describe(build_e4b_twin())
     console.print(

@@ -10,13 +10,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ecoquant.api import QuantizeConfig, quantize
+from typing import TYPE_CHECKING
+
 from ecoquant.cli.app import app, console, guarded
-from ecoquant.export.footprint import human_bytes
-from ecoquant.export.inspect import Inspection, inspect_checkpoint
-from ecoquant.export.verify import summary, verify
 from ecoquant.models.presets import AUTO_PRESETS, DEFAULT_PRESET, PRESETS
 from ecoquant.quantize.scheme import QuantScheme
+
+if TYPE_CHECKING:
+    from ecoquant.export.inspect import Inspection
+
+# torch and transformers are imported inside the commands, so ``--help`` stays fast.
 
 out_console = Console()
 
@@ -42,6 +45,9 @@ def quantize_cmd(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Quantize a model's language stack to int4 (W4A16) as a compressed-tensors pack-quantized checkpoint."""
+    from ecoquant.api import QuantizeConfig, quantize
+    from ecoquant.export.footprint import human_bytes
+
     config = QuantizeConfig(
         method=method,  # type: ignore[arg-type]
         scheme=scheme_from_options(group_size, observer, asymmetric),
@@ -60,6 +66,8 @@ def quantize_cmd(
 
 def render_inspection(info: Inspection) -> None:
     """Print an inspection as rich tables."""
+    from ecoquant.export.footprint import human_bytes
+
     title = "quantized checkpoint" if info.quantized else f"plan with preset {info.preset}"
     table = Table(title=f"{info.path} ({title})")
     table.add_column("module kind")
@@ -91,6 +99,8 @@ def inspect_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show what is (or would be) quantized, the weight footprint before and after, and the recipe."""
+    from ecoquant.export.inspect import inspect_checkpoint
+
     info = inspect_checkpoint(model, preset, scheme_from_options(group_size, "minmax", False))
     if as_json:
         d = {k: v for k, v in info.__dict__.items() if k != "path"}
@@ -107,6 +117,8 @@ def verify_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Load a checkpoint through transformers and compare it with its base: weight error and logits."""
+    from ecoquant.export.verify import summary, verify
+
     v = verify(checkpoint, base)
     s = summary(v)
     if as_json:
