@@ -1,0 +1,118 @@
+"""``ecoquant eval``, ``ecoquant report`` and ``ecoquant prompt-variants``.
+
+Thin: options become an :class:`~ecoquant.eval.runner.EvalConfig`, then
+:func:`~ecoquant.eval.runner.run_eval` and
+:func:`~ecoquant.report.render_report` do the work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ecoquant.cli.app import app, console, guarded
+from ecoquant.energy.nvml import NvmlMeter, open_meter
+from ecoquant.energy.replay import save_readings
+from ecoquant.errors import EcoquantError
+from ecoquant.eval.backends.base import GENERATION_PRESETS, generation_settings
+from ecoquant.eval.builtin import DEFAULT_SIZE
+from ecoquant.eval.economy import PROMPT_VARIANTS
+from ecoquant.eval.runner import EvalConfig, RunRecord, run_eval
+from ecoquant.report import RESULTS_FILE, render_report
+
+READINGS_FILE = "energy_readings.json"
+
+
+def parse_gpus(text: str | None) -> tuple[int, ...] | None:
+    """``"0,1"`` -> ``(0, 1)``; None means the visible GPUs."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise EcoquantError(f"--gpus takes NVML indices like 0 or 0,1, not {text!r}") from None
+
+
+@app.command("eval")
+@guarded
+def eval_cmd(
+    base: Annotated[str, typer.Option("--base", help="Base model: folder or hub id (with --backend openai: its served name).")],
+    variant: Annotated[list[str] | None, typer.Option("--variant", help="A variant to compare with the base (folder, or served name); repeatable.")] = None,
+    suite: Annotated[str, typer.Option(help="builtin (offline, generated), doc or image (Hugging Face), or a .jsonl path.")] = "builtin",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and pareto.png.")] = Path("ecoquant-eval"),
+    backend: Annotated[str, typer.Option(help="transformers (load models here) or openai (an OpenAI-compatible server).")] = "transformers",
+    url: Annotated[list[str] | None, typer.Option("--url", help="Server URL for --backend openai: one for all models, or one per model (base first).")] = None,
+    prompt_variant: Annotated[list[str] | None, typer.Option("--prompt-variant", help="How to ask (see `ecoquant prompt-variants`); repeatable, each model runs each.")] = None,
+    sampling: Annotated[str, typer.Option(help=f"Decoding preset: {', '.join(GENERATION_PRESETS)} (gemma = temperature 1.0, top_p 0.95, top_k 64).")] = "greedy",
+    seed: Annotated[int, typer.Option(help="Sampling seed (recorded; no effect on greedy decoding).")] = 0,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Lower every task's token cap to this (default: each task's own).")] = None,
+    size: Annotated[int, typer.Option(help="Built-in suite: documents and charts per kind.")] = DEFAULT_SIZE,
+    limit: Annotated[int | None, typer.Option(help="At most this many samples per task.")] = None,
+    device: Annotated[str, typer.Option(help="transformers backend: auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="transformers backend: bfloat16, float16 or float32.")] = "bfloat16",
+    batch_size: Annotated[int, typer.Option(help="transformers backend: requests per generate call.")] = 8,
+    concurrency: Annotated[int, typer.Option(help="openai backend: requests in flight at once.")] = 8,
+    warmup: Annotated[int, typer.Option(help="Warm-up requests per model, sent before the energy window.")] = 2,
+    idle_seconds: Annotated[float, typer.Option(help="Idle-power sampling before the suite (GPU only; 0 to skip).")] = 5.0,
+    gpus: Annotated[str | None, typer.Option(help="NVML GPU indices to meter, e.g. 0,1 (default: the visible GPUs).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder for the built-in suite's images.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Evaluate a base model and its variants: scores, recovery, tokens, wall time and energy, with a report."""
+    config = EvalConfig(
+        suite=suite,
+        size=size,
+        limit=limit,
+        cache_dir=cache_dir,
+        backend=backend,  # type: ignore[arg-type]
+        urls=tuple(url or ()),
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        concurrency=concurrency,
+        generation=generation_settings(sampling, seed=seed, max_new_tokens=max_new_tokens),
+        prompt_variants=tuple(prompt_variant or ("default",)),
+        warmup_requests=warmup,
+        idle_seconds=idle_seconds,
+    )
+    meter = open_meter(parse_gpus(gpus))
+    if not meter.available:
+        console.print(f"[yellow]energy: not measured ({meter.description})[/]; reporting wall time and tokens", highlight=False)
+    try:
+        record = run_eval(base, tuple(variant or ()), config, meter=meter, show_progress=progress)
+    finally:
+        if isinstance(meter, NvmlMeter):
+            meter.close()
+    results = record.save(out / RESULTS_FILE)
+    if isinstance(meter, NvmlMeter):
+        save_readings(meter.readings, out / READINGS_FILE)
+    files = render_report(record, out)
+    typer.echo(files.table.read_text(encoding="utf-8"))
+    console.print(f"[green]wrote[/] {results}, {files.table}, {files.plot}", highlight=False)
+
+
+@app.command("report")
+@guarded
+def report_cmd(
+    results: Annotated[Path, typer.Argument(help="A results.json written by `ecoquant eval`.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for report.md and pareto.png (default: beside results.json).")] = None,
+) -> None:
+    """Re-render the table and plot of an evaluation from its results.json."""
+    record = RunRecord.load(results)
+    files = render_report(record, out if out is not None else results.expanduser().parent)
+    typer.echo(files.table.read_text(encoding="utf-8"))
+    console.print(f"[green]wrote[/] {files.table}, {files.plot}", highlight=False)
+
+
+@app.command("prompt-variants")
+def prompt_variants_cmd() -> None:
+    """List the prompt variants `ecoquant eval --prompt-variant` accepts."""
+    table = Table(title="prompt variants (--prompt-variant NAME)")
+    table.add_column("name", no_wrap=True)
+    table.add_column("how the question is asked")
+    for v in PROMPT_VARIANTS.values():
+        table.add_row(v.name, v.description)
+    console.print(table)

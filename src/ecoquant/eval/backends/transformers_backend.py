@@ -1,0 +1,233 @@
+"""Answer chat requests with a transformers model in this process (CPU or GPU).
+
+Batches of requests go through the model's own processor and chat template
+(``processor.apply_chat_template`` with the images inline), left-padded, into
+one ``generate`` call. Token counts come from the model's tokenizer: prompt
+tokens are the attention mask's ones (image soft tokens included, padding
+not), generated tokens run up to and including the first stop token.
+
+Greedy answers can depend on the batch a request lands in: padding changes
+the shapes, and with them the floating-point reduction order, so a near-tie
+between two tokens may break differently. With ``batch_size=1`` every request
+is computed alone, as the project's OpenAI-compatible server computes it,
+which is what makes the two give identical greedy answers.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+import transformers
+
+from ecoquant.errors import EcoquantError
+from ecoquant.eval.backends.base import (
+    ChatRequest,
+    Completion,
+    FinishReason,
+    GenerationSettings,
+    ImagePart,
+    TextPart,
+)
+from ecoquant.models.loading import load_config, model_class, resolve_model
+
+DTYPES = MappingProxyType({"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32})
+
+
+@dataclass(frozen=True)
+class TransformersOptions:
+    """Where and how the model runs.
+
+    Attributes:
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        dtype: activations/unquantized weights: ``bfloat16`` (the checkpoints' own), ``float16``, ``float32``.
+        batch_size: requests per ``generate`` call.
+    """
+
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise EcoquantError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.batch_size < 1:
+            raise EcoquantError(f"batch size must be at least 1, got {self.batch_size}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise EcoquantError(f"unknown device {self.device!r}: {exc}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise EcoquantError(f"device {self.device!r} asked for, but torch sees no CUDA device; use --device cpu")
+        return device
+
+
+def hf_messages(request: ChatRequest) -> list[dict[str, Any]]:
+    """The request as the chat structure processors take: content parts, images as RGB PIL images."""
+    out = []
+    for message in request.messages:
+        content: list[dict[str, Any]] = []
+        for part in message.parts:
+            if isinstance(part, TextPart):
+                content.append({"type": "text", "text": part.text})
+            elif isinstance(part, ImagePart):
+                content.append({"type": "image", "image": part.load()})
+            else:
+                raise TypeError(f"unknown message part {type(part).__name__}")
+        out.append({"role": message.role, "content": content})
+    return out
+
+
+def batches(requests: Sequence[ChatRequest], batch_size: int) -> Iterator[list[ChatRequest]]:
+    """Consecutive runs of requests with the same token cap, at most ``batch_size`` long.
+
+    Order is kept (no sorting by length): the batch a request falls in is then
+    a function of the suite alone, so reruns batch identically.
+    """
+    batch: list[ChatRequest] = []
+    for request in requests:
+        if batch and (len(batch) == batch_size or request.max_new_tokens != batch[0].max_new_tokens):
+            yield batch
+            batch = []
+        batch.append(request)
+    if batch:
+        yield batch
+
+
+def trim_generated(tokens: Sequence[int], stop_ids: frozenset[int]) -> tuple[int, FinishReason]:
+    """How many of a row's generated tokens were really produced, and why it ended.
+
+    ``generate`` pads finished rows of a batch with the pad token (which may
+    equal a stop token); the row's own output ends at its first stop token,
+    counted, or runs to the cap.
+    """
+    for i, token in enumerate(tokens):
+        if token in stop_ids:
+            return i + 1, "stop"
+    return len(tokens), "length"
+
+
+class TransformersBackend:
+    """A model and its processor, loaded once; answers batches with ``generate``."""
+
+    kind = "transformers"
+
+    def __init__(self, model: Any, processor: Any, source: str, options: TransformersOptions) -> None:
+        self.model = model
+        self.processor = processor
+        self.source = source
+        self.options = options
+        self.device = next(model.parameters()).device
+        tokenizer = processor.tokenizer
+        # Decoder-only generation appends after the prompt: padding must go on the left.
+        tokenizer.padding_side = "left"
+        self.generation_config = copy.deepcopy(model.generation_config)
+        if self.generation_config.pad_token_id is None:
+            self.generation_config.pad_token_id = tokenizer.pad_token_id
+        eos = self.generation_config.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.append(tokenizer.eos_token_id)
+        self.stop_ids = frozenset(int(i) for i in eos_ids)
+
+    @classmethod
+    def load(cls, model: str | Path, options: TransformersOptions | None = None) -> TransformersBackend:
+        """Load a model folder (or hub id) with the transformers class its config names, plus its processor."""
+        from transformers import AutoProcessor
+
+        options = options or TransformersOptions()
+        path = resolve_model(model)
+        device = options.resolved_device()
+        cls_ = model_class(load_config(path))
+        try:
+            processor = AutoProcessor.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise EcoquantError(f"{path} has no processor transformers can load ({exc})") from None
+        if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+            raise EcoquantError(f"{path} has no image processor: the evaluation suites ask about images")
+        # Loaded on the CPU, then moved: ``device_map`` would need accelerate.
+        loaded = cls_.from_pretrained(path, dtype=DTYPES[options.dtype])  # type: ignore[attr-defined]
+        return cls(loaded.to(device).eval(), processor, str(model), options)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "device": str(self.device),
+            "dtype": self.options.dtype,
+            "batch_size": self.options.batch_size,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
+
+    def _generation_config(self, settings: GenerationSettings, max_new_tokens: int) -> Any:
+        config = copy.deepcopy(self.generation_config)
+        config.do_sample = settings.do_sample
+        if settings.do_sample:
+            config.temperature = settings.temperature
+            config.top_p = settings.top_p
+            config.top_k = settings.top_k
+        else:
+            # do_sample=False is argmax whatever the filters say. ``generate`` copies the
+            # checkpoint's filters (Gemma: top_k=64, top_p=0.95) into unset fields and then
+            # warns that greedy ignores them; transformers' neutral values keep it quiet.
+            config.temperature, config.top_p, config.top_k = 1.0, 1.0, 50
+        config.max_new_tokens = max_new_tokens
+        return config
+
+    @torch.inference_mode()
+    def _generate_batch(self, batch: Sequence[ChatRequest], settings: GenerationSettings) -> list[Completion]:
+        inputs = self.processor.apply_chat_template(
+            [hf_messages(r) for r in batch],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"padding": True},
+        )
+        inputs = {
+            k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device))
+            for k, v in inputs.items()
+        }
+        if settings.do_sample:
+            torch.manual_seed(settings.seed)
+        config = self._generation_config(settings, batch[0].max_new_tokens)
+        sequences = self.model.generate(**inputs, generation_config=config)
+        prompt_len = inputs["input_ids"].shape[1]
+        tokens_in = inputs["attention_mask"].sum(dim=1).tolist()
+        out = []
+        for row, n_in in zip(sequences[:, prompt_len:].tolist(), tokens_in, strict=True):
+            n_out, finish = trim_generated(row, self.stop_ids)
+            text = self.processor.tokenizer.decode(row[:n_out], skip_special_tokens=True).strip()
+            out.append(Completion(text=text, tokens_in=int(n_in), tokens_out=n_out, finish_reason=finish))
+        return out
+
+    def generate(
+        self,
+        requests: Sequence[ChatRequest],
+        settings: GenerationSettings,
+        on_done: Callable[[int], None] | None = None,
+    ) -> list[Completion]:
+        out: list[Completion] = []
+        for batch in batches(requests, self.options.batch_size):
+            out.extend(self._generate_batch(batch, settings))
+            if on_done is not None:
+                on_done(len(batch))
+        return out
+
+    def close(self) -> None:
+        """Drop the model so the next one fits (models are evaluated one at a time)."""
+        on_cuda = self.device.type == "cuda"
+        del self.model
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()

@@ -1,0 +1,452 @@
+"""Run a suite on a base model and its variants, one model at a time, and record everything.
+
+:func:`run_eval` is what ``ecoquant eval`` calls. For each model in turn it
+loads the backend, sends a few warm-up requests (outside any energy window:
+the first requests pay for CUDA context creation, kernel autotuning and
+caches, which are not the model's running cost), then for each prompt
+variant opens one energy window around the *whole* suite -- the challenge
+sums energy over the suite, so that is the unit measured -- and closes the
+backend before loading the next model, so only one is ever in memory.
+
+The result is a :class:`RunRecord`: models and their quantization recipes,
+the suite, generation settings, prompt variants, per-task and per-half
+scores, every prediction with its token counts, wall time, and energy (or
+``None`` where there is no meter). It round-trips through ``results.json``
+(:meth:`RunRecord.save` / :meth:`RunRecord.load`), which is all the report
+needs, so ``ecoquant report results.json`` re-renders without rerunning.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import ecoquant
+from ecoquant.energy.meter import (
+    EnergyMeter,
+    IdleBaseline,
+    Measurement,
+    idle_corrected_energy_j,
+    measure_idle,
+)
+from ecoquant.errors import EcoquantError
+from ecoquant.eval.backends.base import Backend, ChatRequest, Completion, GenerationSettings
+from ecoquant.eval.builtin import DEFAULT_SIZE
+from ecoquant.eval.economy import describe_variants, prompt_variant, suite_requests
+from ecoquant.eval.loaders import load_suite
+from ecoquant.eval.tasks import Sample, Suite, Task, score, suite_scores
+from ecoquant.progress import progress_bar
+
+SCHEMA = "ecoquant.eval/1"
+"""Version tag of ``results.json``; bump when a field changes meaning."""
+
+Role = Literal["base", "variant"]
+BackendKind = Literal["transformers", "openai"]
+
+# ------------------------------------------------------------------ config
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything about a run except which models.
+
+    Attributes:
+        suite: ``"builtin"``, ``"doc"``, ``"image"`` or a ``.jsonl`` path (see :func:`load_suite`).
+        size: pages/charts per kind for the built-in suite.
+        limit: at most this many samples per task (any suite); None for all.
+        cache_dir: built-in suite image cache (None: the default cache).
+        backend: ``"transformers"`` (models loaded here) or ``"openai"`` (models behind ``urls``).
+        urls: OpenAI-compatible servers: one for all models, or one per model in
+            the order base, variants.
+        device, dtype, batch_size: for the transformers backend.
+        concurrency, timeout_s: for the OpenAI backend.
+        generation: sampling settings (greedy by default).
+        prompt_variants: names from :data:`ecoquant.eval.economy.PROMPT_VARIANTS`;
+            every model runs every variant.
+        warmup_requests: requests sent before each model's first window and not measured.
+        idle_seconds: idle-power sampling before the first model (only with a real meter).
+    """
+
+    suite: str = "builtin"
+    size: int = DEFAULT_SIZE
+    limit: int | None = None
+    cache_dir: Path | None = None
+    backend: BackendKind = "transformers"
+    urls: tuple[str, ...] = ()
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    batch_size: int = 8
+    concurrency: int = 8
+    timeout_s: float = 600.0
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    prompt_variants: tuple[str, ...] = ("default",)
+    warmup_requests: int = 2
+    idle_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "urls", tuple(self.urls))
+        object.__setattr__(self, "prompt_variants", tuple(self.prompt_variants))
+        if self.backend not in ("transformers", "openai"):
+            raise EcoquantError(f"unknown backend {self.backend!r}; use transformers or openai")
+        if self.backend == "openai" and not self.urls:
+            raise EcoquantError(
+                "the openai backend needs --url (the OpenAI-compatible server, e.g. http://127.0.0.1:8000)"
+            )
+        if self.backend == "transformers" and self.urls:
+            raise EcoquantError("--url is only for --backend openai")
+        if self.limit is not None and self.limit < 1:
+            raise EcoquantError(f"limit must be at least 1, got {self.limit}")
+        if not self.prompt_variants:
+            raise EcoquantError("give at least one prompt variant")
+        if len(set(self.prompt_variants)) != len(self.prompt_variants):
+            raise EcoquantError(f"prompt variants repeat: {list(self.prompt_variants)}")
+        for name in self.prompt_variants:
+            prompt_variant(name)  # unknown names fail here, before any model loads
+        if self.warmup_requests < 0 or self.idle_seconds < 0:
+            raise EcoquantError("warm-up requests and idle seconds cannot be negative")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model to evaluate: a short label for the report, where it is, and its role."""
+
+    label: str
+    source: str
+    role: Role
+
+
+def model_refs(base: str, variants: Sequence[str]) -> list[ModelRef]:
+    """Labels from folder names (or hub ids), made unique with ``#2``, ``#3``..."""
+    refs: list[ModelRef] = []
+    seen: dict[str, int] = {}
+    for source, role in [(base, "base"), *((v, "variant") for v in variants)]:
+        path = Path(source).expanduser()
+        name = path.name if path.exists() and path.name else str(source).rstrip("/")
+        seen[name] = seen.get(name, 0) + 1
+        label = name if seen[name] == 1 else f"{name}#{seen[name]}"
+        refs.append(ModelRef(label, str(source), role))  # type: ignore[arg-type]
+    return refs
+
+
+def read_recipe(source: str) -> dict[str, Any] | None:
+    """The ``quant_recipe.json`` beside a local checkpoint, if any (None for a base model or hub id)."""
+    path = Path(source).expanduser() / "quant_recipe.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EcoquantError(f"{path} is not valid JSON ({exc.msg}); fix or remove it") from None
+
+
+def limit_suite(suite: Suite, limit: int | None) -> Suite:
+    """The first ``limit`` samples of every task (the whole suite for None)."""
+    if limit is None:
+        return suite
+    tasks = tuple(
+        Task(t.name, t.suite, t.metric, t.prompt_suffix, t.max_new_tokens, t.samples[:limit]) for t in suite.tasks
+    )
+    return Suite(suite.name, tasks)
+
+
+def open_backend(ref: ModelRef, index: int, config: EvalConfig) -> Backend:
+    """The backend for model number ``index`` (0 = base): loaded here, or at its server."""
+    if config.backend == "openai":
+        from ecoquant.eval.backends.openai_backend import OpenAIBackend
+
+        url = config.urls[0] if len(config.urls) == 1 else config.urls[index]
+        return OpenAIBackend(url, ref.source, concurrency=config.concurrency, timeout_s=config.timeout_s)
+    from ecoquant.eval.backends.transformers_backend import TransformersBackend, TransformersOptions
+
+    options = TransformersOptions(device=config.device, dtype=config.dtype, batch_size=config.batch_size)
+    return TransformersBackend.load(ref.source, options)
+
+
+# ------------------------------------------------------------------ record
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    task: str
+    id: str
+    prediction: str
+    score: float
+    tokens_in: int
+    tokens_out: int
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class EnergyResult:
+    """A measured window: per-GPU joules (keys are NVML indices as strings, as JSON has them)."""
+
+    time_s: float
+    gpu_energy_j: dict[str, float]
+    total_j: float
+    idle_corrected_j: float | None
+
+    @classmethod
+    def from_measurement(cls, m: Measurement, idle: IdleBaseline | None) -> EnergyResult | None:
+        if m.gpu_energy_j is None or m.total_energy_j is None:
+            return None
+        return cls(
+            time_s=m.time_s,
+            gpu_energy_j={str(g): e for g, e in m.gpu_energy_j.items()},
+            total_j=m.total_energy_j,
+            idle_corrected_j=idle_corrected_energy_j(m, idle),
+        )
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One model with one prompt variant over the whole suite."""
+
+    label: str
+    source: str
+    role: Role
+    prompt_variant: str
+    recipe: dict[str, Any] | None
+    backend: dict[str, Any]
+    wall_time_s: float
+    energy: EnergyResult | None
+    requests: int
+    tokens_in: int
+    tokens_out: int
+    task_scores: dict[str, float]
+    suite_scores: dict[str, float]
+    samples: tuple[SampleResult, ...]
+
+    @property
+    def energy_j(self) -> float | None:
+        return None if self.energy is None else self.energy.total_j
+
+
+@dataclass(frozen=True)
+class EnergyInfo:
+    """How energy was measured for the whole run."""
+
+    measured: bool
+    meter: str
+    """What measured it (``"NVML total-energy counter, GPU 0"``) or why nothing did (``"no NVML device"``)."""
+    idle_time_s: float | None
+    idle_gpu_power_w: dict[str, float] | None
+    warmup_requests: int
+
+    @property
+    def idle_power_w(self) -> float | None:
+        return None if self.idle_gpu_power_w is None else sum(self.idle_gpu_power_w.values())
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Everything ``results.json`` holds; see the module docstring."""
+
+    schema: str
+    created_utc: str
+    ecoquant: dict[str, Any]
+    suite: dict[str, Any]
+    generation: dict[str, Any]
+    prompt_variants: list[dict[str, Any]]
+    energy: EnergyInfo
+    runs: tuple[ModelRun, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path | str) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunRecord:
+        """Rebuild a record from ``results.json`` data; a wrong schema is one clear error."""
+        if d.get("schema") != SCHEMA:
+            raise EcoquantError(f"not an ecoquant eval record (schema {d.get('schema')!r}, expected {SCHEMA!r})")
+        try:
+            runs = tuple(
+                ModelRun(
+                    **{
+                        **r,
+                        "energy": None if r["energy"] is None else EnergyResult(**r["energy"]),
+                        "samples": tuple(SampleResult(**s) for s in r["samples"]),
+                    }
+                )
+                for r in d["runs"]
+            )
+            return cls(**{**d, "energy": EnergyInfo(**d["energy"]), "runs": runs})
+        except (KeyError, TypeError) as exc:
+            raise EcoquantError(f"the eval record is incomplete or has unknown fields ({exc})") from None
+
+    @classmethod
+    def load(cls, path: Path | str) -> RunRecord:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise EcoquantError(f"no such results file: {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise EcoquantError(f"{path} is not valid JSON ({exc.msg})") from None
+        return cls.from_dict(data)
+
+    def base_run(self, prompt_variant: str) -> ModelRun | None:
+        return next((r for r in self.runs if r.role == "base" and r.prompt_variant == prompt_variant), None)
+
+
+def _suite_record(spec: str, suite: Suite, config: EvalConfig) -> dict[str, Any]:
+    return {
+        "spec": spec,
+        "name": suite.name,
+        "size": config.size if spec == "builtin" else None,
+        "limit": config.limit,
+        "n_samples": suite.n_samples,
+        "tasks": [
+            {
+                "name": t.name,
+                "suite": t.suite,
+                "metric": t.metric,
+                "n_samples": len(t.samples),
+                "max_new_tokens": t.max_new_tokens,
+                "prompt_suffix": t.prompt_suffix,
+            }
+            for t in suite.tasks
+        ],
+    }
+
+
+def _ecoquant_record() -> dict[str, Any]:
+    from ecoquant.export.recipe import git_sha
+
+    return {"version": ecoquant.__version__, "git_sha": git_sha()}
+
+
+# ------------------------------------------------------------------ run
+
+
+def _model_run(
+    ref: ModelRef,
+    variant_name: str,
+    backend: Backend,
+    items: Sequence[tuple[Task, Sample, ChatRequest]],
+    completions: Sequence[Completion],
+    measurement: Measurement,
+    idle: IdleBaseline | None,
+) -> ModelRun:
+    """Score one window's completions and assemble its record."""
+    by_task: dict[str, list[str]] = {}
+    tasks: dict[str, Task] = {}
+    for (task, _, _), completion in zip(items, completions, strict=True):
+        by_task.setdefault(task.name, []).append(completion.text)
+        tasks[task.name] = task
+    scores = [score(tasks[name], predictions) for name, predictions in by_task.items()]
+    per_sample = {(s.task, sid): v for s in scores for sid, v in s.per_sample.items()}
+    samples = tuple(
+        SampleResult(
+            task=task.name,
+            id=sample.id,
+            prediction=c.text,
+            score=per_sample[(task.name, sample.id)],
+            tokens_in=c.tokens_in,
+            tokens_out=c.tokens_out,
+            finish_reason=c.finish_reason,
+        )
+        for (task, sample, _), c in zip(items, completions, strict=True)
+    )
+    return ModelRun(
+        label=ref.label,
+        source=ref.source,
+        role=ref.role,
+        prompt_variant=variant_name,
+        recipe=read_recipe(ref.source),
+        backend=backend.describe(),
+        wall_time_s=measurement.time_s,
+        energy=EnergyResult.from_measurement(measurement, idle),
+        requests=len(completions),
+        tokens_in=sum(c.tokens_in for c in completions),
+        tokens_out=sum(c.tokens_out for c in completions),
+        task_scores={s.task: s.score for s in scores},
+        suite_scores=suite_scores(scores),
+        samples=samples,
+    )
+
+
+def _steps(advance: Callable[[str], None], label: str) -> Callable[[int], None]:
+    """Adapt the progress bar's one-step ``advance(label)`` to a backend's ``on_done(n)``."""
+
+    def on_done(n: int) -> None:
+        for _ in range(n):
+            advance(label)
+
+    return on_done
+
+
+def run_eval(
+    base: str,
+    variants: Sequence[str] = (),
+    config: EvalConfig | None = None,
+    *,
+    meter: EnergyMeter | None = None,
+    backend_factory: Callable[[ModelRef, int, EvalConfig], Backend] = open_backend,
+    show_progress: bool = True,
+) -> RunRecord:
+    """Evaluate ``base`` and each of ``variants`` on the configured suite; see the module docstring.
+
+    ``meter`` defaults to :func:`ecoquant.energy.open_meter` (NVML, or a meter
+    that records "no NVML device"); ``backend_factory`` exists so the OpenAI
+    and transformers paths share everything else.
+    """
+    from ecoquant.energy.nvml import open_meter
+
+    config = config or EvalConfig()
+    refs = model_refs(base, variants)
+    if config.backend == "openai" and len(config.urls) not in (1, len(refs)):
+        raise EcoquantError(f"{len(config.urls)} --url for {len(refs)} models; pass one for all, or one per model")
+    suite = limit_suite(
+        load_suite(config.suite, cache_dir=config.cache_dir, size=config.size, limit=config.limit), config.limit
+    )
+    settings = config.generation
+    requests = {name: suite_requests(suite, prompt_variant(name), settings) for name in config.prompt_variants}
+    meter = meter if meter is not None else open_meter()
+    idle = measure_idle(meter, config.idle_seconds)
+
+    runs: list[ModelRun] = []
+    total = len(refs) * len(config.prompt_variants) * suite.n_samples
+    with progress_bar("evaluating", total, show_progress) as advance:
+        for index, ref in enumerate(refs):
+            backend = backend_factory(ref, index, config)
+            try:
+                warmup = [r for _, _, r in requests[config.prompt_variants[0]][: config.warmup_requests]]
+                if warmup:
+                    backend.generate(warmup, settings)
+                for name in config.prompt_variants:
+                    items = requests[name]
+                    label = f"{ref.label} · {name}"
+                    window = f"{ref.label}/{name}"
+                    meter.begin_window(window)
+                    completions = backend.generate([r for _, _, r in items], settings, _steps(advance, label))
+                    measurement = meter.end_window(window)
+                    runs.append(_model_run(ref, name, backend, items, completions, measurement, idle))
+            finally:
+                backend.close()
+
+    return RunRecord(
+        schema=SCHEMA,
+        created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        ecoquant=_ecoquant_record(),
+        suite=_suite_record(config.suite, suite, config),
+        generation=settings.to_record(),
+        prompt_variants=describe_variants(config.prompt_variants),
+        energy=EnergyInfo(
+            measured=meter.available,
+            meter=meter.description,
+            idle_time_s=None if idle is None else idle.time_s,
+            idle_gpu_power_w=None if idle is None else {str(g): w for g, w in idle.gpu_power_w.items()},
+            warmup_requests=config.warmup_requests,
+        ),
+        runs=tuple(runs),
+    )

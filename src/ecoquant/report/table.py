@@ -1,0 +1,224 @@
+"""The results table, shaped like the seed model card's: energy, Δ vs base, scores, recovery, gate.
+
+Recovery is ``variant score / base score`` for each half of the suite (doc
+analysis, image understanding), computed against the base model run with the
+*same* prompt variant, so a prompt change is never mistaken for a
+quantization effect. Mean recovery is the mean over the halves the suite has.
+A zero base score makes a ratio meaningless: it is reported as ``n/a``, never
+as ``inf``, and a mean that would need it is ``n/a`` too. The gate is the
+challenge's rule that a variant counts only if it keeps at least 80% of the
+base's quality (mean recovery >= 0.80).
+
+Energy cells are ``—`` when there was no meter, and the table says why
+(``energy: not measured (no NVML device)``); no number stands in for it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal
+
+from ecoquant.eval.runner import RunRecord
+from ecoquant.eval.tasks import SUITE_KINDS
+
+GATE_RECOVERY = 0.80
+"""Minimum mean recovery for a variant to count (the challenge's 80% rule)."""
+
+HALF_TITLES: Mapping[str, str] = MappingProxyType({"doc": "doc", "image": "image"})
+
+Gate = Literal["pass", "fail", "n/a", "base"]
+
+
+def recovery(score: float | None, base_score: float | None) -> float | None:
+    """``score / base_score``; None when either is missing or the base scored 0 (no meaningful ratio).
+
+    Worked example (seed card, image half): 0.56 / 0.68 = 0.8235.
+    """
+    if score is None or base_score is None or base_score == 0:
+        return None
+    return score / base_score
+
+
+def mean_recovery(recoveries: Sequence[float | None]) -> float | None:
+    """Mean over the suite's halves; None if there are none or any of them is n/a.
+
+    Worked example (seed card): doc 0.7576 / 0.7608 = 0.9958, image 0.8235 -> 0.9097.
+    """
+    if not recoveries or any(r is None for r in recoveries):
+        return None
+    return math.fsum(r for r in recoveries if r is not None) / len(recoveries)
+
+
+def gate(mean: float | None, role: str = "variant") -> Gate:
+    """``pass``/``fail`` against :data:`GATE_RECOVERY`; ``n/a`` without a mean; ``base`` for the base itself."""
+    if role == "base":
+        return "base"
+    if mean is None:
+        return "n/a"
+    return "pass" if mean >= GATE_RECOVERY else "fail"
+
+
+def relative_change(value: float | None, base: float | None) -> float | None:
+    """``value / base - 1`` (e.g. +0.137 for +13.7%); None when either is missing or base is 0."""
+    if value is None or base is None or base == 0:
+        return None
+    return value / base - 1.0
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One line of the table: one model with one prompt variant."""
+
+    model: str
+    role: str
+    prompt_variant: str
+    energy_j: float | None
+    energy_delta: float | None
+    idle_corrected_j: float | None
+    scores: Mapping[str, float | None]
+    recoveries: Mapping[str, float | None]
+    mean_recovery: float | None
+    gate: Gate
+    tokens_in: int
+    tokens_out: int
+    requests: int
+    wall_time_s: float
+
+
+def report_rows(record: RunRecord) -> list[ReportRow]:
+    """The table's rows, in run order, each compared with its prompt variant's base run."""
+    halves = [k for k in SUITE_KINDS if any(t["suite"] == k for t in record.suite["tasks"])]
+    several = len(record.prompt_variants) > 1
+    rows = []
+    for run in record.runs:
+        base = record.base_run(run.prompt_variant)
+        scores = {k: run.suite_scores.get(k) for k in halves}
+        recoveries = {k: recovery(scores[k], None if base is None else base.suite_scores.get(k)) for k in halves}
+        mean = mean_recovery([recoveries[k] for k in halves])
+        rows.append(
+            ReportRow(
+                model=f"{run.label} · {run.prompt_variant}" if several else run.label,
+                role=run.role,
+                prompt_variant=run.prompt_variant,
+                energy_j=run.energy_j,
+                energy_delta=None if base is None else relative_change(run.energy_j, base.energy_j),
+                idle_corrected_j=None if run.energy is None else run.energy.idle_corrected_j,
+                scores=scores,
+                recoveries=recoveries,
+                mean_recovery=mean,
+                gate=gate(mean, run.role),
+                tokens_in=run.tokens_in,
+                tokens_out=run.tokens_out,
+                requests=run.requests,
+                wall_time_s=run.wall_time_s,
+            )
+        )
+    return rows
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value * 100:+.1f}%" if signed else f"{value * 100:.2f}%"
+
+
+COLUMNS: tuple[str, ...] = (
+    "model",
+    "energy J",
+    "Δ energy vs base",
+    "doc score",
+    "image score",
+    "recovery doc",
+    "recovery image",
+    "mean recovery",
+    f"≥{GATE_RECOVERY:.0%} gate",
+    "output tokens",
+    "wall s",
+)
+
+
+def _cells(row: ReportRow) -> list[str]:
+    delta = "—" if row.role == "base" else ("—" if row.energy_j is None else _pct(row.energy_delta, signed=True))
+
+    def half(k: str, what: Mapping[str, float | None], fmt: str) -> str:
+        if k not in what:
+            return "—"  # the suite has no such half
+        return _num(what[k], 4) if fmt == "score" else _pct(what[k])
+
+    return [
+        row.model + (" (base)" if row.role == "base" else ""),
+        _num(row.energy_j, 2),
+        delta,
+        half("doc", row.scores, "score"),
+        half("image", row.scores, "score"),
+        half("doc", row.recoveries, "pct"),
+        half("image", row.recoveries, "pct"),
+        _pct(row.mean_recovery),
+        "—" if row.gate == "base" else row.gate,
+        str(row.tokens_out),
+        _num(row.wall_time_s, 1),
+    ]
+
+
+def markdown_table(rows: Sequence[ReportRow]) -> str:
+    """The table alone, as GitHub markdown."""
+    lines = [
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|",
+    ]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def energy_lines(record: RunRecord, rows: Sequence[ReportRow]) -> list[str]:
+    """How energy was (or was not) measured, the idle baseline, and energy above idle."""
+    e = record.energy
+    if not e.measured:
+        return [f"energy: not measured ({e.meter})"]
+    lines = [f"energy: {e.meter}; summed over the whole suite per row; {e.warmup_requests} warm-up requests excluded."]
+    if e.idle_power_w is not None and e.idle_time_s is not None:
+        above = ", ".join(f"{r.model} {_num(r.idle_corrected_j, 2)} J" for r in rows)
+        lines.append(
+            f"idle baseline: {e.idle_power_w:.1f} W over {e.idle_time_s:.1f} s, measured before the suite and"
+            f" not subtracted above; energy above idle: {above}."
+        )
+    return lines
+
+
+def markdown_report(record: RunRecord) -> str:
+    """The whole ``report.md``: title, table, energy notes, what was run."""
+    rows = report_rows(record)
+    suite = record.suite
+    gen = record.generation
+    sampling = (
+        "greedy"
+        if not gen["do_sample"]
+        else f"sampling (temperature {gen['temperature']}, top_p {gen['top_p']}, top_k {gen['top_k']})"
+    )
+    cap = "" if gen.get("max_new_tokens") is None else f", max_new_tokens capped at {gen['max_new_tokens']}"
+    tasks = ", ".join(f"{t['name']} ({t['suite']}, {t['metric']}, {t['n_samples']})" for t in suite["tasks"])
+    variants = "; ".join(f"{p['name']}: {p['description']}" for p in record.prompt_variants)
+    total_requests = sum(r.requests for r in rows)
+    lines = [
+        f"# ecoquant eval: {suite['name']}",
+        "",
+        markdown_table(rows),
+        "",
+        *(f"- {line}" for line in energy_lines(record, rows)),
+        f"- requests: {total_requests} in all; tokens in/out per row: "
+        + ", ".join(f"{r.model} {r.tokens_in}/{r.tokens_out}" for r in rows)
+        + ".",
+        f"- recovery = score / base score per half with the same prompt variant; mean recovery = mean over halves;"
+        f" gate = mean recovery ≥ {GATE_RECOVERY:.0%}; n/a where the base scored 0.",
+        f"- suite: {suite['spec']} ({suite['n_samples']} samples: {tasks}).",
+        f"- generation: {sampling}, seed {gen['seed']}{cap}. prompt variants: {variants}.",
+        f"- ecoquant {record.ecoquant.get('version')} ({record.ecoquant.get('git_sha') or 'no git'}), {record.created_utc}.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Serving models over HTTP: the project's own OpenAI-compatible server (:mod:`ecoquant.serve.openai_server`)."""

@@ -1,0 +1,305 @@
+"""A small OpenAI-compatible HTTP server over a transformers model.
+
+Why our own: the evaluation's OpenAI backend must be testable on a machine
+without vLLM (this one has no GPU), and ``ecoquant serve`` needs a fallback
+where vLLM is not installed. It serves exactly what the evaluation uses:
+
+* ``POST /v1/chat/completions`` -- messages with text and ``image_url`` parts
+  (``data:`` URLs only: the server never fetches a URL), ``max_tokens`` /
+  ``max_completion_tokens``, ``temperature`` (0 means greedy; default 1.0 as
+  in OpenAI's API), ``top_p``, ``top_k`` (vLLM's extension), ``seed``; the
+  answer with ``usage`` token counts and ``finish_reason``.
+* ``GET /v1/models`` -- the one served model.
+* ``GET /health`` -- 200 when ready.
+
+It is a fallback, not a throughput server: requests are answered one at a
+time, each alone (batch size 1), under a lock. That is also what makes its
+greedy answers identical to the transformers backend run with
+``batch_size=1`` (see :mod:`ecoquant.eval.backends.transformers_backend`).
+
+Only the standard library's ``http.server`` is used. It binds 127.0.0.1
+unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from PIL import UnidentifiedImageError
+
+from ecoquant.eval.backends.base import (
+    Backend,
+    ChatRequest,
+    GenerationSettings,
+    ImagePart,
+    Message,
+    Part,
+    TextPart,
+    decode_image,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+MAX_BODY_BYTES = 64 << 20
+"""Largest request accepted (a few page images as base64 fit many times over)."""
+DEFAULT_MAX_TOKENS = 1024
+"""Token cap when a request names none."""
+
+_ROLES: Mapping[str, str] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class RequestError(Exception):
+    """A bad request: answered with HTTP 4xx and an OpenAI-style error body."""
+
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _image_from_url(url: Any) -> ImagePart:
+    if isinstance(url, Mapping):
+        url = url.get("url")
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise RequestError("image_url must be a data: URL (data:image/png;base64,...); this server fetches nothing")
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        raise RequestError("image data URLs must be base64-encoded")
+    try:
+        data = base64.b64decode(payload, validate=True)
+        decode_image(data)  # reject undecodable images here, as a 400, not deep inside generate
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
+        raise RequestError(f"cannot decode image_url: {exc}") from None
+    return ImagePart(data)
+
+
+def parse_messages(raw: Any) -> tuple[Message, ...]:
+    """OpenAI chat messages -> :class:`Message` s (the inverse of the OpenAI backend's encoding)."""
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("messages must be a non-empty list")
+    out = []
+    for m in raw:
+        if not isinstance(m, Mapping) or m.get("role") not in _ROLES:
+            raise RequestError(f"each message needs a role among {sorted(_ROLES)}")
+        content = m.get("content")
+        parts: list[Part] = []
+        if isinstance(content, str):
+            parts.append(TextPart(content))
+        elif isinstance(content, list):
+            for p in content:
+                kind = p.get("type") if isinstance(p, Mapping) else None
+                if kind == "text" and isinstance(p.get("text"), str):
+                    parts.append(TextPart(p["text"]))
+                elif kind == "image_url":
+                    parts.append(_image_from_url(p.get("image_url")))
+                else:
+                    raise RequestError(f"unsupported content part {kind!r}; use text or image_url")
+        else:
+            raise RequestError("message content must be a string or a list of parts")
+        if not parts:
+            raise RequestError("a message has empty content")
+        out.append(Message(_ROLES[m["role"]], tuple(parts)))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+def parse_settings(body: Mapping[str, Any]) -> tuple[GenerationSettings, int]:
+    """Sampling settings and the token cap of a request (temperature 0 means greedy)."""
+    if body.get("stream"):
+        raise RequestError("streaming is not supported by this server")
+    if body.get("n", 1) != 1:
+        raise RequestError("only n=1 is supported")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", DEFAULT_MAX_TOKENS))
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise RequestError("max_tokens must be a positive integer")
+    seed = body.get("seed", 0)
+    if not isinstance(seed, int):
+        raise RequestError("seed must be an integer")
+    temperature = body.get("temperature", 1.0)
+    try:
+        if float(temperature) == 0.0:
+            return GenerationSettings(seed=seed), max_tokens
+        top_k = body.get("top_k")
+        return (
+            GenerationSettings(
+                do_sample=True,
+                temperature=float(temperature),
+                top_p=body.get("top_p"),
+                # vLLM spells "no top-k" as -1 (or 0).
+                top_k=None if top_k is None or top_k <= 0 else int(top_k),
+                seed=seed,
+            ),
+            max_tokens,
+        )
+    except (TypeError, ValueError) as exc:
+        raise RequestError(f"bad sampling settings: {exc}") from None
+
+
+class ChatServer:
+    """An HTTP server answering chat completions with one backend, one request at a time.
+
+    Use as a context manager (``with ChatServer(...).start() as server:``) or
+    call :meth:`serve_forever` in the foreground.
+    """
+
+    def __init__(self, backend: Backend, served_name: str, host: str = DEFAULT_HOST, port: int = 0) -> None:
+        self.backend = backend
+        self.served_name = served_name
+        self.created = int(time.time())
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._httpd = ThreadingHTTPServer((host, port), _handler_for(self))
+        self._httpd.daemon_threads = True
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        name = host.decode() if isinstance(host, bytes) else host
+        return f"http://{name}:{port}"
+
+    def start(self) -> ChatServer:
+        """Serve in a background thread; returns self."""
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="ecoquant-openai-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._httpd.serve_forever()
+
+    def stop(self) -> None:
+        """Stop serving and release the port (the backend stays loaded; close it yourself)."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def __enter__(self) -> ChatServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": self.served_name, "object": "model", "created": self.created, "owned_by": "ecoquant"}],
+        }
+
+    def chat_completion(self, body: Any) -> dict[str, Any]:
+        """Answer one parsed request body (raises :class:`RequestError` for a bad one)."""
+        if not isinstance(body, Mapping):
+            raise RequestError("the request body must be a JSON object")
+        if body.get("model") not in (None, self.served_name):
+            raise RequestError(
+                f"model {body.get('model')!r} is not served here; this server serves {self.served_name!r}",
+                HTTPStatus.NOT_FOUND,
+            )
+        messages = parse_messages(body.get("messages"))
+        settings, max_tokens = parse_settings(body)
+        request = ChatRequest(id="http", messages=messages, max_new_tokens=max_tokens)
+        with self._lock:
+            (completion,) = self.backend.generate([request], settings)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.served_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": completion.text},
+                    "finish_reason": completion.finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": completion.tokens_in,
+                "completion_tokens": completion.tokens_out,
+                "total_tokens": completion.tokens_in + completion.tokens_out,
+            },
+        }
+
+
+def _handler_for(server: ChatServer) -> type[BaseHTTPRequestHandler]:
+    """A request-handler class bound to one :class:`ChatServer` (http.server wants a class)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "ecoquant-openai/1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+            log.debug("%s " + format, self.address_string(), *args)
+
+        def _send(self, status: HTTPStatus, payload: Mapping[str, Any]) -> None:
+            data = json.dumps(payload).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, status: HTTPStatus, message: str) -> None:
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            self._send(status, {"error": {"message": message, "type": kind, "code": int(status)}})
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's names
+            path = self.path.split("?", 1)[0].rstrip("/")
+            if path == "/health":
+                self._send(HTTPStatus.OK, {"status": "ok"})
+            elif path == "/v1/models":
+                self._send(HTTPStatus.OK, server.models())
+            else:
+                self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path.split("?", 1)[0].rstrip("/") != "/v1/chat/completions":
+                self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
+                return
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+                return
+            if length > MAX_BODY_BYTES:
+                self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY_BYTES} bytes")
+                return
+            try:
+                body = json.loads(self.rfile.read(length))
+                self._send(HTTPStatus.OK, server.chat_completion(body))
+            except json.JSONDecodeError:
+                self._error(HTTPStatus.BAD_REQUEST, "the request body is not JSON")
+            except RequestError as exc:
+                self._error(exc.status, str(exc))
+            except Exception as exc:  # a generation failure must answer 500, not drop the connection
+                log.exception("chat completion failed")
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+
+    return Handler
+
+
+def serve_model(
+    model: str | Path,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = 8000,
+    served_name: str | None = None,
+    device: str = "auto",
+    dtype: str = "bfloat16",
+) -> ChatServer:
+    """Load ``model`` with transformers and return a (not yet started) server for it.
+
+    ``served_name`` defaults to ``model`` as given, as ``vllm serve`` does.
+    """
+    from ecoquant.eval.backends.transformers_backend import TransformersBackend, TransformersOptions
+
+    backend = TransformersBackend.load(model, TransformersOptions(device=device, dtype=dtype, batch_size=1))
+    return ChatServer(backend, served_name or str(model), host=host, port=port)
