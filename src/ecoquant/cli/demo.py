@@ -38,6 +38,7 @@ def demo_cmd(
             str(v.result.out),
         )
     console.print(table)
+    console.print(f"evaluation report: {result.report.table}  plot: {result.report.plot}")
     console.print(
         "next: [bold]ecoquant inspect[/] on a checkpoint, [bold]ecoquant quantize MODEL --out DIR[/] on a real model"
     )
