@@ -141,8 +141,9 @@ def mse_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, tor
     trades a large error on that one weight for a finer grid on all others.
     Each group keeps the ``p`` with the lowest ``sum |w - fq(w)| ** norm``
     (ties keep the larger ``p``, so ``p = 1`` wins when nothing helps and the
-    result is never worse than min-max). Scales stay in ``w``'s dtype; the
-    error is measured in float32.
+    result is never worse than min-max). Candidate scales are computed in
+    ``w``'s dtype (what will be stored); the search itself runs in float32,
+    which is exact for the error and several times faster than bf16 on CPUs.
     """
     g = _grouped(w, scheme)
     gmin, gmax = g.amin(dim=-1), g.amax(dim=-1)
@@ -152,8 +153,15 @@ def mse_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, tor
     for i in range(scheme.mse_grid):
         p = 1.0 - scheme.mse_maxshrink * i / scheme.mse_grid
         scale, zp = qparams_from_range(gmin * p, gmax * p, scheme)
-        fq = fake_quantize(w, scale, zp, scheme).float().reshape(g.shape)
-        err = (fq - g32).abs().pow(scheme.mse_norm).sum(dim=-1)
+        s32 = scale.float().unsqueeze(-1)
+        x = g32 / s32
+        if zp is not None:
+            zp32 = zp.float().unsqueeze(-1)
+            x.add_(zp32).round_().clamp_(scheme.qmin, scheme.qmax).sub_(zp32)
+        else:
+            x.round_().clamp_(scheme.qmin, scheme.qmax)
+        x.mul_(s32).sub_(g32)
+        err = (x.square_() if scheme.mse_norm == 2.0 else x.abs_().pow_(scheme.mse_norm)).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

@@ -1,0 +1,161 @@
+"""W4A16 methods side by side on the real, trained Gemma-3 270M (offline, from PyPI).
+
+Every variant is W4A16, group 128, symmetric, with the same ignore list
+(``lm_head``, which is tied to the embedding; the embedding is not a Linear
+and is never quantized). Each variant is made in its own process so that its
+wall time and peak RSS are its own; llmcompressor and AutoRound run in their
+own throw-away uv environments (they pin other transformers versions). Then
+all variants are scored against bf16 in one pass over the evaluation text:
+perplexity, mean KL(base || variant) and top-1 agreement.
+
+Usage::
+
+    uv run python bench/gemma3_methods.py --work /tmp/g3-bench \\
+        --methods rtn-minmax,rtn-mse,llmc-rtn [--windows 32]
+
+Methods: rtn-minmax, rtn-mse, llmc-rtn (ecoquant's own), gptq, awq (ecoquant,
+calibrated on the shipped corpus), llmc-gptq-basic, llmc-gptq-seq
+(llmcompressor 0.14 GPTQModifier), autoround (PyPI auto-round, defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LLMC = ["--with", "llmcompressor==0.14.0.1", "--with", "torch==2.13.0"]
+AUTOROUND = ["--with", "auto-round==0.16.1", "--with", "torch==2.13.0"]
+
+
+def uv_isolated(deps: list[str], *args: str) -> list[str]:
+    uv = shutil.which("uv") or "uv"
+    return [uv, "run", "--isolated", "--no-project", *deps, "python", *args]
+
+
+def calib_json(work: Path, samples: int, seq_len: int) -> Path:
+    """The shipped calibration corpus as a JSON list of texts (for the external tools)."""
+    from ecoquant.data.corpus import load_corpus
+
+    path = work / f"calib-{samples}.json"
+    if not path.exists():
+        texts = load_corpus().calibration
+        # ~4 characters per token: chunks long enough to fill seq_len tokens.
+        joined = "\n\n".join(texts)
+        step = seq_len * 5
+        chunks = [joined[i : i + step] for i in range(0, len(joined), step)][:samples]
+        path.write_text(json.dumps(chunks))
+    return path
+
+
+def commands(base: Path, work: Path, args: argparse.Namespace) -> dict[str, Callable[[Path], list[str]]]:
+    """method -> (output folder -> command that makes it)."""
+    ours = ["ecoquant", "quantize", str(base), "--no-progress", "--overwrite", "--preset", "text-decoder"]
+    calib = ["--calib-samples", str(args.samples), "--calib-length", str(args.seq_len)]
+    ext = str(REPO / "bench/external/llmcompressor_oneshot.py")
+    cj = lambda: str(calib_json(work, args.samples, args.seq_len))  # noqa: E731
+    return {
+        "rtn-minmax": lambda out: [*ours, "--out", str(out)],
+        "rtn-mse": lambda out: [*ours, "--out", str(out), "--observer", "mse"],
+        "gptq": lambda out: [*ours, "--out", str(out), "--method", "gptq", *calib],
+        "awq": lambda out: [*ours, "--out", str(out), "--method", "awq", *calib],
+        "llmc-rtn": lambda out: uv_isolated(LLMC, ext, str(base), str(out), "--ignore", "lm_head"),
+        "llmc-gptq-basic": lambda out: uv_isolated(
+            LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--method", "gptq", "--pipeline", "basic",
+            "--calib-json", cj(), "--max-length", str(args.seq_len)),
+        "llmc-gptq-seq": lambda out: uv_isolated(
+            LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--method", "gptq", "--pipeline", "sequential",
+            "--calib-json", cj(), "--max-length", str(args.seq_len)),
+        "autoround": lambda out: uv_isolated(
+            AUTOROUND, str(REPO / "bench/external/autoround_quantize.py"), str(base), str(out),
+            "--calib-json", cj(), "--seq-len", str(args.seq_len), "--samples", str(args.samples)),
+    }
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float]:
+    """Run a command; return (wall seconds, peak RSS GiB of its largest process)."""
+    t = time.perf_counter()
+    # A fresh python per method, so RUSAGE_CHILDREN's max is that method's own.
+    wrapper = [sys.executable, "-c",
+               "import resource,subprocess,sys,json;"
+               "r=subprocess.run(sys.argv[1:]);"
+               "print(json.dumps({'rc':r.returncode,'rss':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}),"
+               "file=sys.stderr);sys.exit(r.returncode)", *cmd]
+    proc = subprocess.run(wrapper, stderr=subprocess.PIPE, text=True)
+    last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "{}"
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    rss_kib = json.loads(last)["rss"]
+    return time.perf_counter() - t, rss_kib / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--methods", default="rtn-minmax,rtn-mse,llmc-rtn")
+    p.add_argument("--windows", type=int, default=32, help="512-token evaluation windows (56 = the whole text)")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    from ecoquant.fixtures.gemma3_gguf import gemma3_270m_path
+    from ecoquant.quality.run import QualityConfig, compare
+
+    base = gemma3_270m_path()
+    table = commands(base, args.work, args)
+    made: dict[str, Path] = {}
+    cost: dict[str, tuple[float, float]] = {}
+    for method in args.methods.split(","):
+        out = args.work / method
+        cmd = table[method](out)
+        print(f"$ {' '.join(cmd)}", flush=True)
+        cost[method] = run_measured(cmd)
+        made[method] = out
+        print(f"  {method}: {cost[method][0]:.0f} s, peak RSS {cost[method][1]:.2f} GiB", flush=True)
+
+    t = time.perf_counter()
+    report = compare(base, list(made.values()), QualityConfig(max_windows=args.windows, device="cpu"))
+    print(f"scored in {time.perf_counter() - t:.0f} s", flush=True)
+    rows = report.to_dict()
+    (args.work / "quality.json").write_text(json.dumps(rows, indent=2))
+    text = next(part for part in rows["parts"] if part["name"] == "text")
+    print(f"\nGemma-3 270M, W4A16 g128, {text['n_tokens']} evaluation tokens "
+          f"({args.windows} x 512-token windows of the shipped corpus)\n")
+    print("| variant | perplexity | ppl / bf16 | mean KL (nats) | top-1 agreement | quantize wall | peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    names = ["bf16", *made]
+    for name, m in zip(names, [text["base"], *text["variants"]], strict=True):
+        wall, rss = cost.get(name, (float("nan"), float("nan")))
+        extra = "| — | — |" if name == "bf16" else f"| {wall:.0f} s | {rss:.2f} GiB |"
+        print(f"| {name} | {m['perplexity']:.3f} | {m['perplexity_ratio']:.4f} | {m['kl_mean']:.4f} | "
+              f"{m['top1_agreement']:.4f} {extra}")
+    if "rtn-minmax" in made and "llmc-rtn" in made:
+        same = _same_tensors(made["rtn-minmax"], made["llmc-rtn"])
+        print(f"\necoquant rtn-minmax vs llmcompressor RTN: packed integers and scales identical: {same}")
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    import torch
+    from safetensors import safe_open
+
+    def load(p: Path) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for f in sorted(p.glob("*.safetensors")):
+            with safe_open(f, "pt") as st:
+                out.update({k: st.get_tensor(k) for k in st.keys()})
+        return out
+
+    ta, tb = load(a), load(b)
+    return set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+if __name__ == "__main__":
+    main()
