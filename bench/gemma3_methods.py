@@ -138,23 +138,9 @@ def main() -> None:
         print(f"| {name} | {m['perplexity']:.3f} | {m['perplexity_ratio']:.4f} | {m['kl_mean']:.4f} | "
               f"{m['top1_agreement']:.4f} {extra}")
     if "rtn-minmax" in made and "llmc-rtn" in made:
-        same = _same_tensors(made["rtn-minmax"], made["llmc-rtn"])
-        print(f"\necoquant rtn-minmax vs llmcompressor RTN: packed integers and scales identical: {same}")
-
-
-def _same_tensors(a: Path, b: Path) -> bool:
-    import torch
-    from safetensors import safe_open
-
-    def load(p: Path) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for f in sorted(p.glob("*.safetensors")):
-            with safe_open(f, "pt") as st:
-                out.update({k: st.get_tensor(k) for k in st.keys()})
-        return out
-
-    ta, tb = load(a), load(b)
-    return set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+        print("\necoquant rtn-minmax vs llmcompressor RTN:", flush=True)
+        subprocess.run([sys.executable, str(REPO / "bench/compare_checkpoints.py"), str(made["rtn-minmax"]),
+                        str(made["llmc-rtn"])], check=True)
 
 
 if __name__ == "__main__":

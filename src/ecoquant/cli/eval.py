@@ -40,7 +40,7 @@ def parse_gpus(text: str | None) -> tuple[int, ...] | None:
 @guarded
 def eval_cmd(
     base: Annotated[str, typer.Option("--base", help="Base model: folder or hub id (with --backend openai: its served name).")],
-    variant: Annotated[list[str] | None, typer.Option("--variant", help="A variant to compare with the base (folder, or served name); repeatable.")] = None,
+    variant: Annotated[list[str] | None, typer.Option("--variant", help="A variant to compare with the base: a checkpoint folder, nf4:MODEL (bitsandbytes NF4 at load time), or a served name; repeatable.")] = None,
     suite: Annotated[str, typer.Option(help="builtin (offline, generated), doc or image (Hugging Face), or a .jsonl path.")] = "builtin",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and pareto.png.")] = Path("ecoquant-eval"),
     backend: Annotated[str, typer.Option(help="transformers (load models here) or openai (an OpenAI-compatible server).")] = "transformers",

@@ -124,8 +124,11 @@ def model_refs(base: str, variants: Sequence[str]) -> list[ModelRef]:
     refs: list[ModelRef] = []
     seen: dict[str, int] = {}
     for source, role in [(base, "base"), *((v, "variant") for v in variants)]:
-        path = Path(source).expanduser()
-        name = path.name if path.exists() and path.name else str(source).rstrip("/")
+        from ecoquant.eval.nf4 import is_nf4_spec, nf4_model
+
+        prefix = "nf4:" if is_nf4_spec(source) else ""
+        path = Path(nf4_model(source) if prefix else source).expanduser()
+        name = prefix + (path.name if path.exists() and path.name else str(path).rstrip("/"))
         seen[name] = seen.get(name, 0) + 1
         label = name if seen[name] == 1 else f"{name}#{seen[name]}"
         refs.append(ModelRef(label, str(source), role))  # type: ignore[arg-type]
@@ -133,7 +136,16 @@ def model_refs(base: str, variants: Sequence[str]) -> list[ModelRef]:
 
 
 def read_recipe(source: str) -> dict[str, Any] | None:
-    """The ``quant_recipe.json`` beside a local checkpoint, if any (None for a base model or hub id)."""
+    """The ``quant_recipe.json`` beside a local checkpoint, if any (None for a base model or hub id).
+
+    An ``nf4:MODEL`` variant has no file; its recipe says what is quantized at load time.
+    """
+    from ecoquant.eval.nf4 import is_nf4_spec, nf4_model, nf4_recipe
+
+    if is_nf4_spec(source):
+        config = Path(nf4_model(source)) / "config.json"
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        return nf4_recipe(source, model_type)
     path = Path(source).expanduser() / "quant_recipe.json"
     if not path.is_file():
         return None
@@ -162,7 +174,11 @@ def open_backend(ref: ModelRef, index: int, config: EvalConfig) -> Backend:
         return OpenAIBackend(url, ref.source, concurrency=config.concurrency, timeout_s=config.timeout_s)
     from ecoquant.eval.backends.transformers_backend import TransformersBackend, TransformersOptions
 
+    from ecoquant.eval.nf4 import is_nf4_spec, load_nf4_backend
+
     options = TransformersOptions(device=config.device, dtype=config.dtype, batch_size=config.batch_size)
+    if is_nf4_spec(ref.source):
+        return load_nf4_backend(ref.source, options)
     return TransformersBackend.load(ref.source, options)
 
 
