@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,9 @@ from ecoquant.models.selection import Selection, select_modules
 from ecoquant.export.vllm_compat import check_fused_siblings, marlin_warnings
 from ecoquant.progress import progress_bar
 from ecoquant.quantize.primitives import check_group_size
+from ecoquant.calibrate.data import CORPUS_SOURCE, DEFAULT_SOURCE, CalibrationConfig
+from ecoquant.quantize.awq import AWQConfig
+from ecoquant.quantize.gptq import GPTQConfig
 from ecoquant.quantize.rtn import rtn_quantize
 from ecoquant.quantize.scheme import QuantScheme
 
@@ -73,6 +77,26 @@ def plan_footprint(plan: ModelPlan, scheme: QuantScheme) -> Footprint:
     return estimate_footprint(triples, plan.selection, scheme)
 
 
+def _existing_parent(out: Path) -> Path:
+    """Calibration scratch goes beside the output (same disk), in a folder that exists."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent
+
+
+def _load_calibration(path: Path, config: CalibrationConfig, console: Console | None) -> Any:
+    """Calibration samples; the hub default falls back to the shipped corpus when offline."""
+    from ecoquant.calibrate.data import load_calibration
+
+    try:
+        return load_calibration(path, config)
+    except EcoquantError as exc:
+        if config.source != DEFAULT_SOURCE:
+            raise
+        if console is not None:
+            console.print(f"[yellow]warning:[/] {exc}; calibrating on the shipped corpus instead", highlight=False)
+        return load_calibration(path, replace(config, source=CORPUS_SOURCE))
+
+
 def check_plan(plan: ModelPlan, scheme: QuantScheme) -> list[str]:
     """Refuse, before any work, what cannot be written or loaded; return what vLLM would run slowly.
 
@@ -97,6 +121,10 @@ class QuantizeConfig:
         targets: replaces the preset's targets when non-empty.
         ignore: added to the preset's ignore list.
         overwrite: replace an existing output folder.
+        calibration: samples for gptq/awq (the seed's Open-Platypus default falls
+            back to the shipped offline corpus, with a warning, when the hub is unreachable).
+        gptq, awq: the algorithms' settings.
+        device: where calibration runs layer by layer (``cpu``, ``cuda``).
     """
 
     method: Method = "rtn"
@@ -105,6 +133,10 @@ class QuantizeConfig:
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
     overwrite: bool = False
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.method not in ("rtn", "gptq", "awq"):
@@ -134,60 +166,87 @@ def quantize(
     path = resolve_model(model)
     plan = plan_model(path, config.preset, config.targets, config.ignore)
     warnings = check_plan(plan, config.scheme)
+    console = Console(stderr=True)
     if show_progress:
         for w in warnings:
-            Console(stderr=True).print(f"[yellow]warning:[/] {w}", highlight=False)
+            console.print(f"[yellow]warning:[/] {w}", highlight=False)
     timings: dict[str, float] = {"plan": time.perf_counter() - t_start}
 
     t = time.perf_counter()
     source_hash = hash_model_files(path)
     timings["hash_source"] = time.perf_counter() - t
 
-    if config.method != "rtn":
-        raise EcoquantError(f"method {config.method!r} is not available in this build yet; use --method rtn")
     scheme = config.scheme
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.calib-", dir=_existing_parent(out)) as work:
+        if config.method == "rtn":
+            quantize_fn: Any = lambda name, weight: rtn_quantize(weight, scheme)  # noqa: E731
+            replaced: Any = None
+            calibration_block = method_config = None
+        else:
+            t = time.perf_counter()
+            calib = _load_calibration(path, config.calibration, console if show_progress else None)
+            timings["calibration_data"] = time.perf_counter() - t
+            t = time.perf_counter()
+            from ecoquant.calibrate.run import calibrate
 
-    def quantize_fn(name: str, weight: Any) -> Any:
-        return rtn_quantize(weight, scheme)
-
-    recipe_holder: dict[str, Any] = {}
-
-    def recipe(sizes: dict[str, int]) -> dict[str, Any]:
-        timings["quantize_and_write"] = time.perf_counter() - t_write
-        timings["total"] = time.perf_counter() - t_start
-        recipe_holder.update(
-            build_recipe(
-                source_id=str(model),
-                source_path=path,
-                source_hash=source_hash,
+            result = calibrate(
+                path,
                 method=config.method,
-                method_config=None,
-                scheme=scheme.to_dict(),
-                preset=plan.preset.name,
-                targets=list(config.targets or plan.preset.targets),
-                ignore=[*plan.preset.ignore, *config.ignore],
-                modules=list(plan.selection.modules),
-                calibration=None,
-                timings_s=timings,
-                footprint=sizes,
+                selection=plan.selection,
+                batches=calib.batches,
+                work_dir=Path(work) / "calibration",
+                scheme=scheme,
+                gptq=config.gptq,
+                awq=config.awq,
+                device=config.device,
+                seed=config.calibration.seed,
+                show_progress=show_progress,
             )
-        )
-        recipe_holder["warnings"] = warnings
-        return recipe_holder
+            timings["calibrate"] = time.perf_counter() - t
+            quantize_fn, replaced = result.quantize_fn, result.replace
+            calibration_block = calib.describe()
+            settings = config.gptq if config.method == "gptq" else config.awq
+            method_config = {"settings": asdict(settings), "device": config.device, "stats": result.stats}
 
-    t_write = time.perf_counter()
-    with progress_bar(f"{config.method} W{scheme.num_bits}A16", len(plan.selection), show_progress) as advance:
-        sizes = export_checkpoint(
-            path,
-            out,
-            selection=plan.selection,
-            scheme=scheme,
-            quantize_fn=quantize_fn,
-            ignore_linears=list(plan.ignore_linears),
-            recipe=recipe,
-            overwrite=config.overwrite,
-            on_module=advance,
-        )
+        recipe_holder: dict[str, Any] = {}
+
+        def recipe(sizes: dict[str, int]) -> dict[str, Any]:
+            timings["quantize_and_write"] = time.perf_counter() - t_write
+            timings["total"] = time.perf_counter() - t_start
+            recipe_holder.update(
+                build_recipe(
+                    source_id=str(model),
+                    source_path=path,
+                    source_hash=source_hash,
+                    method=config.method,
+                    method_config=method_config,
+                    scheme=scheme.to_dict(),
+                    preset=plan.preset.name,
+                    targets=list(config.targets or plan.preset.targets),
+                    ignore=[*plan.preset.ignore, *config.ignore],
+                    modules=list(plan.selection.modules),
+                    calibration=calibration_block,
+                    timings_s=timings,
+                    footprint=sizes,
+                )
+            )
+            recipe_holder["warnings"] = warnings
+            return recipe_holder
+
+        t_write = time.perf_counter()
+        with progress_bar(f"{config.method} W{scheme.num_bits}A16 export", len(plan.selection), show_progress) as advance:
+            sizes = export_checkpoint(
+                path,
+                out,
+                selection=plan.selection,
+                scheme=scheme,
+                quantize_fn=quantize_fn,
+                ignore_linears=list(plan.ignore_linears),
+                replace=replaced,
+                recipe=recipe,
+                overwrite=config.overwrite,
+                on_module=advance,
+            )
     return QuantizeResult(
         out=out,
         modules=sizes["quantized_modules"],

@@ -42,11 +42,21 @@ def quantize_cmd(
     target: Annotated[list[str] | None, typer.Option(help="Replace the preset's targets (name, class or re:pattern); repeatable.")] = None,
     ignore: Annotated[list[str] | None, typer.Option(help="Also keep these in bf16 (name or re:pattern); repeatable.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    calib: Annotated[str, typer.Option(help="gptq/awq calibration data: a hub dataset id, a .json/.jsonl/.txt file, or 'corpus' (shipped, offline). The default falls back to 'corpus' when the hub is unreachable.")] = "garage-bAInd/Open-Platypus",
+    calib_samples: Annotated[int, typer.Option(help="gptq/awq: number of calibration samples.")] = 256,
+    calib_length: Annotated[int, typer.Option(help="gptq/awq: tokens per calibration sample at most.")] = 2048,
+    calib_multimodal: Annotated[bool, typer.Option(help="gptq/awq: make half the samples image+question pairs through the processor.")] = False,
+    act_order: Annotated[bool, typer.Option(help="gptq: process columns by Hessian diagonal (static groups: no g_idx, Marlin-friendly).")] = False,
+    dampening: Annotated[float, typer.Option(help="gptq: dampening as a fraction of the mean Hessian diagonal.")] = 0.01,
+    device: Annotated[str, typer.Option(help="gptq/awq: where layers run during calibration (cpu, cuda).")] = "cpu",
+    seed: Annotated[int, typer.Option(help="gptq/awq: seed for sample selection.")] = 42,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Quantize a model's language stack to int4 (W4A16) as a compressed-tensors pack-quantized checkpoint."""
     from ecoquant.api import QuantizeConfig, quantize
+    from ecoquant.calibrate.data import CalibrationConfig
     from ecoquant.export.footprint import human_bytes
+    from ecoquant.quantize.gptq import GPTQConfig
 
     config = QuantizeConfig(
         method=method,  # type: ignore[arg-type]
@@ -55,6 +65,11 @@ def quantize_cmd(
         targets=tuple(target or ()),
         ignore=tuple(ignore or ()),
         overwrite=overwrite,
+        calibration=CalibrationConfig(
+            source=calib, num_samples=calib_samples, max_length=calib_length, seed=seed, multimodal=calib_multimodal
+        ),
+        gptq=GPTQConfig(dampening_frac=dampening, act_order=act_order),
+        device=device,
     )
     result = quantize(model, out, config, show_progress=progress)
     console.print(

@@ -1,0 +1,326 @@
+"""GPTQ and AWQ as the layer walk sees them: observe inputs, then quantize one unit.
+
+The algorithms themselves are pure functions over tensors
+(:mod:`ecoquant.quantize.gptq`, :mod:`ecoquant.quantize.awq`); this module is
+the thin part that knows about modules. The walk hands a :class:`Calibrator`
+one :class:`Unit` at a time (a decoder layer, or the Linears that run before
+the first one), feeds the session the inputs of the unit's selected Linears
+batch by batch (Linears that read the very same tensor, like q/k/v, share one
+stream), and gets back an :class:`Outcome`: integer codes per module, tensors
+that changed without being quantized (AWQ-folded norms), and statistics for
+the recipe. The walk then installs the fake-quantized weights and re-runs the
+unit so that the next one sees the quantized model's activations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ecoquant.errors import EcoquantError
+from ecoquant.models.topology import ResolvedMapping
+from ecoquant.quantize.awq import (
+    NORM_WEIGHT_OFFSET,
+    AWQConfig,
+    apply_clip,
+    fold_scales_into_linear,
+    fold_scales_into_norm,
+    scale_balance_weight,
+    search_clip,
+    search_scales,
+)
+from ecoquant.quantize.gptq import GPTQConfig, accumulate_hessian, gptq_quantize
+from ecoquant.quantize.primitives import QuantizedWeight
+from ecoquant.quantize.rtn import rtn_quantize
+from ecoquant.quantize.scheme import QuantScheme
+
+
+@dataclass
+class Unit:
+    """What is calibrated together.
+
+    Attributes:
+        name: for logs and stats (``"layer 3"``, ``"before layers"``).
+        prefix: full module name of ``root`` plus a dot (``""`` for the whole model).
+        root: the decoder layer (or the model, for Linears before the layers).
+        modules: the selected Linears of this unit, by full module name.
+        source_dtype: dtype of each tensor in the checkpoint, by full tensor name.
+            Quantization rounds against scales in this dtype, as the checkpoint will store them.
+        mappings: AWQ smoothings that exist in this unit.
+        no_clip: full module names AWQ must not clip.
+        total_tokens: tokens over all calibration batches (for subsampling budgets).
+        run_batch: the unit's output on batch ``b`` with its current weights
+            (None when the unit cannot be run on its own).
+    """
+
+    name: str
+    prefix: str
+    root: nn.Module
+    modules: dict[str, nn.Linear]
+    source_dtype: Mapping[str, torch.dtype]
+    mappings: tuple[ResolvedMapping, ...] = ()
+    no_clip: frozenset[str] = frozenset()
+    total_tokens: int = 0
+    run_batch: Callable[[int], torch.Tensor] | None = None
+
+
+@dataclass
+class Outcome:
+    """What a session produced for one unit.
+
+    Attributes:
+        quantized: integer codes and scales, by full module name.
+        replaced: tensors changed but not quantized (folded norms), by full
+            tensor name, in the checkpoint's dtype. The modules already hold them.
+        stats: plain-JSON statistics for the recipe.
+    """
+
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Session(Protocol):
+    """One unit's calibration: inputs in, outcome out."""
+
+    def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
+        """One batch of the input that the Linears ``names`` all read."""
+
+    def finish(self) -> Outcome:
+        """Quantize the unit's Linears (and change whatever else the method changes)."""
+
+
+class Calibrator(Protocol):
+    """A calibrated quantization method, one unit at a time."""
+
+    name: str
+
+    def begin(self, unit: Unit) -> Session:
+        """Start a unit."""
+
+    def describe(self) -> dict[str, Any]:
+        """The method's settings, for the recipe."""
+
+
+def _weight(unit: Unit, name: str) -> torch.Tensor:
+    """A selected Linear's weight in the checkpoint's dtype (lossless when the compute dtype is wider)."""
+    module = unit.modules[name]
+    return module.weight.detach().to(unit.source_dtype.get(f"{name}.weight", module.weight.dtype))
+
+
+def _relative_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(D H D^T) / tr(W H W^T)``, ``D = W - Wq``: output error relative to output energy on calibration inputs."""
+    W32 = W.float()
+    D = W32 - Wq.float()
+    num = ((D @ H) * D).sum()
+    den = ((W32 @ H) * W32).sum()
+    return float(num / den) if float(den) > 0 else 0.0
+
+
+# --- GPTQ ----------------------------------------------------------------------------------
+
+
+class GPTQCalibrator:
+    """GPTQ per Linear, with Hessians from the unit's real (already quantized upstream) inputs."""
+
+    name = "gptq"
+
+    def __init__(self, scheme: QuantScheme, cfg: GPTQConfig = GPTQConfig()) -> None:
+        self.scheme = scheme
+        self.cfg = cfg
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "gptq": asdict(self.cfg)}
+
+    def begin(self, unit: Unit) -> Session:
+        return _GPTQSession(unit, self.scheme, self.cfg)
+
+
+class _GPTQSession:
+    def __init__(self, unit: Unit, scheme: QuantScheme, cfg: GPTQConfig) -> None:
+        self.unit = unit
+        self.scheme = scheme
+        self.cfg = cfg
+        self.hessians: dict[tuple[str, ...], tuple[torch.Tensor | None, int]] = {}
+
+    def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
+        H, n = self.hessians.get(names, (None, 0))
+        self.hessians[names] = accumulate_hessian(H, n, x)
+
+    def finish(self) -> Outcome:
+        out = Outcome()
+        for names, (H, n) in self.hessians.items():
+            assert H is not None
+            for name in names:
+                W = _weight(self.unit, name)
+                qw = gptq_quantize(W, H, self.scheme, self.cfg)
+                Wq = qw.dequantize(self.scheme)
+                rtn = rtn_quantize(W, self.scheme).dequantize(self.scheme)
+                out.quantized[name] = qw
+                out.stats[name] = {
+                    "tokens": n,
+                    "loss": _relative_loss(W, Wq, H),
+                    "rtn_loss": _relative_loss(W, rtn, H),
+                }
+        missing = set(self.unit.modules) - set(out.quantized)
+        if missing:
+            raise EcoquantError(
+                f"{sorted(missing)[0]} never ran on the calibration data, so GPTQ has no statistics for it; "
+                "add it to --ignore (or calibrate with inputs that reach it, e.g. --multimodal)"
+            )
+        return out
+
+
+# --- AWQ -----------------------------------------------------------------------------------
+
+
+class AWQCalibrator:
+    """AWQ: smoothing per the family's mappings, clipping search, then round to nearest.
+
+    Args:
+        scheme: the quantization format.
+        cfg: the searches' grids.
+        max_tokens: activations kept per input stream (evenly spaced over every
+            batch); the scale search only needs their statistics, and a wide
+            MLP input at 500k tokens would not fit in memory.
+    """
+
+    name = "awq"
+
+    def __init__(self, scheme: QuantScheme, cfg: AWQConfig = AWQConfig(), max_tokens: int = 16384) -> None:
+        if max_tokens < 1:
+            raise EcoquantError(f"AWQ max_tokens={max_tokens} must be positive")
+        self.scheme = scheme
+        self.cfg = cfg
+        self.max_tokens = max_tokens
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "awq": asdict(self.cfg), "awq_max_tokens": self.max_tokens}
+
+    def begin(self, unit: Unit) -> Session:
+        return _AWQSession(unit, self.scheme, self.cfg, self.max_tokens)
+
+
+def _evenly(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """``keep`` rows of ``x [tokens, ch]``, evenly spaced (deterministic, no RNG)."""
+    if x.shape[0] <= keep:
+        return x
+    idx = torch.linspace(0, x.shape[0] - 1, keep, device=x.device).round().long()
+    return x[idx]
+
+
+class _AWQSession:
+    def __init__(self, unit: Unit, scheme: QuantScheme, cfg: AWQConfig, max_tokens: int) -> None:
+        self.unit = unit
+        self.scheme = scheme
+        self.cfg = cfg
+        self.max_tokens = max_tokens
+        self.acts: dict[tuple[str, ...], list[torch.Tensor]] = {}
+
+    def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        total = max(self.unit.total_tokens, x.shape[0])
+        keep = max(1, math.ceil(x.shape[0] * self.max_tokens / total))
+        self.acts.setdefault(names, []).append(_evenly(x, keep).clone())
+
+    def _stream(self, name: str) -> tuple[str, ...] | None:
+        return next((k for k in self.acts if name in k), None)
+
+    def finish(self) -> Outcome:
+        out = Outcome()
+        unit = self.unit
+        ref = unit.run_batch(0) if unit.run_batch is not None and unit.mappings else None
+        smoothings: list[dict[str, Any]] = []
+        for m in unit.mappings:
+            smoothings.append(self._smooth(m, out))
+        if smoothings:
+            out.stats["smoothing"] = smoothings
+        if ref is not None and unit.run_batch is not None and any(s.get("applied") for s in smoothings):
+            now = unit.run_batch(0)
+            # Smoothing is an identity up to rounding of the folded tensors to the
+            # checkpoint dtype: record how far from exact it is.
+            out.stats["smoothing_rel_diff"] = float((now - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+        for name in unit.modules:
+            stream = self._stream(name)
+            if stream is None:
+                raise EcoquantError(
+                    f"{name} never ran on the calibration data, so AWQ has no activations for it; "
+                    "add it to --ignore (or calibrate with inputs that reach it, e.g. --multimodal)"
+                )
+            W = _weight(unit, name)
+            entry: dict[str, Any] = {}
+            if self.cfg.clip_search and name not in unit.no_clip:
+                x = torch.cat(self.acts[stream])
+                max_val = search_clip(x, W, self.scheme, self.cfg)
+                clipped = apply_clip(W, max_val)
+                entry["clipped_fraction"] = float((clipped != W).float().mean())
+                W = clipped
+            out.quantized[name] = rtn_quantize(W, self.scheme)
+            out.stats[name] = entry
+        return out
+
+    def _set(self, module: nn.Module, attr: str, value: torch.Tensor, full: str, out: Outcome) -> None:
+        """Install a changed tensor (rounded to the checkpoint dtype) and remember it for export."""
+        current = getattr(module, attr)
+        current.data = value.to(current.dtype)
+        if not (attr == "weight" and full.removesuffix(".weight") in self.unit.modules):
+            out.replaced[full] = value.detach().clone()
+
+    def _smooth(self, m: ResolvedMapping, out: Outcome) -> dict[str, Any]:
+        unit = self.unit
+        smooth_full = unit.prefix + m.smooth_name
+        balance_full = tuple(unit.prefix + n for n in m.balance_names)
+        info: dict[str, Any] = {"smooth": smooth_full, "balance": list(balance_full), "applied": False}
+        if not all(b in unit.modules for b in balance_full):
+            info["skipped"] = "not every balance layer is selected for quantization"
+            return info
+        stream = self._stream(balance_full[0])
+        if stream is None or set(stream) != set(balance_full):
+            # Smoothing is exact only if the balance layers are all that read the
+            # smooth layer's output (among the Linears we see).
+            info["skipped"] = f"the balance layers do not read one input of their own (stream: {stream})"
+            return info
+        x = torch.cat(self.acts[stream])
+        weights = [_weight(unit, b) for b in balance_full]
+        result = search_scales(x, weights, self.scheme, self.cfg)
+        info.update(result.summary())
+        if result.ratio is None:
+            return info
+        s = result.scales.to(x.device)
+
+        smooth = m.smooth
+        src = unit.source_dtype
+        if isinstance(smooth, nn.Linear):
+            w_src = smooth.weight.detach().to(src.get(f"{smooth_full}.weight", smooth.weight.dtype))
+            b_src = None
+            if smooth.bias is not None:
+                b_src = smooth.bias.detach().to(src.get(f"{smooth_full}.bias", smooth.bias.dtype))
+            new_w, new_b = fold_scales_into_linear(w_src, b_src, s)
+            self._set(smooth, "weight", new_w, f"{smooth_full}.weight", out)
+            if new_b is not None:
+                self._set(smooth, "bias", new_b, f"{smooth_full}.bias", out)
+        else:
+            offset = NORM_WEIGHT_OFFSET.get(type(smooth).__name__)
+            weight = getattr(smooth, "weight", None)
+            if offset is None or not isinstance(weight, torch.Tensor):
+                raise EcoquantError(
+                    f"cannot fold AWQ scales into {smooth_full} ({type(smooth).__name__}): its weight convention "
+                    "is unknown; add the class to ecoquant.quantize.awq.NORM_WEIGHT_OFFSET"
+                )
+            w_src = weight.detach().to(src.get(f"{smooth_full}.weight", weight.dtype))
+            self._set(smooth, "weight", fold_scales_into_norm(w_src, s, offset=offset), f"{smooth_full}.weight", out)
+            if getattr(smooth, "bias", None) is not None:
+                b_src = smooth.bias.detach().to(src.get(f"{smooth_full}.bias", smooth.bias.dtype))
+                self._set(smooth, "bias", (b_src.float() / s).to(b_src.dtype), f"{smooth_full}.bias", out)
+        for b, module in zip(balance_full, m.balance, strict=True):
+            module.weight.data = scale_balance_weight(_weight(unit, b), s).to(module.weight.dtype)
+        # The balance layers now read x / s.
+        self.acts[stream] = [a / s.to(a.dtype) for a in self.acts[stream]]
+        info["applied"] = True
+        return info

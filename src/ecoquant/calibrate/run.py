@@ -1,0 +1,135 @@
+"""The entry point: calibrate a model folder with GPTQ or AWQ, layer by layer.
+
+>>> from ecoquant.calibrate.run import calibrate
+>>> result = calibrate(path, method="gptq", selection=plan.selection, scheme=scheme,
+...                    batches=calib.batches, work_dir=tmp)          # doctest: +SKIP
+>>> export_checkpoint(path, out, selection=plan.selection, scheme=scheme,
+...                   quantize_fn=result.quantize_fn, replace=result.replace, ...)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ecoquant.calibrate.capture import Batch
+from ecoquant.calibrate.methods import AWQCalibrator, Calibrator, GPTQCalibrator
+from ecoquant.calibrate.result import CalibrationResult
+from ecoquant.calibrate.sequential import LayerObserver, LayerWalk, build_meta_model
+from ecoquant.errors import EcoquantError
+from ecoquant.models.loading import load_config, resolve_model
+from ecoquant.models.selection import Selection
+from ecoquant.models.topology import require_awq_mappings, topology_for
+from ecoquant.quantize.awq import AWQConfig
+from ecoquant.quantize.gptq import GPTQConfig
+from ecoquant.quantize.scheme import QuantScheme
+
+CalibratedMethod = Literal["gptq", "awq"]
+
+
+def default_dtype(config: object, device: torch.device) -> torch.dtype:
+    """Compute dtype: the checkpoint's on a GPU; float32 on CPU (bf16 matmuls are slow there, and fp32 is exact)."""
+    if device.type == "cpu":
+        return torch.float32
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+
+
+def make_calibrator(
+    method: CalibratedMethod,
+    scheme: QuantScheme,
+    gptq: GPTQConfig | None = None,
+    awq: AWQConfig | None = None,
+    awq_max_tokens: int = 16384,
+) -> Calibrator:
+    """The calibrator for a method name."""
+    if method == "gptq":
+        return GPTQCalibrator(scheme, gptq or GPTQConfig())
+    if method == "awq":
+        return AWQCalibrator(scheme, awq or AWQConfig(), max_tokens=awq_max_tokens)
+    raise EcoquantError(f"unknown calibrated method {method!r}; use gptq or awq")
+
+
+def calibrate(
+    model: str | Path,
+    *,
+    method: CalibratedMethod | Calibrator,
+    selection: Selection | Sequence[str],
+    batches: Sequence[Batch],
+    work_dir: str | Path,
+    scheme: QuantScheme = QuantScheme(),
+    gptq: GPTQConfig | None = None,
+    awq: AWQConfig | None = None,
+    awq_max_tokens: int = 16384,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 42,
+    show_progress: bool = False,
+    on_layer_output: LayerObserver | None = None,
+) -> CalibrationResult:
+    """Quantize the selected Linears of ``model`` with GPTQ or AWQ on calibration ``batches``.
+
+    Args:
+        model: model folder (or hub id) with config.json and safetensors weights.
+        method: ``"gptq"``, ``"awq"``, or any :class:`~ecoquant.calibrate.methods.Calibrator`.
+        selection: the Linears to quantize (full module names, e.g. ``plan.selection``).
+        batches: model inputs, one dict per forward (``input_ids`` at least; image
+            samples also carry the processor's pixel tensors), e.g.
+            ``load_calibration(...).batches``.
+        work_dir: an empty (or new) folder for quantized weights, spooled
+            activations and ``result.json``; keep it until the export is written.
+        scheme: the quantization format.
+        gptq, awq: the algorithms' settings (defaults when None).
+        awq_max_tokens: activations AWQ keeps per input stream.
+        device: where layers run (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        dtype: compute dtype; default float32 on CPU, the checkpoint's dtype on GPU.
+        seed: seeds torch before anything runs (the methods themselves are deterministic).
+        show_progress: draw a progress bar on stderr.
+        on_layer_output: called with ``(layer, batch, args, kwargs, output)`` for every
+            layer run whose output feeds the next layer (for inspection and tests).
+
+    Returns:
+        A :class:`CalibrationResult`: ``quantize_fn`` and ``replace`` for
+        ``export_checkpoint``, and ``stats`` for the recipe.
+
+    Raises:
+        EcoquantError: bad folder, unknown family for AWQ, a selected module that
+            calibration never reaches, a non-empty work folder.
+    """
+    path = resolve_model(model)
+    config = load_config(path)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EcoquantError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    compute = dtype or default_dtype(config, dev)
+    topology = topology_for(config)
+    if isinstance(method, str):
+        if method == "awq":
+            require_awq_mappings(topology, config)
+        calibrator = make_calibrator(method, scheme, gptq, awq, awq_max_tokens)
+    else:
+        calibrator = method
+    names = list(selection.modules if isinstance(selection, Selection) else selection)
+
+    work = Path(work_dir).expanduser()
+    if work.exists() and any(work.iterdir()):
+        raise EcoquantError(f"calibration work folder {work} is not empty; pass a new or empty folder")
+    work.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(seed)
+    meta = build_meta_model(config, compute)
+    walk = LayerWalk(path, meta, topology, names, calibrator, scheme, dev, compute, work)
+    try:
+        result = walk.run(batches, show_progress=show_progress, on_layer_output=on_layer_output)
+    finally:
+        shutil.rmtree(work / "spool", ignore_errors=True)
+    result.stats["seed"] = seed
+    result.stats["family"] = topology.family
+    result.save()
+    return result
