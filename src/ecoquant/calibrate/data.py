@@ -279,7 +279,7 @@ def _processor_for(model: Path) -> Any:
         why = str(exc).splitlines()[0]
         raise EcoquantError(f"multimodal calibration needs a processor in {model}: {why}") from None
     if not hasattr(processor, "image_processor"):
-        raise EcoquantError(f"{model} has no image processor; multimodal calibration needs one (or drop --multimodal)")
+        raise EcoquantError(f"{model} has no image processor; multimodal calibration needs one (or drop --calib-multimodal)")
     return processor
 
 

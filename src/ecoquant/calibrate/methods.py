@@ -171,7 +171,7 @@ class _GPTQSession:
         if missing:
             raise EcoquantError(
                 f"{sorted(missing)[0]} never ran on the calibration data, so GPTQ has no statistics for it; "
-                "add it to --ignore (or calibrate with inputs that reach it, e.g. --multimodal)"
+                "add it to --ignore (or calibrate with inputs that reach it, e.g. --calib-multimodal)"
             )
         return out
 
@@ -251,7 +251,7 @@ class _AWQSession:
             if stream is None:
                 raise EcoquantError(
                     f"{name} never ran on the calibration data, so AWQ has no activations for it; "
-                    "add it to --ignore (or calibrate with inputs that reach it, e.g. --multimodal)"
+                    "add it to --ignore (or calibrate with inputs that reach it, e.g. --calib-multimodal)"
                 )
             W = _weight(unit, name)
             entry: dict[str, Any] = {}
