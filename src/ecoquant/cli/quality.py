@@ -10,8 +10,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from typing import TYPE_CHECKING
+
 from ecoquant.cli.app import app, console, guarded
-from ecoquant.quality.run import ImagePrompt, QualityConfig, QualityReport, compare, write_json
+
+if TYPE_CHECKING:  # torch is imported inside the command, so ``--help`` stays fast
+    from ecoquant.quality.run import QualityReport
 
 out_console = Console()
 
@@ -69,6 +73,8 @@ def quality_cmd(
 ) -> None:
     """Perplexity on the shipped evaluation text, mean KL(base‖variant) and top-1 agreement, per variant."""
     variants = variants or []
+    from ecoquant.quality.run import ImagePrompt, QualityConfig, compare, write_json
+
     cfg = QualityConfig(
         window_tokens=window_tokens,
         max_windows=max_windows,
