@@ -104,6 +104,15 @@ _V_O = AWQMapping(
     balance=("self_attn.o_proj",),
 )
 
+_GEMMA_MLP_IN = AWQMapping(
+    # Gemma's sandwich norms: the MLP is fed by pre_feedforward_layernorm.
+    # post_attention_layernorm normalises the attention *output* before the
+    # residual add, so it is not the MLP's producer (the Llama default would be
+    # wrong here).
+    smooth="pre_feedforward_layernorm",
+    balance=("mlp.gate_proj", "mlp.up_proj"),
+)
+
 TOPOLOGIES: dict[str, Topology] = {
     t.family: t
     for t in (
@@ -112,15 +121,7 @@ TOPOLOGIES: dict[str, Topology] = {
             layers_paths=_LAYERS_PATHS,
             awq_mappings=(
                 _ATTN_IN,
-                AWQMapping(
-                    # Gemma's sandwich norms: the MLP is fed by
-                    # pre_feedforward_layernorm. post_attention_layernorm
-                    # normalises the attention *output* before the residual
-                    # add, so it is not the MLP's producer (the Llama default
-                    # would be wrong here).
-                    smooth="pre_feedforward_layernorm",
-                    balance=("mlp.gate_proj", "mlp.up_proj"),
-                ),
+                _GEMMA_MLP_IN,
                 _UP_DOWN,
                 # No v -> o: Gemma-4 applies a scale-free RMSNorm (v_norm) to
                 # V per head, which undoes any per-channel scale folded into
@@ -134,11 +135,7 @@ TOPOLOGIES: dict[str, Topology] = {
             layers_paths=_LAYERS_PATHS,
             awq_mappings=(
                 _ATTN_IN,
-                AWQMapping(
-                    # Same sandwich-norm layout as Gemma-4.
-                    smooth="pre_feedforward_layernorm",
-                    balance=("mlp.gate_proj", "mlp.up_proj"),
-                ),
+                _GEMMA_MLP_IN,  # same sandwich-norm layout as Gemma-4
                 _UP_DOWN,
                 # Gemma-3 has q_norm/k_norm but no v_norm, so v -> o is exact
                 # where shapes allow (multi-head attention only).
