@@ -10,6 +10,7 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationScheme
+from conftest import checkpoint_tensors
 from safetensors import safe_open
 
 from ecoquant.api import QuantizeConfig, plan_footprint, plan_model, quantize
@@ -28,17 +29,9 @@ def rtn_checkpoint(tiny_gemma4: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
-
-
 def test_checkpoint_layout_and_config(rtn_checkpoint: Path, tiny_gemma4: Path) -> None:
     plan = plan_model(tiny_gemma4)
-    tensors = _tensors(rtn_checkpoint)
+    tensors = checkpoint_tensors(rtn_checkpoint)
     packed = sorted(k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed"))
     assert packed == sorted(plan.selection.modules)
     # KV-shared layers have no k/v: 6 layers x (q,o,gate,up,down) + 3 x (k,v) + per_layer_model_projection.
@@ -68,7 +61,7 @@ def test_packing_is_bit_exact_with_compressed_tensors_compressor(rtn_checkpoint:
     """Our packed tensors equal what compressed-tensors' own compressor makes from the same weight and scale."""
     scheme = QuantScheme()
     ct_scheme = QuantizationScheme(targets=["Linear"], weights=scheme.to_quantization_args())
-    ours = _tensors(rtn_checkpoint)
+    ours = checkpoint_tensors(rtn_checkpoint)
     base = {t.name: t for t in tensor_infos(tiny_gemma4)}
     for m in ("model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.5.mlp.down_proj",
               "model.language_model.per_layer_model_projection"):
@@ -173,7 +166,7 @@ def test_asymmetric_zero_points_decompress_with_compressed_tensors(tiny_gemma4: 
     scheme = QuantScheme(symmetric=False)
     out = tmp_path / "asym"
     quantize(tiny_gemma4, out, QuantizeConfig(scheme=scheme), show_progress=False)
-    tensors = _tensors(out)
+    tensors = checkpoint_tensors(out)
     base = {t.name: t for t in tensor_infos(tiny_gemma4)}
     ct_scheme = QuantizationScheme(targets=["Linear"], weights=scheme.to_quantization_args())
     m = "model.language_model.layers.2.self_attn.k_proj"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from conftest import checkpoint_tensors
 
 from ecoquant.api import QuantizeConfig, quantize
 from ecoquant.models.presets import get_preset
@@ -36,19 +36,11 @@ def run_llmcompressor(src: Path, out: Path, ignore: tuple[str, ...]) -> None:
     subprocess.run(cmd, check=True, timeout=1800, capture_output=True)
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
-
-
 def test_rtn_minmax_is_bit_exact_with_llmcompressor(tiny_gemma4: Path, tmp_path: Path) -> None:
     preset = get_preset("gemma4-e")
     run_llmcompressor(tiny_gemma4, tmp_path / "llmc", preset.ignore)
     quantize(tiny_gemma4, tmp_path / "ours", QuantizeConfig(preset="gemma4-e"), show_progress=False)
-    theirs, ours = _tensors(tmp_path / "llmc"), _tensors(tmp_path / "ours")
+    theirs, ours = checkpoint_tensors(tmp_path / "llmc"), checkpoint_tensors(tmp_path / "ours")
     assert set(theirs) == set(ours)
     packed = [k for k in ours if k.endswith(".weight_packed")]
     assert len(packed) == 37
