@@ -37,6 +37,10 @@ def test_missing_path(tmp_path: Path) -> None:
     one_line_error(["quantize", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "no such folder")
 
 
+def test_empty_model_argument(tmp_path: Path) -> None:
+    one_line_error(["quantize", "", "--out", str(tmp_path / "o")], "MODEL is empty")
+
+
 def test_folder_that_is_not_a_model(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     one_line_error(["quantize", str(tmp_path / "m"), "--out", str(tmp_path / "o")], "has no config.json")

@@ -44,6 +44,8 @@ def resolve_model(model: str | Path) -> Path:
     Raises:
         EcoquantError: the path does not exist, is not a model folder, or the hub is unreachable.
     """
+    if not str(model).strip():
+        raise EcoquantError("MODEL is empty; pass a model folder (with config.json) or a hub id")
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
