@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,19 @@ def test_offline_corpus_and_hub_failure(model: Path, monkeypatch: pytest.MonkeyP
         load_calibration(model, CalibrationConfig(num_samples=2))
     message = str(err.value)
     assert "garage-bAInd/Open-Platypus" in message and "\n" not in message and "corpus" in message
+    assert "local cache" in message
+
+
+def test_unreachable_hub_fails_at_once(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Port 9 (discard) on loopback: nothing listens, so the connection is refused
+    # at once; datasets itself would retry for about 30 s.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    start = time.perf_counter()
+    with pytest.raises(EcoquantError, match="127.0.0.1:9 is unreachable"):
+        load_calibration(model, CalibrationConfig(num_samples=2))
+    assert time.perf_counter() - start < 5.0
 
 
 def test_multimodal_samples_go_through_the_processor(model: Path) -> None:

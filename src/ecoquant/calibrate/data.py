@@ -171,13 +171,35 @@ def _read_records(path: Path) -> list[Any]:
     return doc
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a TCP connection within ``timeout`` seconds.
+
+    ``datasets`` retries an unreachable hub with back-off for about 30 s and
+    prints every retry; one quick connection attempt first lets an offline
+    machine fall back to the shipped corpus at once.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _hub_records(config: CalibrationConfig) -> list[Any]:
-    """``num_samples`` records of a hub dataset, shuffled by ``datasets`` with the seed."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
-        "HF_DATASETS_OFFLINE", ""
-    ) not in ("", "0")
-    why = "HF_HUB_OFFLINE is set"
-    if not offline:
+    """``num_samples`` records of a hub dataset, shuffled by ``datasets`` with the seed.
+
+    With ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set, ``datasets`` reads its
+    local cache only; otherwise an unreachable hub fails at once.
+    """
+    offline = any(os.environ.get(name, "") not in ("", "0") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not offline and not _hub_reachable():
+        why = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co')} is unreachable"
+    else:
         try:
             import datasets
 
@@ -185,7 +207,7 @@ def _hub_records(config: CalibrationConfig) -> list[Any]:
             ds = ds.shuffle(seed=config.seed)
             return [ds[i] for i in range(min(config.num_samples, len(ds)))]
         except Exception as exc:  # the hub raises many classes; all mean "not available here"
-            why = type(exc).__name__
+            why = "offline mode, not in the local cache" if offline else type(exc).__name__
     raise EcoquantError(
         f"cannot load calibration dataset {config.source!r} ({config.split}) from the Hugging Face hub ({why}); "
         "pass a local .json/.jsonl/.txt file or --calib corpus"
