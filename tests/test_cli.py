@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,15 @@ def twin() -> Path:
     from ecoquant.fixtures.e4b_twin import e4b_twin_path
 
     return e4b_twin_path()
+
+
+def test_cli_import_leaves_heavy_libraries_to_the_commands() -> None:
+    # ``ecoquant --help`` and typos must answer at once: torch, transformers and
+    # matplotlib (seconds to import) load only inside the commands that use them.
+    code = "import sys, ecoquant.cli.commands; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for heavy in ("torch", "transformers", "matplotlib"):
+        assert f"'{heavy}'" not in loaded, heavy
 
 
 def test_missing_path(tmp_path: Path) -> None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING
 
 from ecoquant.report.pareto import pareto_front
 from ecoquant.report.table import GATE_RECOVERY, ReportRow
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def x_axis(
@@ -40,6 +41,10 @@ def pareto_figure(
     placed = [i for i, r in enumerate(rows) if r.mean_recovery is not None and costs[i] is not None]
     points = [(float(costs[i]), float(rows[i].mean_recovery) * 100) for i in placed]  # type: ignore[arg-type]
     front = [placed[k] for k in pareto_front(points)]
+
+    # Imported here: matplotlib is slow to import and the CLI loads this module for every command.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 5.0), layout="constrained")
     FigureCanvasAgg(fig)

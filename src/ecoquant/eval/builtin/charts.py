@@ -20,10 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import matplotlib
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from ecoquant.eval.builtin.documents import Question
 from ecoquant.eval.tasks import CHOICE_LETTERS
 
@@ -160,6 +156,12 @@ def make_line_chart(index: int) -> ChartSpec:
 
 def render_chart(spec: ChartSpec) -> bytes:
     """Draw the chart with matplotlib's Agg canvas and encode it as PNG (deterministic bytes)."""
+    # Imported here: matplotlib takes ~1.5 s to import, and every CLI command
+    # (``--help`` included) imports this module for the suite's defaults.
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     # rc_context restores the global rcParams on exit; only fonts and sizes change.
     with matplotlib.rc_context({"font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 11}):
         fig = Figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI, layout="constrained")

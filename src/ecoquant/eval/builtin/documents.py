@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import matplotlib
 from PIL import Image, ImageDraw, ImageFont
 
 FontStyle = Literal["sans", "bold", "mono", "mono_bold"]
@@ -41,6 +40,8 @@ _FONT_FILES: dict[str, str] = {
 @functools.cache
 def font(style: FontStyle, size: int) -> ImageFont.FreeTypeFont:
     """A bundled DejaVu face at ``size`` pixels."""
+    import matplotlib  # here, not at module level: it is slow to import (see charts.render_chart)
+
     path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / _FONT_FILES[style]
     return ImageFont.truetype(str(path), size)
 
