@@ -182,11 +182,13 @@ def one_line_error(args: list[str], match: str) -> None:
     assert match in " ".join(text.split()), text
 
 
-def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+def test_cli_errors_are_one_line(tmp_path: Path, tiny_gemma4: Path) -> None:
     one_line_error(["eval", "--base", "x", "--backend", "openai"], "needs --url")
     one_line_error(["eval", "--base", "x", "--prompt-variant", "wordy"], "unknown prompt variant 'wordy'")
     one_line_error(["eval", "--base", "x", "--sampling", "hot"], "unknown sampling preset")
     one_line_error(["report", str(tmp_path / "none.json")], "no such results file")
+    one_line_error(["eval", "--base", str(tmp_path / "missing")], "no such folder")
+    one_line_error(["eval", "--base", str(tiny_gemma4), "--variant", "nf4:" + str(tmp_path)], "has no config.json")
     (tmp_path / "other.json").write_text('{"schema": "something/2"}')
     one_line_error(["report", str(tmp_path / "other.json")], "not an ecoquant eval record")
 

@@ -20,7 +20,7 @@ from ecoquant.errors import EcoquantError
 from ecoquant.eval.backends.base import GENERATION_PRESETS, generation_settings
 from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.economy import PROMPT_VARIANTS
-from ecoquant.eval.runner import EvalConfig, RunRecord, run_eval
+from ecoquant.eval.runner import EvalConfig, RunRecord, check_sources, model_refs, run_eval
 from ecoquant.report import RESULTS_FILE, render_report
 
 READINGS_FILE = "energy_readings.json"
@@ -78,6 +78,7 @@ def eval_cmd(
         warmup_requests=warmup,
         idle_seconds=idle_seconds,
     )
+    check_sources(model_refs(base, tuple(variant or ())), config)  # a wrong path: one line, before anything is drawn
     meter = open_meter(parse_gpus(gpus))
     if not meter.available:
         console.print(f"[yellow]energy: not measured ({meter.description})[/]; reporting wall time and tokens", highlight=False)

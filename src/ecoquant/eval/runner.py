@@ -135,6 +135,23 @@ def model_refs(base: str, variants: Sequence[str]) -> list[ModelRef]:
     return refs
 
 
+def check_sources(refs: Sequence[ModelRef], config: EvalConfig) -> None:
+    """Fail with one line before any work when a local model folder is missing or is not a model.
+
+    Only for the transformers backend (an OpenAI backend's names are served
+    names, not paths); hub ids are left for the backend to download.
+    """
+    from ecoquant.eval.nf4 import is_nf4_spec, nf4_model
+    from ecoquant.models.loading import is_hub_id, resolve_model
+
+    if config.backend != "transformers":
+        return
+    for ref in refs:
+        source = nf4_model(ref.source) if is_nf4_spec(ref.source) else ref.source
+        if Path(source).expanduser().exists() or not is_hub_id(source):
+            resolve_model(source)
+
+
 def read_recipe(source: str) -> dict[str, Any] | None:
     """The ``quant_recipe.json`` beside a local checkpoint, if any (None for a base model or hub id).
 
@@ -422,6 +439,7 @@ def run_eval(
     refs = model_refs(base, variants)
     if config.backend == "openai" and len(config.urls) not in (1, len(refs)):
         raise EcoquantError(f"{len(config.urls)} --url for {len(refs)} models; pass one for all, or one per model")
+    check_sources(refs, config)
     suite = limit_suite(
         load_suite(config.suite, cache_dir=config.cache_dir, size=config.size, limit=config.limit), config.limit
     )

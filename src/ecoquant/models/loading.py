@@ -38,6 +38,11 @@ SIDECAR_FILES: tuple[str, ...] = (
 )
 
 
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` reads as a hub id (``owner/name``) rather than a local path."""
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
+
+
 def resolve_model(model: str | Path) -> Path:
     """A local folder holding ``config.json`` for ``model`` (downloading a hub id if reachable).
 
@@ -54,7 +59,7 @@ def resolve_model(model: str | Path) -> Path:
             raise EcoquantError(f"{path} is not a model folder: it has no config.json")
         return path
     text = str(model)
-    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+    if not is_hub_id(text):
         raise EcoquantError(f"{text}: no such folder (and not a hub id like 'google/gemma-4-E4B-it')")
     return _download(text)
 
