@@ -46,7 +46,7 @@ def quantize_cmd(
     calib_samples: Annotated[int, typer.Option(help="gptq/awq: number of calibration samples.")] = 256,
     calib_length: Annotated[int, typer.Option(help="gptq/awq: tokens per calibration sample at most.")] = 2048,
     calib_multimodal: Annotated[bool, typer.Option(help="gptq/awq: make half the samples image+question pairs through the processor.")] = False,
-    act_order: Annotated[bool, typer.Option(help="gptq: process columns by Hessian diagonal (static groups: no g_idx, Marlin-friendly).")] = False,
+    act_order: Annotated[bool, typer.Option(help="gptq: process columns by Hessian diagonal (static groups: no g_idx, Marlin-friendly); --no-act-order for column order.")] = True,
     dampening: Annotated[float, typer.Option(help="gptq: dampening as a fraction of the mean Hessian diagonal.")] = 0.01,
     device: Annotated[str, typer.Option(help="gptq/awq: where layers run during calibration (cpu, cuda).")] = "cpu",
     seed: Annotated[int, typer.Option(help="gptq/awq: seed for sample selection.")] = 42,

@@ -75,12 +75,15 @@ class GPTQConfig:
             not the result (up to float rounding).
         act_order: process columns by decreasing ``diag(H)`` (the "act-order"
             heuristic), so the columns with the largest inputs are rounded
-            while many columns remain to absorb their error.
+            while many columns remain to absorb their error. On by default,
+            as in llmcompressor (its "static" act-order): with static groups it
+            costs nothing at inference, and on Gemma-3 270M it cut KL to bf16
+            from 0.167 to 0.120 (bench/RESULTS.md).
     """
 
     dampening_frac: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.dampening_frac < 1.0:
