@@ -13,9 +13,11 @@ Usage::
     uv run python bench/gemma3_methods.py --work /tmp/g3-bench \\
         --methods rtn-minmax,rtn-mse,llmc-rtn [--windows 32]
 
-Methods: rtn-minmax, rtn-mse, llmc-rtn (ecoquant's own), gptq, awq (ecoquant,
-calibrated on the shipped corpus), llmc-gptq-basic, llmc-gptq-seq
+Methods: rtn-minmax, rtn-mse, gptq, gptq-actorder (static groups), awq
+(ecoquant; gptq and awq calibrated on the shipped corpus), llmc-rtn (llmcompressor 0.14 QuantizationModifier), llmc-gptq-basic, llmc-gptq-seq (per decoder
+layer), llmc-gptq-stack (the whole text model as one sequential target)
 (llmcompressor 0.14 GPTQModifier), autoround (PyPI auto-round, defaults).
+Every calibrated method sees the same 128 windows of the shipped corpus.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LLMC = ["--with", "llmcompressor==0.14.0.1", "--with", "torch==2.13.0"]
-AUTOROUND = ["--with", "auto-round==0.16.1", "--with", "torch==2.13.0"]
+AUTOROUND = ["--with", "auto-round==0.16.1", "--with", "compressed-tensors==0.20.0", "--with", "torch==2.13.0"]
 
 
 def uv_isolated(deps: list[str], *args: str) -> list[str]:
@@ -39,31 +41,39 @@ def uv_isolated(deps: list[str], *args: str) -> list[str]:
     return [uv, "run", "--isolated", "--no-project", *deps, "python", *args]
 
 
-def calib_json(work: Path, samples: int, seq_len: int) -> Path:
-    """The shipped calibration corpus as a JSON list of texts (for the external tools)."""
-    from ecoquant.data.corpus import load_corpus
+def calib_json(base: Path, work: Path, samples: int, seq_len: int) -> Path:
+    """ecoquant's own calibration windows as a JSON list of texts, for the external tools.
 
-    path = work / f"calib-{samples}.json"
+    The windows are exactly the ones ``ecoquant quantize --calib corpus`` draws
+    (``seq_len`` tokens of the shipped calibration novel, seed 42), decoded
+    without ``<bos>``; the external tools tokenize them again and add it. So
+    every method calibrates on the same text.
+    """
+    from ecoquant.calibrate.data import CalibrationConfig, load_calibration
+
+    path = work / f"calib-{samples}x{seq_len}.json"
     if not path.exists():
-        texts = load_corpus().calibration
-        # ~4 characters per token: chunks long enough to fill seq_len tokens.
-        joined = "\n\n".join(texts)
-        step = seq_len * 5
-        chunks = [joined[i : i + step] for i in range(0, len(joined), step)][:samples]
-        path.write_text(json.dumps(chunks))
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(base)
+        cal = load_calibration(base, CalibrationConfig(source="corpus", num_samples=samples, max_length=seq_len),
+                               tokenizer=tok)
+        texts = [tok.decode(b["input_ids"][0].tolist(), skip_special_tokens=True) for b in cal.batches]
+        path.write_text(json.dumps(texts))
     return path
 
 
 def commands(base: Path, work: Path, args: argparse.Namespace) -> dict[str, Callable[[Path], list[str]]]:
     """method -> (output folder -> command that makes it)."""
     ours = ["ecoquant", "quantize", str(base), "--no-progress", "--overwrite", "--preset", "text-decoder"]
-    calib = ["--calib-samples", str(args.samples), "--calib-length", str(args.seq_len)]
+    calib = ["--calib", "corpus", "--calib-samples", str(args.samples), "--calib-length", str(args.seq_len)]
     ext = str(REPO / "bench/external/llmcompressor_oneshot.py")
-    cj = lambda: str(calib_json(work, args.samples, args.seq_len))  # noqa: E731
+    cj = lambda: str(calib_json(base, work, args.samples, args.seq_len))  # noqa: E731
     return {
         "rtn-minmax": lambda out: [*ours, "--out", str(out)],
         "rtn-mse": lambda out: [*ours, "--out", str(out), "--observer", "mse"],
-        "gptq": lambda out: [*ours, "--out", str(out), "--method", "gptq", *calib],
+        "gptq": lambda out: [*ours, "--out", str(out), "--method", "gptq", "--no-act-order", *calib],
+        "gptq-actorder": lambda out: [*ours, "--out", str(out), "--method", "gptq", "--act-order", *calib],
         "awq": lambda out: [*ours, "--out", str(out), "--method", "awq", *calib],
         "llmc-rtn": lambda out: uv_isolated(LLMC, ext, str(base), str(out), "--ignore", "lm_head"),
         "llmc-gptq-basic": lambda out: uv_isolated(
@@ -72,6 +82,11 @@ def commands(base: Path, work: Path, args: argparse.Namespace) -> dict[str, Call
         "llmc-gptq-seq": lambda out: uv_isolated(
             LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--method", "gptq", "--pipeline", "sequential",
             "--calib-json", cj(), "--max-length", str(args.seq_len)),
+        # The whole text stack as one sequential target: the escape hatch the
+        # issue names for Gemma-4 (Gemma4TextModel); Gemma3TextModel here.
+        "llmc-gptq-stack": lambda out: uv_isolated(
+            LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--method", "gptq", "--pipeline", "sequential",
+            "--sequential-target", "Gemma3TextModel", "--calib-json", cj(), "--max-length", str(args.seq_len)),
         "autoround": lambda out: uv_isolated(
             AUTOROUND, str(REPO / "bench/external/autoround_quantize.py"), str(base), str(out),
             "--calib-json", cj(), "--seq-len", str(args.seq_len), "--samples", str(args.samples)),
