@@ -171,8 +171,8 @@ def _read_records(path: Path) -> list[Any]:
     return doc
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub's host accepts a TCP connection within ``timeout`` seconds.
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether ``endpoint``'s host accepts a TCP connection within ``timeout`` seconds.
 
     ``datasets`` retries an unreachable hub with back-off for about 30 s and
     prints every retry; one quick connection attempt first lets an offline
@@ -181,7 +181,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     import socket
     from urllib.parse import urlsplit
 
-    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    url = urlsplit(endpoint)
     port = url.port or (80 if url.scheme == "http" else 443)
     try:
         with socket.create_connection((url.hostname or "", port), timeout=timeout):
@@ -197,8 +197,9 @@ def _hub_records(config: CalibrationConfig) -> list[Any]:
     local cache only; otherwise an unreachable hub fails at once.
     """
     offline = any(os.environ.get(name, "") not in ("", "0") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if not offline and not _hub_reachable():
-        why = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co')} is unreachable"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if not offline and not _hub_reachable(endpoint):
+        why = f"{endpoint} is unreachable"
     else:
         try:
             import datasets
