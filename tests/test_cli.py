@@ -77,6 +77,19 @@ def test_invalid_group_sizes(tiny_gemma4: Path, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_invalid_calibration_options(tiny_gemma4: Path, tmp_path: Path) -> None:
+    out = str(tmp_path / "o")
+    one_line_error(["quantize", str(tiny_gemma4), "--out", out, "--method", "awq", "--device", "nonsense"],
+                   "unknown device 'nonsense'")
+    one_line_error(["quantize", str(tiny_gemma4), "--out", out, "--method", "gptq", "--calib", ""],
+                   "the calibration source is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quality_wrong_folder_is_one_line(tmp_path: Path) -> None:
+    one_line_error(["quality", str(tmp_path / "missing")], "no such folder")
+
+
 def test_existing_output(tiny_gemma4: Path, tmp_path: Path) -> None:
     (tmp_path / "o").mkdir()
     one_line_error(["quantize", str(tiny_gemma4), "--out", str(tmp_path / "o")], "already exists")

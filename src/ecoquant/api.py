@@ -141,6 +141,10 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         if self.method not in ("rtn", "gptq", "awq"):
             raise EcoquantError(f"unknown method {self.method!r}; use rtn, gptq or awq")
+        if self.method != "rtn":
+            from ecoquant.calibrate.run import calibration_device
+
+            calibration_device(self.device)  # a bad --device fails before any work, not after hashing
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,8 @@ class CalibrationConfig:
     text_field: str | None = None
 
     def __post_init__(self) -> None:
+        if not self.source.strip():
+            raise EcoquantError("the calibration source is empty; pass a hub dataset id, a .json/.jsonl/.txt file or corpus")
         if self.num_samples < 1:
             raise EcoquantError(f"calibration num_samples={self.num_samples} must be at least 1")
         if self.max_length < 2:

@@ -31,6 +31,17 @@ from ecoquant.quantize.scheme import QuantScheme
 CalibratedMethod = Literal["gptq", "awq"]
 
 
+def calibration_device(device: str) -> torch.device:
+    """``device`` parsed, and present on this machine (one clear line otherwise)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise EcoquantError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EcoquantError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
 def default_dtype(config: object, device: torch.device) -> torch.dtype:
     """Compute dtype: the checkpoint's on a GPU; float32 on CPU (bf16 matmuls are slow there, and fp32 is exact)."""
     if device.type == "cpu":
@@ -104,9 +115,7 @@ def calibrate(
     """
     path = resolve_model(model)
     config = load_config(path)
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EcoquantError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    dev = calibration_device(device)
     compute = dtype or default_dtype(config, dev)
     topology = topology_for(config)
     if isinstance(method, str):

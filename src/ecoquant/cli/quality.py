@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-from typing import TYPE_CHECKING
 
 from ecoquant.cli.app import app, console, guarded
 
@@ -73,7 +71,11 @@ def quality_cmd(
 ) -> None:
     """Perplexity on the shipped evaluation text, mean KL(base‖variant) and top-1 agreement, per variant."""
     variants = variants or []
+    from ecoquant.models.loading import resolve_model
     from ecoquant.quality.run import ImagePrompt, QualityConfig, compare, write_json
+
+    for model in (base, *variants):  # a wrong folder: one line, before the progress bar
+        resolve_model(model)
 
     cfg = QualityConfig(
         window_tokens=window_tokens,
