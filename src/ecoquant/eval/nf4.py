@@ -76,6 +76,11 @@ def nf4_model(source: str) -> str:
     return model
 
 
+def underlying_model(source: str) -> str:
+    """The folder or hub id a model spec loads: MODEL for ``nf4:MODEL``, else the spec itself."""
+    return nf4_model(source) if is_nf4_spec(source) else source
+
+
 def missing_packages() -> list[str]:
     """The packages of :data:`REQUIRED_PACKAGES` this environment lacks."""
     return [name for name in REQUIRED_PACKAGES if importlib.util.find_spec(name) is None]

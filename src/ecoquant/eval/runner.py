@@ -124,10 +124,10 @@ def model_refs(base: str, variants: Sequence[str]) -> list[ModelRef]:
     refs: list[ModelRef] = []
     seen: dict[str, int] = {}
     for source, role in [(base, "base"), *((v, "variant") for v in variants)]:
-        from ecoquant.eval.nf4 import is_nf4_spec, nf4_model
+        from ecoquant.eval.nf4 import NF4_PREFIX, is_nf4_spec, underlying_model
 
-        prefix = "nf4:" if is_nf4_spec(source) else ""
-        path = Path(nf4_model(source) if prefix else source).expanduser()
+        prefix = NF4_PREFIX if is_nf4_spec(source) else ""
+        path = Path(underlying_model(source)).expanduser()
         name = prefix + (path.name if path.exists() and path.name else str(path).rstrip("/"))
         seen[name] = seen.get(name, 0) + 1
         label = name if seen[name] == 1 else f"{name}#{seen[name]}"
@@ -141,13 +141,13 @@ def check_sources(refs: Sequence[ModelRef], config: EvalConfig) -> None:
     Only for the transformers backend (an OpenAI backend's names are served
     names, not paths); hub ids are left for the backend to download.
     """
-    from ecoquant.eval.nf4 import is_nf4_spec, nf4_model
+    from ecoquant.eval.nf4 import underlying_model
     from ecoquant.models.loading import is_hub_id, resolve_model
 
     if config.backend != "transformers":
         return
     for ref in refs:
-        source = nf4_model(ref.source) if is_nf4_spec(ref.source) else ref.source
+        source = underlying_model(ref.source)
         if Path(source).expanduser().exists() or not is_hub_id(source):
             resolve_model(source)
 
