@@ -86,6 +86,21 @@ def test_invalid_calibration_options(tiny_gemma4: Path, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_awq_on_a_family_without_mappings_fails_before_calibration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from calibrate_models import save_tiny_gemma3
+
+    from ecoquant.models import topology
+
+    model = save_tiny_gemma3(tmp_path / "model")
+    monkeypatch.delitem(topology.TOPOLOGIES, "gemma3_text")  # a family ecoquant has no AWQ row for
+    # The missing calibration file would be the error if the check came after loading calibration data.
+    one_line_error(["quantize", str(model), "--out", str(tmp_path / "o"), "--method", "awq",
+                    "--calib", str(tmp_path / "missing.json")], "no AWQ smoothing mappings are known")
+    assert not (tmp_path / "o").exists()
+
+
 def test_quality_wrong_folder_is_one_line(tmp_path: Path) -> None:
     one_line_error(["quality", str(tmp_path / "missing")], "no such folder")
 

@@ -28,6 +28,7 @@ from ecoquant.quantize.primitives import check_group_size
 from ecoquant.calibrate.data import CORPUS_SOURCE, DEFAULT_SOURCE, CalibrationConfig
 from ecoquant.quantize.awq import AWQConfig
 from ecoquant.quantize.gptq import GPTQConfig
+from ecoquant.models.topology import require_awq_mappings, topology_for
 from ecoquant.quantize.rtn import rtn_quantize
 from ecoquant.quantize.scheme import QuantScheme
 
@@ -170,6 +171,8 @@ def quantize(
     path = resolve_model(model)
     plan = plan_model(path, config.preset, config.targets, config.ignore)
     warnings = check_plan(plan, config.scheme)
+    if config.method == "awq":  # before hashing the source and loading calibration data
+        require_awq_mappings(topology_for(plan.config), plan.config)
     console = Console(stderr=True)
     if show_progress:
         for w in warnings:
