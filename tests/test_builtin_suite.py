@@ -48,6 +48,10 @@ def _questions_digest(suite: Suite) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
+#: These tests are about the realistic part; the basic pages have tests/test_basic_pages.py.
+REALISTIC = ("realistic",)
+
+
 def _image_digests(suite: Suite) -> dict[str, str]:
     return {
         f"{t.name}/{s.id}": hashlib.sha256(b"".join(s.image_bytes())).hexdigest()
@@ -58,7 +62,7 @@ def _image_digests(suite: Suite) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
-    return builtin_suite(tmp_path_factory.mktemp("builtin-a"))
+    return builtin_suite(tmp_path_factory.mktemp("builtin-a"), parts=REALISTIC)
 
 
 def test_default_suite_shape(suite: Suite) -> None:
@@ -75,7 +79,7 @@ def test_default_suite_shape(suite: Suite) -> None:
 
 
 def test_generation_is_deterministic_across_runs(suite: Suite, tmp_path: Path) -> None:
-    again = builtin_suite(tmp_path)  # fresh cache: everything rendered anew
+    again = builtin_suite(tmp_path, parts=REALISTIC)  # fresh cache: everything rendered anew
     assert _questions_digest(again) == _questions_digest(suite)
     assert _image_digests(again) == _image_digests(suite)
     assert len(set(_image_digests(suite).values())) == 10  # 6 pages + 4 charts, all different
@@ -86,7 +90,7 @@ def test_generation_is_deterministic_across_processes(suite: Suite, tmp_path: Pa
     code = (
         "import hashlib, json, sys\n"
         "from ecoquant.eval.builtin import builtin_suite\n"
-        "s = builtin_suite(sys.argv[1])\n"
+        "s = builtin_suite(sys.argv[1], parts=('realistic',))\n"
         "print(json.dumps({f'{t.name}/{x.id}': hashlib.sha256(b''.join(x.image_bytes())).hexdigest()"
         " for t in s.tasks for x in t.samples}))\n"
     )
@@ -102,7 +106,7 @@ def test_questions_match_golden_digest(suite: Suite) -> None:
 
 
 def test_larger_sizes_extend_smaller_ones(suite: Suite, tmp_path: Path) -> None:
-    small = builtin_suite(tmp_path, size=1)
+    small = builtin_suite(tmp_path, size=1, parts=REALISTIC)
     big = _image_digests(suite)
     for key, digest in _image_digests(small).items():
         assert big[key] == digest
@@ -111,7 +115,7 @@ def test_larger_sizes_extend_smaller_ones(suite: Suite, tmp_path: Path) -> None:
 
 
 def test_cache_is_reused_and_repaired(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = builtin_suite(tmp_path)
+    first = builtin_suite(tmp_path, parts=REALISTIC)
     folder = tmp_path / f"builtin-v{GENERATOR_VERSION}"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert sorted(manifest) == sorted(p.name for p in folder.glob("*.png"))
@@ -122,11 +126,11 @@ def test_cache_is_reused_and_repaired(tmp_path: Path, monkeypatch: pytest.Monkey
     with monkeypatch.context() as m:
         m.setattr(suite_module, "render_document", must_not_render)
         m.setattr(suite_module, "render_chart", must_not_render)
-        assert _image_digests(builtin_suite(tmp_path)) == _image_digests(first)
+        assert _image_digests(builtin_suite(tmp_path, parts=REALISTIC)) == _image_digests(first)
 
     damaged = folder / "bar-0.png"
     damaged.write_bytes(damaged.read_bytes()[:100])
-    repaired = builtin_suite(tmp_path)
+    repaired = builtin_suite(tmp_path, parts=REALISTIC)
     assert _image_digests(repaired) == _image_digests(first)
     assert hashlib.sha256(damaged.read_bytes()).hexdigest() == manifest["bar-0.png"]
 

@@ -153,7 +153,7 @@ def test_ecoquant_serve_runs_vllm_and_eval_runs_against_it(
 ) -> None:
     from ecoquant.eval.runner import RunRecord
 
-    small = ["--size", "1", "--limit", "1"]
+    small = ["--suite", "builtin-realistic", "--size", "1", "--limit", "1"]
     written = write_serve_config(tiny_gemma4, ServeConfigOptions(size=1, limit=1, prompt_variants=("default",)), out=tmp_path)
     max_model_len = yaml.safe_load(written.config_path.read_text())["max_model_len"]
     port = _free_port()
@@ -192,7 +192,33 @@ def test_ecoquant_serve_runs_vllm_and_eval_runs_against_it(
     from ecoquant.eval.runner import limit_suite
 
     processor = load_processor(tiny_gemma4)
-    suite = limit_suite(builtin_suite(None, 1), 1)
+    suite = limit_suite(builtin_suite(None, 1, parts=("realistic",)), 1)
     requests = [r for _, _, r in suite_requests(suite, prompt_variant("default"), GenerationSettings())]
     assert [s.tokens_in for s in run.samples] == [count_prompt_tokens(processor, r) for r in requests]
     assert max(s.tokens_in + r.max_new_tokens for s, r in zip(run.samples, requests, strict=True)) <= max_model_len
+
+
+def test_trained_tiny_vlm_reaches_its_floors_through_vllm(vllm_install: VllmInstall, tmp_path: Path) -> None:
+    """The shipped trained model, served by the vLLM CPU build, scores what transformers scores (tests/test_tiny_vlm.py)."""
+    from ecoquant.eval.runner import RunRecord
+    from ecoquant.fixtures.tiny_vlm import tiny_vlm_path
+    from test_tiny_vlm import FLOOR, FLOOR_PAGES
+
+    model = tiny_vlm_path()
+    sizes = ["--size", str(FLOOR_PAGES)]
+    write_serve_config(model, ServeConfigOptions(suite="builtin-basic", size=FLOOR_PAGES, prompt_variants=("default",)),
+                       out=tmp_path)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(ECOQUANT), "serve", str(model), "--config", str(tmp_path / CONFIG_FILE), "--port", str(port)]
+    env = {**os.environ, VLLM_PYTHON_ENV: str(vllm_install.python), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "eval"
+    with background_server(cmd, url, tmp_path / "serve.log", ready_timeout_s=480, env=env):
+        eval_cmd = [str(ECOQUANT), "eval", "--base", str(model), "--backend", "openai", "--url", url,
+                    "--suite", "builtin-basic", *sizes, "--max-new-tokens", "8", "--warmup", "1",
+                    "--idle-seconds", "0", "--no-progress", "--out", str(out)]
+        done = subprocess.run(eval_cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+    (run,) = RunRecord.load(out / "results.json").runs
+    assert run.requests == 6 * FLOOR_PAGES
+    assert run.suite_scores["doc"] >= FLOOR and run.suite_scores["image"] >= FLOOR, run.suite_scores

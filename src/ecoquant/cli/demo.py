@@ -18,13 +18,14 @@ def demo_cmd(
         "ecoquant-demo"
     ),
 ) -> None:
-    """Quantize the built-in tiny Gemma-4 model (RTN min-max and MSE), verify, evaluate and report. No network needed."""
+    """Quantize the shipped trained tiny Gemma-4 VLM (RTN min-max, RTN MSE, GPTQ, AWQ), verify, evaluate, report. No network needed."""
     from ecoquant.demo import run_demo
     from ecoquant.export.footprint import human_bytes
     from ecoquant.export.verify import summary
+    from ecoquant.report.table import report_rows
 
     result = run_demo(out)
-    table = Table(title=f"ecoquant demo: tiny Gemma-4 ({result.base})")
+    table = Table(title=f"ecoquant demo: trained tiny Gemma-4 VLM ({result.base})")
     for col in ("variant", "modules", "weights", "mean rel. weight error", "top-1 agreement", "checkpoint"):
         table.add_column(col)
     for v in result.variants:
@@ -38,6 +39,26 @@ def demo_cmd(
             str(v.result.out),
         )
     console.print(table)
+
+    n = result.record.suite["n_samples"]
+    scores = Table(title=f"evaluation: {n} samples of the basic pages the model never trained on")
+    for col in ("model", "doc", "image", "recovery doc", "recovery image", "mean recovery", "gate"):
+        scores.add_column(col)
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.1%}"
+
+    for row in report_rows(result.record):
+        scores.add_row(
+            row.model + (" (base)" if row.role == "base" else ""),
+            f"{row.scores.get('doc', 0.0):.3f}",
+            f"{row.scores.get('image', 0.0):.3f}",
+            "—" if row.role == "base" else pct(row.recoveries.get("doc")),
+            "—" if row.role == "base" else pct(row.recoveries.get("image")),
+            "—" if row.role == "base" else pct(row.mean_recovery),
+            "—" if row.role == "base" else row.gate,
+        )
+    console.print(scores)
     console.print(f"evaluation report: {result.report.table}  plot: {result.report.plot}")
     console.print(
         "next: [bold]ecoquant inspect[/] on a checkpoint, [bold]ecoquant quantize MODEL --out DIR[/] on a real model"

@@ -41,7 +41,7 @@ def parse_gpus(text: str | None) -> tuple[int, ...] | None:
 def eval_cmd(
     base: Annotated[str, typer.Option("--base", help="Base model: folder or hub id (with --backend openai: its served name).")],
     variant: Annotated[list[str] | None, typer.Option("--variant", help="A variant to compare with the base: a checkpoint folder, nf4:MODEL (bitsandbytes NF4 at load time), or a served name; repeatable.")] = None,
-    suite: Annotated[str, typer.Option(help="builtin (offline, generated), doc or image (Hugging Face), or a .jsonl path.")] = "builtin",
+    suite: Annotated[str, typer.Option(help="builtin (offline, generated; builtin-basic or builtin-realistic for one part), doc or image (Hugging Face), or a .jsonl path.")] = "builtin",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and pareto.png.")] = Path("ecoquant-eval"),
     backend: Annotated[str, typer.Option(help="transformers (load models here) or openai (an OpenAI-compatible server).")] = "transformers",
     url: Annotated[list[str] | None, typer.Option("--url", help="Server URL for --backend openai: one for all models, or one per model (base first).")] = None,
@@ -49,7 +49,7 @@ def eval_cmd(
     sampling: Annotated[str, typer.Option(help=f"Decoding preset: {', '.join(GENERATION_PRESETS)} (gemma = temperature 1.0, top_p 0.95, top_k 64).")] = "greedy",
     seed: Annotated[int, typer.Option(help="Sampling seed (recorded; no effect on greedy decoding).")] = 0,
     max_new_tokens: Annotated[int | None, typer.Option(help="Lower every task's token cap to this (default: each task's own).")] = None,
-    size: Annotated[int, typer.Option(help="Built-in suite: documents and charts per kind.")] = DEFAULT_SIZE,
+    size: Annotated[int, typer.Option(help="Built-in suite: pages, documents and charts per kind.")] = DEFAULT_SIZE,
     limit: Annotated[int | None, typer.Option(help="At most this many samples per task.")] = None,
     device: Annotated[str, typer.Option(help="transformers backend: auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="transformers backend: bfloat16, float16 or float32.")] = "bfloat16",

@@ -1,4 +1,4 @@
-"""``ecoquant fixtures tiny-gemma4`` and ``ecoquant fixtures e4b-twin``: the offline Gemma-4 test models.
+"""``ecoquant fixtures tiny-gemma4``, ``tiny-vlm`` and ``e4b-twin``: the offline Gemma-4 test models.
 
 Each prints the folder's path on stdout (and nothing else there), so a script can
 write ``MODEL=$(ecoquant fixtures tiny-gemma4)``; what it built goes to stderr.
@@ -53,4 +53,15 @@ def e4b_twin(out: OutOption = None) -> None:
         f"{shape.num_parameters:,} parameters, {shape.parameter_gib:.2f} GiB in bf16 — {folder}",
         highlight=False,
     )
+    typer.echo(str(folder))
+
+
+@fixtures_app.command("tiny-vlm")
+@guarded
+def tiny_vlm() -> None:
+    """Print the folder of the shipped, trained tiny Gemma-4 vision-language model (~13 MB; offline, no training)."""
+    from ecoquant.fixtures.tiny_vlm import tiny_vlm_path
+
+    folder = tiny_vlm_path()
+    console.print(f"trained tiny Gemma-4 VLM: {folder}", highlight=False)
     typer.echo(str(folder))

@@ -28,7 +28,7 @@ def serve_config_cmd(
     model: Annotated[Path, typer.Argument(help="The checkpoint folder (W4A16 from ecoquant quantize, or a bf16 base with --nf4).")],
     nf4: Annotated[bool, typer.Option("--nf4", help="The NF4 runtime baseline: add quantization/load_format: bitsandbytes (MODEL is the bf16 base).")] = False,
     suite: Annotated[str, typer.Option(help="Suite whose longest request sets max_model_len: builtin, doc, image, or a .jsonl path.")] = "builtin",
-    size: Annotated[int, typer.Option(help="Built-in suite: documents and charts per kind.")] = DEFAULT_SIZE,
+    size: Annotated[int, typer.Option(help="Built-in suite: pages, documents and charts per kind.")] = DEFAULT_SIZE,
     limit: Annotated[int | None, typer.Option(help="At most this many samples per task are measured.")] = None,
     prompt_variant: Annotated[list[str] | None, typer.Option("--prompt-variant", help="Prompt variants to measure (repeatable; default: all of them).")] = None,
     sampling: Annotated[str, typer.Option(help=f"Generation defaults for requests that name none: {', '.join(GENERATION_PRESETS)}.")] = "greedy",

@@ -3,7 +3,9 @@
 :func:`load_suite` is what ``ecoquant eval --suite SPEC`` calls:
 
 * ``"builtin"`` -- the generated offline suite (:mod:`ecoquant.eval.builtin`),
-  both halves. Always available; the default.
+  both halves, basic pages and realistic documents and charts. Always
+  available; the default. ``"builtin-basic"`` and ``"builtin-realistic"``
+  are one part each (the trained tiny model reads the basic pages).
 * ``"doc"`` -- DocVQA and InfographicVQA validation sets (ANLS) from the
   Hugging Face Hub, as lmms-eval asks them.
 * ``"image"`` -- ChartQA test (relaxed accuracy), TextVQA validation (VQA
@@ -46,7 +48,10 @@ from typing import Any
 from PIL import Image
 
 from ecoquant.errors import EcoquantError
-from ecoquant.eval.builtin import DEFAULT_SIZE, builtin_suite
+from ecoquant.eval.builtin import DEFAULT_SIZE, SUITE_PARTS, builtin_suite
+
+#: ``--suite`` names for one part of the built-in suite.
+BUILTIN_PART_SPECS: dict[str, str] = {f"builtin-{part}": part for part in SUITE_PARTS}
 from ecoquant.eval.metrics import METRICS
 from ecoquant.eval.tasks import (
     CHOICE_LETTERS,
@@ -334,16 +339,20 @@ def load_hf_suite(kind: str, limit: int | None = None) -> Suite:
 def load_suite(
     spec: str, *, cache_dir: Path | None = None, size: int = DEFAULT_SIZE, limit: int | None = None
 ) -> Suite:
-    """Resolve ``--suite SPEC``: ``"builtin"``, ``"doc"``, ``"image"`` or a path to a ``.jsonl`` file.
+    """Resolve ``--suite SPEC``: ``"builtin"`` (or one part), ``"doc"``, ``"image"`` or a ``.jsonl`` path.
 
     ``cache_dir`` and ``size`` apply to the built-in suite, ``limit`` (samples
     per task) to the Hub suites.
     """
     if spec == "builtin":
         return builtin_suite(cache_dir, size)
+    if spec in BUILTIN_PART_SPECS:
+        return builtin_suite(cache_dir, size, (BUILTIN_PART_SPECS[spec],))
     if spec in HF_SUITES:
         return load_hf_suite(spec, limit)
     path = Path(spec).expanduser()
     if path.suffix == ".jsonl" or path.is_file():
         return load_jsonl(path)
-    raise EcoquantError(f"unknown suite {spec!r}: use builtin, doc, image, or a path to a .jsonl file")
+    raise EcoquantError(
+        f"unknown suite {spec!r}: use builtin, {', '.join(BUILTIN_PART_SPECS)}, doc, image, or a path to a .jsonl file"
+    )

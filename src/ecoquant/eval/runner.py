@@ -37,7 +37,7 @@ from ecoquant.errors import EcoquantError
 from ecoquant.eval.backends.base import Backend, ChatRequest, Completion, GenerationSettings
 from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.economy import describe_variants, prompt_variant, suite_requests
-from ecoquant.eval.loaders import load_suite
+from ecoquant.eval.loaders import BUILTIN_PART_SPECS, load_suite
 from ecoquant.eval.tasks import Sample, Suite, Task, score, suite_scores
 from ecoquant.progress import progress_bar
 
@@ -335,7 +335,7 @@ def _suite_record(spec: str, suite: Suite, config: EvalConfig) -> dict[str, Any]
     return {
         "spec": spec,
         "name": suite.name,
-        "size": config.size if spec == "builtin" else None,
+        "size": config.size if spec == "builtin" or spec in BUILTIN_PART_SPECS else None,
         "limit": config.limit,
         "n_samples": suite.n_samples,
         "tasks": [

@@ -2,8 +2,14 @@
 
 It is the default suite of ``ecoquant eval`` and the test data of the project,
 so it must run anywhere (no network), quickly (a tiny model on CPU), and give
-the same images and questions every time. With the default ``size=2`` it has
-24 samples in three tasks:
+the same images and questions every time. It has two parts:
+
+* ``basic``: large printed fields, simple bar charts and shapes that a tiny
+  model can learn on a CPU (:mod:`ecoquant.eval.builtin.basic`; six tasks,
+  ``size`` evaluation pages each, one question per page). The project's
+  trained tiny model (``ecoquant fixtures tiny-vlm``) reads these.
+* ``realistic``: invoices, receipts, forms and charts as a real model meets
+  them; with the default ``size=2`` they are 24 samples in three tasks:
 
 ========================  =====  ================  =======
 task                      suite  metric            samples
@@ -13,11 +19,13 @@ task                      suite  metric            samples
 ``builtin_chart_choice``  image  mc_accuracy        4 (1 per chart)
 ========================  =====  ================  =======
 
-``size=n`` takes ``n`` pages of each document kind and ``n`` charts of each
-chart kind. Page ``i`` of a kind is the same whatever ``size`` is, so larger
+``--suite builtin`` is both parts, ``builtin-basic`` and ``builtin-realistic``
+one each. ``size=n`` takes ``n`` pages of each basic kind and document kind
+and ``n`` charts of each chart kind. Page ``i`` of a kind is the same whatever ``size`` is, so larger
 suites extend smaller ones and share their cached images.
 
 Images are written to ``<cache_dir>/builtin-v{GENERATOR_VERSION}/<id>.png``
+(basic pages: ``<cache_dir>/basic-v{BASIC_VERSION}/``)
 with a ``manifest.json`` of their SHA-256; a later call reuses a file only if
 its hash matches the manifest, so a truncated or edited file is re-rendered.
 """
@@ -32,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ecoquant.errors import EcoquantError
+from ecoquant.eval.builtin.basic import BASIC_KINDS, basic_task, page_samples
 from ecoquant.eval.builtin.charts import CHART_MAKERS, ChartSpec, render_chart
 from ecoquant.eval.builtin.documents import (
     DOCUMENT_MAKERS,
@@ -43,7 +52,12 @@ from ecoquant.eval.tasks import PROMPT_DEFAULTS, Sample, Suite, Task
 GENERATOR_VERSION = 1
 """Bump when a generator or renderer changes what it draws: it names the cache folder."""
 
+BASIC_VERSION = 1
+"""Bump when a basic page generator changes what it draws: it names the basic pages' cache folder."""
+
 DEFAULT_SIZE = 2
+SUITE_PARTS: tuple[str, ...] = ("basic", "realistic")
+"""The parts of the built-in suite, in suite order (see the module docstring)."""
 QUESTIONS_PER_DOCUMENT = 2
 
 
@@ -112,14 +126,47 @@ def _write_atomic(path: Path, data: bytes) -> None:
         ) from exc
 
 
-def builtin_suite(cache_dir: Path | None = None, size: int = DEFAULT_SIZE) -> Suite:
-    """Generate (or reuse from ``cache_dir``) the built-in suite; see the module docstring.
+def builtin_suite(
+    cache_dir: Path | None = None, size: int = DEFAULT_SIZE, parts: tuple[str, ...] = SUITE_PARTS
+) -> Suite:
+    """Generate (or reuse from ``cache_dir``) the built-in suite, or some of its parts; see the module docstring.
 
     ``cache_dir`` defaults to :func:`default_cache_dir`. Samples refer to the
     cached PNG files by path.
     """
+    unknown = [p for p in parts if p not in SUITE_PARTS]
+    if unknown or not parts:
+        raise EcoquantError(f"unknown built-in suite part {unknown or parts}; use {' or '.join(SUITE_PARTS)}")
+    if size < 1:
+        raise EcoquantError(f"builtin suite size must be at least 1, got {size}")
+    root = Path(cache_dir or default_cache_dir())
+    tasks: list[Task] = []
+    if "basic" in parts:
+        tasks += _basic_tasks(root, size)
+    if "realistic" in parts:
+        tasks += _realistic_tasks(root, size)
+    name = "builtin" if set(parts) == set(SUITE_PARTS) else f"builtin-{parts[0]}"
+    return Suite(name=name, tasks=tuple(tasks))
+
+
+def _basic_tasks(root: Path, size: int) -> list[Task]:
+    """``size`` evaluation pages of each basic kind, one task per kind."""
+    cache = _ImageCache(root / f"basic-v{BASIC_VERSION}")
+    tasks = []
+    for kind in BASIC_KINDS:
+        samples = []
+        for i in range(size):
+            page = kind.make("eval", i)
+            samples += page_samples(page, cache.path(f"{page.id}.png", page.png))
+        tasks.append(basic_task(kind, samples))
+    cache.save()
+    return tasks
+
+
+def _realistic_tasks(root: Path, size: int) -> list[Task]:
+    """The invoices, receipts, forms and charts."""
     docs, charts = builtin_specs(size)
-    cache = _ImageCache(Path(cache_dir or default_cache_dir()) / f"builtin-v{GENERATOR_VERSION}")
+    cache = _ImageCache(root / f"builtin-v{GENERATOR_VERSION}")
 
     doc_samples = []
     for doc in docs:
@@ -140,11 +187,8 @@ def builtin_suite(cache_dir: Path | None = None, size: int = DEFAULT_SIZE) -> Su
         d = PROMPT_DEFAULTS[metric]
         return Task(name, suite, metric, d.prompt_suffix, d.max_new_tokens, tuple(samples))  # type: ignore[arg-type]
 
-    return Suite(
-        name="builtin",
-        tasks=(
-            task("builtin_documents", "doc", "anls", doc_samples),
-            task("builtin_charts", "image", "relaxed_accuracy", chart_samples),
-            task("builtin_chart_choice", "image", "mc_accuracy", choice_samples),
-        ),
-    )
+    return [
+        task("builtin_documents", "doc", "anls", doc_samples),
+        task("builtin_charts", "image", "relaxed_accuracy", chart_samples),
+        task("builtin_chart_choice", "image", "mc_accuracy", choice_samples),
+    ]

@@ -1,0 +1,168 @@
+"""The shipped trained tiny Gemma-4 VLM: loads offline, reads the basic pages, needs the image, and
+GPTQ keeps at least as much of its quality as RTN."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ecoquant.api import QuantizeConfig, quantize
+from ecoquant.cli import app
+from ecoquant.demo import DEMO_CALIBRATION
+from ecoquant.eval.backends.base import generation_settings
+from ecoquant.eval.backends.transformers_backend import TransformersBackend, TransformersOptions
+from ecoquant.eval.economy import prompt_variant, suite_requests
+from ecoquant.eval.loaders import load_suite
+from ecoquant.eval.runner import EvalConfig, run_eval
+from ecoquant.eval.tasks import Suite, Task, score, suite_scores
+from ecoquant.fixtures.tiny_vlm import CHECKSUMS, SHIPPED_DIR, tiny_vlm_path, verify_checksums
+from ecoquant.quantize.scheme import QuantScheme
+from ecoquant.report.table import mean_recovery, recovery
+
+#: Evaluation pages per basic task for the floors (6 tasks: 120 samples).
+FLOOR_PAGES = 20
+FLOOR = 0.7
+SETTINGS = generation_settings(max_new_tokens=8)
+
+
+def test_fixture_folder_is_complete_small_and_intact() -> None:
+    folder = tiny_vlm_path()
+    assert folder == SHIPPED_DIR
+    assert verify_checksums(folder) == []
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert total <= 30 * 1024 * 1024
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja",
+                 "TRAINING.json", "loss.csv", "loss.png", CHECKSUMS):
+        assert (folder / name).is_file(), name
+    record = json.loads((folder / "TRAINING.json").read_text())
+    assert record["train_minutes"] <= 45
+    assert record["recipe"]["seed"] and record["steps_done"] > 0
+
+
+def test_checksum_mismatch_is_detected(tmp_path: Path) -> None:
+    copy = tmp_path / "m"
+    copy.mkdir()
+    for p in SHIPPED_DIR.iterdir():
+        if p.is_file():
+            (copy / p.name).write_bytes(p.read_bytes())
+    assert verify_checksums(copy) == []
+    (copy / "config.json").write_text("{}")
+    assert verify_checksums(copy) == ["config.json"]
+
+
+def test_cli_prints_the_folder_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(app, ["fixtures", "tiny-vlm"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(SHIPPED_DIR)
+
+
+def test_loads_offline_with_every_module_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    processor = AutoProcessor.from_pretrained(SHIPPED_DIR)
+    model = AutoModelForImageTextToText.from_pretrained(SHIPPED_DIR, dtype=torch.bfloat16)
+    assert type(model).__name__ == "Gemma4ForConditionalGeneration"
+    assert model.model.vision_tower is not None and model.model.audio_tower is not None
+    text = model.config.get_text_config()
+    assert text.hidden_size_per_layer_input > 0
+    assert model.model.language_model.embed_tokens_per_layer.weight.numel() > 0
+    layers = model.model.language_model.layers
+    shared = [i for i, layer in enumerate(layers) if layer.self_attn.is_kv_shared_layer]
+    assert {text.layer_types[i] for i in shared} == {"sliding_attention", "full_attention"}
+    for i in shared:  # shared layers read an earlier layer's K/V and have no projections of their own
+        assert not hasattr(layers[i].self_attn, "k_proj") and not hasattr(layers[i].self_attn, "v_proj")
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    assert processor.tokenizer.convert_tokens_to_ids("<|image|>") == model.config.image_token_id
+
+
+@pytest.fixture(scope="module")
+def floor_suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
+    return load_suite("builtin-basic", cache_dir=tmp_path_factory.mktemp("basic"), size=FLOOR_PAGES)
+
+
+@pytest.fixture(scope="module")
+def base_scores(floor_suite: Suite) -> dict[str, float]:
+    return _scores(str(SHIPPED_DIR), floor_suite)
+
+
+def _scores(model: str, suite: Suite) -> dict[str, float]:
+    backend = TransformersBackend.load(model, TransformersOptions(device="cpu", batch_size=8))
+    try:
+        rows = suite_requests(suite, prompt_variant("default"), SETTINGS)
+        completions = backend.generate([r for _, _, r in rows], SETTINGS)
+    finally:
+        backend.close()
+    by_task: dict[str, list[str]] = {}
+    for (task, _, _), c in zip(rows, completions, strict=True):
+        by_task.setdefault(task.name, []).append(c.text)
+    return suite_scores([score(t, by_task[t.name]) for t in suite.tasks])
+
+
+def test_base_model_reaches_the_floor_on_each_half(base_scores: dict[str, float]) -> None:
+    assert base_scores["doc"] >= FLOOR, base_scores
+    assert base_scores["image"] >= FLOOR, base_scores
+
+
+def _shuffled_images(suite: Suite) -> Suite:
+    """Each sample asked about the next sample's image (same task): the question no longer matches the picture."""
+    tasks = []
+    for t in suite.tasks:
+        s = t.samples
+        samples = [dataclasses.replace(x, images=s[(i + 1) % len(s)].images) for i, x in enumerate(s)]
+        tasks.append(Task(t.name, t.suite, t.metric, t.prompt_suffix, t.max_new_tokens, tuple(samples)))
+    return Suite(f"{suite.name}-shuffled", tuple(tasks))
+
+
+def test_image_blind_control_scores_near_chance(floor_suite: Suite, base_scores: dict[str, float]) -> None:
+    blind = _scores(str(SHIPPED_DIR), _shuffled_images(floor_suite))
+    # Chance per half is about 0.02 (doc) and 0.2 (image): see test_basic_pages.
+    assert blind["doc"] < 0.15, blind
+    assert blind["image"] < 0.4, blind
+    assert blind["doc"] < base_scores["doc"] - 0.5 and blind["image"] < base_scores["image"] - 0.3
+
+
+def test_gptq_recovers_at_least_as_much_as_rtn(tmp_path: Path, floor_suite: Suite, base_scores: dict[str, float]) -> None:
+    rtn = quantize(SHIPPED_DIR, tmp_path / "rtn", QuantizeConfig(scheme=QuantScheme(observer="minmax")), show_progress=False)
+    gptq = quantize(SHIPPED_DIR, tmp_path / "gptq", QuantizeConfig(method="gptq", calibration=DEMO_CALIBRATION),
+                    show_progress=False)
+    means = {}
+    for name, result in (("rtn", rtn), ("gptq", gptq)):
+        scores = _scores(str(result.out), floor_suite)
+        means[name] = mean_recovery([recovery(scores[k], base_scores[k]) for k in ("doc", "image")])
+    assert means["gptq"] is not None and means["rtn"] is not None
+    assert means["gptq"] >= means["rtn"], means
+
+
+def test_eval_runner_reports_real_scores_for_the_fixture(tmp_path: Path) -> None:
+    config = EvalConfig(suite="builtin-basic", size=2, cache_dir=tmp_path, generation=SETTINGS, idle_seconds=0.0,
+                        device="cpu")
+    record = run_eval(str(tiny_vlm_path()), [], config, show_progress=False)
+    run = record.runs[0]
+    assert run.suite_scores["doc"] > 0 and run.suite_scores["image"] > 0
+    assert run.tokens_out > 0
+
+
+def test_demo_shows_real_scores_and_recovery_for_every_variant(tmp_path: Path) -> None:
+    from ecoquant.demo import DEMO_VARIANTS, run_demo
+    from ecoquant.report.table import report_rows
+
+    result = run_demo(tmp_path / "demo", show_progress=False)
+    rows = report_rows(result.record)
+    assert result.record.suite["n_samples"] >= 20
+    base = next(r for r in rows if r.role == "base")
+    assert base.scores["doc"] and base.scores["image"]
+    variants = [r for r in rows if r.role == "variant"]
+    assert len(variants) == len(DEMO_VARIANTS)
+    for row in variants:
+        assert row.mean_recovery is not None and row.gate in ("pass", "fail"), row
+        assert all(v is not None for v in row.recoveries.values()), row
+    # Every row has a mean recovery (the base's is 1), so the plot places every model.
+    assert base.mean_recovery == pytest.approx(1.0)
+    assert result.report.plot.is_file() and result.report.plot.stat().st_size > 0
