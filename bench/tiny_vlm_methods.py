@@ -42,6 +42,10 @@ GPTQMODEL = ["--with", "gptqmodel==7.6.0", "--with", "torch==2.13.0", "--with", 
              "--with", "compressed-tensors==0.20.0"]
 AUTOROUND = ["--with", "auto-round==0.16.1", "--with", "torch==2.13.0", "--with", "transformers==5.23.0",
              "--with", "compressed-tensors==0.20.0", "--with", "pillow==13.0.0", "--with", "torchvision==0.28.0"]
+#: Tokens per calibration text for the peers. ecoquant's windows are 256 tokens with byte-fallback
+#: pieces; decoded and re-encoded by the peers some come out shorter, and AutoRound drops every
+#: text shorter than its seqlen ("no calibration text has 256 tokens" at 256), so both peers get 128.
+PEER_SEQ_LEN = 128
 METHODS = (
     "bf16",
     "rtn-minmax-g128", "rtn-mse-g128", "gptq-g128", "awq-g128",
@@ -86,7 +90,7 @@ def make_variant(name: str, base: Path, work: Path) -> dict[str, Any]:
         deps = GPTQMODEL if method == "gptqmodel" else AUTOROUND
         n = json.loads(calib_texts(base, work).read_text())
         cmd = uv_isolated(deps, str(script), str(base), str(out), "--calib-json", str(calib_texts(base, work)),
-                          "--samples", str(len(n)), "--seq-len", "256", "--group-size", group)
+                          "--samples", str(len(n)), "--seq-len", str(PEER_SEQ_LEN), "--group-size", group)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         (work / f"{name}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:

@@ -133,9 +133,9 @@ def test_jsonl_errors_name_file_and_line(tmp_path: Path, row: object, message: s
 
 def test_load_suite_specs(tmp_path: Path) -> None:
     built = load_suite("builtin", cache_dir=tmp_path / "cache", size=1)
-    assert built.name == "builtin" and built.n_samples == 12
+    assert built.name == "builtin" and built.n_samples == 6 + 12  # basic pages + realistic documents and charts
     path = write_jsonl(built, tmp_path / "b.jsonl")
-    assert load_suite(str(path)).n_samples == 12
+    assert load_suite(str(path)).n_samples == 18
     with pytest.raises(EcoquantError, match="suite file not found"):
         load_suite(str(tmp_path / "nope.jsonl"))
     with pytest.raises(EcoquantError, match="unknown suite 'imagez'"):
