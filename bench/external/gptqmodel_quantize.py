@@ -182,8 +182,9 @@ def _dense_linears(src: Path, quantized: set) -> set:
 def copy_side_files(src: Path, dst: Path) -> None:
     """Processor and template files of SRC that the saved checkpoint lacks (GPTQModel saves the tokenizer only)."""
     for f in Path(src).iterdir():
-        if f.is_file() and f.suffix in (".json", ".jinja", ".model", ".txt") and not (dst / f.name).exists() \
-                and f.name not in ("config.json", "model.safetensors.index.json", "quantize_config.json"):
+        side = f.name.endswith(("processor_config.json", "chat_template.jinja", "chat_template.json")) \
+            or f.name.startswith("tokenizer") or f.name == "special_tokens_map.json"
+        if f.is_file() and side and not (dst / f.name).exists():
             shutil.copy2(f, dst / f.name)
 
 
