@@ -21,8 +21,8 @@ task                      suite  metric            samples
 
 ``--suite builtin`` is both parts, ``builtin-basic`` and ``builtin-realistic``
 one each. ``size=n`` takes ``n`` pages of each basic kind and document kind
-and ``n`` charts of each chart kind. Page ``i`` of a kind is the same whatever ``size`` is, so larger
-suites extend smaller ones and share their cached images.
+and ``n`` charts of each chart kind. Page ``i`` of a kind is the same whatever
+``size`` is, so larger suites extend smaller ones and share their cached images.
 
 Images are written to ``<cache_dir>/builtin-v{GENERATOR_VERSION}/<id>.png``
 (basic pages: ``<cache_dir>/basic-v{BASIC_VERSION}/``)
