@@ -31,8 +31,8 @@ from ecoquant.serve.config import (
     load_processor,
     modality_limits,
     prompt_lengths,
-    write_serve_config,
 )
+from ecoquant.serve.write import write_serve_config
 from ecoquant.serve.launch import (
     CPU_FLAGS,
     ServeOptions,
@@ -223,12 +223,17 @@ def test_card_includes_eval_results(tiny_gemma4: Path, w4a16: Path, tmp_path: Pa
 
 def test_serve_config_cli(w4a16: Path, tmp_path: Path) -> None:
     args = ["serve-config", str(w4a16), "--size", "1", "--limit", "1", "--prompt-variant", "default",
-            "--sampling", "gemma", "--model-id", "org/tiny-w4a16", "--out", str(tmp_path)]
+            "--sampling", "gemma", "--model-id", "org/tiny-w4a16", "--out", str(tmp_path),
+            "--option", "max-num-seqs=4", "--option", "speculative_config={method: mtp, num_speculative_tokens: 2}",
+            "--option", "max_model_len=4096"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     cfg = yaml.safe_load((tmp_path / CONFIG_FILE).read_text())
     assert cfg["model"] == "org/tiny-w4a16"
     assert json.loads(cfg["override_generation_config"])["top_k"] == 64
+    assert cfg["max_num_seqs"] == 4 and cfg["max_model_len"] == 4096  # an option replaces the measured value
+    assert json.loads(cfg["speculative_config"]) == {"method": "mtp", "num_speculative_tokens": 2}
+    assert list(cfg).count("max_model_len") == 1
     assert (tmp_path / "README.md").is_file()
 
 
@@ -238,6 +243,10 @@ def test_serve_config_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert "is not a model folder" in result.output
     result = runner.invoke(app, ["serve-config", str(tmp_path), "--sampling", "hot"])
     assert result.exit_code == 2 and "unknown sampling preset 'hot'" in result.output
+    result = runner.invoke(app, ["serve-config", str(tmp_path), "--option", "max_num_seqs"])
+    assert result.exit_code == 2 and "--option takes KEY=VALUE" in result.output
+    result = runner.invoke(app, ["serve-config", str(tmp_path), "--option", "model=x"])
+    assert result.exit_code == 2 and "not a serving option" in result.output
 
 
 # ------------------------------------------------------------------ launching

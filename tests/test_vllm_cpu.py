@@ -28,7 +28,8 @@ import pytest
 import torch
 import yaml
 
-from ecoquant.serve.config import CONFIG_FILE, ServeConfigOptions, count_prompt_tokens, load_processor, write_serve_config
+from ecoquant.serve.config import CONFIG_FILE, ServeConfigOptions, count_prompt_tokens, load_processor
+from ecoquant.serve.write import write_serve_config
 from ecoquant.serve.launch import VLLM_PYTHON_ENV, VllmInstall, background_server, find_vllm
 from ecoquant.serve.vllm_check import check_with_vllm
 
@@ -222,3 +223,113 @@ def test_trained_tiny_vlm_reaches_its_floors_through_vllm(vllm_install: VllmInst
     (run,) = RunRecord.load(out / "results.json").runs
     assert run.requests == 6 * FLOOR_PAGES
     assert run.suite_scores["doc"] >= FLOOR and run.suite_scores["image"] >= FLOOR, run.suite_scores
+
+
+# ------------------------------------------------------------------ eval and optimize with --backend vllm
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm_rtn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ecoquant.api import QuantizeConfig, quantize
+    from ecoquant.fixtures.tiny_vlm import tiny_vlm_path
+
+    out = tmp_path_factory.mktemp("vllm-eval") / "tiny-vlm-rtn"
+    quantize(tiny_vlm_path(), out, QuantizeConfig(), show_progress=False)
+    return out
+
+
+def test_eval_backend_vllm_serves_each_model_in_turn(vllm_install: VllmInstall, tiny_vlm_rtn: Path, tmp_path: Path) -> None:
+    """``ecoquant eval --backend vllm``: one `vllm serve --config` per model, config and log kept, scores as transformers'."""
+    from ecoquant.eval.runner import RunRecord
+    from ecoquant.fixtures.tiny_vlm import tiny_vlm_path
+
+    base = str(tiny_vlm_path())
+    small = ["--suite", "builtin-basic", "--size", "1", "--max-new-tokens", "8", "--warmup", "1", "--idle-seconds", "0", "--no-progress"]
+    env = {**os.environ, VLLM_PYTHON_ENV: str(vllm_install.python), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "vllm"
+    cmd = [str(ECOQUANT), "eval", "--base", base, "--variant", str(tiny_vlm_rtn), "--backend", "vllm", *small, "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ref = tmp_path / "transformers"
+    cmd = [str(ECOQUANT), "eval", "--base", base, "--variant", str(tiny_vlm_rtn), *small, "--out", str(ref)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    record, expected = RunRecord.load(out / "results.json"), RunRecord.load(ref / "results.json")
+    assert not record.failures
+    for run, want in zip(record.runs, expected.runs, strict=True):
+        assert run.backend["kind"] == "vllm" and run.backend["vllm"] == vllm_install.version
+        server = out / "servers" / run.label
+        assert (server / "vllm_config.yaml").is_file() and "command:" in (server / "server.log").read_text()
+        assert [s.tokens_in for s in run.samples] == [s.tokens_in for s in want.samples]
+        assert run.suite_scores == pytest.approx(want.suite_scores, abs=0.2), (run.label, run.suite_scores, want.suite_scores)
+
+
+def test_optimize_backend_vllm_and_its_submission_serves_from_inside(vllm_install: VllmInstall, tmp_path: Path) -> None:
+    """``ecoquant optimize --backend vllm`` picks and writes DIR/submission; `vllm serve --config vllm_config.yaml`
+    inside it serves the pick, whose shipped chat template gives a plain request the short-answer instruction."""
+    from ecoquant.eval.runner import RunRecord
+    from ecoquant.fixtures.tiny_vlm import tiny_vlm_path
+    from ecoquant.serve.launch import CPU_FLAGS, vllm_command
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("candidates:\n  - {method: rtn, response: short}\n  - {method: rtn, group_size: 64, response: short}\n")
+    out = tmp_path / "opt"
+    env = {**os.environ, VLLM_PYTHON_ENV: str(vllm_install.python), "HF_HUB_OFFLINE": "1"}
+    cmd = [str(ECOQUANT), "optimize", str(tiny_vlm_path()), "--out", str(out), "--grid", str(grid), "--backend", "vllm",
+           "--suite", "builtin-basic", "--size", "1", "--max-new-tokens", "8", "--warmup", "1", "--idle-seconds", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = RunRecord.load(out / "results.json")
+    assert len(record.runs) == 3 and all(r.backend["kind"] == "vllm" for r in record.runs)
+
+    # vLLM rendered the suite's plain requests through the shipped template: its prompt token counts are those
+    # of the same requests with the short-answer system turn through the original template.
+    from ecoquant.eval.backends.base import GenerationSettings
+    from ecoquant.eval.economy import prompt_variant, suite_requests
+    from ecoquant.eval.loaders import load_suite
+
+    processor = load_processor(tiny_vlm_path())
+    suite = load_suite("builtin-basic", size=1)
+    system = [r for _, _, r in suite_requests(suite, prompt_variant("short-system"), GenerationSettings())]
+    plain = [r for _, _, r in suite_requests(suite, prompt_variant("default"), GenerationSettings())]
+    for run in record.runs[1:]:
+        assert [s.tokens_in for s in run.samples] == [count_prompt_tokens(processor, r) for r in system]
+    assert [s.tokens_in for s in record.runs[0].samples] == [count_prompt_tokens(processor, r) for r in plain]
+
+    sub = out / "submission"
+    assert yaml.safe_load((sub / CONFIG_FILE).read_text())["model"] == "."
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    flags = {"port": port, **({} if torch.cuda.is_available() else CPU_FLAGS)}
+    serve = vllm_command(vllm_install, Path(CONFIG_FILE), flags)
+    log = tmp_path / "submission.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(serve, cwd=sub, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        from ecoquant.serve.launch import health_ok
+        import time
+
+        deadline = time.monotonic() + 480
+        while not health_ok(url):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as response:
+            assert [m["id"] for m in json.load(response)["data"]] == ["."]
+        question = {"role": "user", "content": "What is the total?"}
+        asked = _chat_messages(url, ".", [question])
+        told = _chat_messages(url, ".", [{"role": "system", "content": "Answer with a single word or number."}, question])
+        assert asked["usage"]["prompt_tokens"] == told["usage"]["prompt_tokens"]
+        assert asked["choices"][0]["message"]["content"] == told["choices"][0]["message"]["content"]
+    finally:
+        from ecoquant.serve.launch import stop_group
+
+        stop_group(proc)
+
+
+def _chat_messages(url: str, model: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    body = {"model": model, "messages": messages, "max_tokens": 8, "temperature": 0}
+    request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.load(response)

@@ -9,3 +9,4 @@ from ecoquant.cli import fixtures_gemma3  # noqa: F401
 from ecoquant.cli import quality  # noqa: F401
 from ecoquant.cli import eval  # noqa: F401
 from ecoquant.cli import serve  # noqa: F401
+from ecoquant.cli import optimize  # noqa: F401

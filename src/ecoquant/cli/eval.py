@@ -20,10 +20,12 @@ from ecoquant.errors import EcoquantError
 from ecoquant.eval.backends.base import GENERATION_PRESETS, generation_settings
 from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.economy import PROMPT_VARIANTS
-from ecoquant.eval.runner import EvalConfig, RunRecord, check_sources, model_refs, run_eval
+from ecoquant.eval.runner import EvalConfig, RunRecord, check_sources, model_refs, open_backend, run_eval
 from ecoquant.report import RESULTS_FILE, render_report
 
 READINGS_FILE = "energy_readings.json"
+SERVERS_DIR = "servers"
+"""Under ``--out``: one folder per model served by ``--backend vllm`` (its config and server log)."""
 
 
 def parse_gpus(text: str | None) -> tuple[int, ...] | None:
@@ -43,7 +45,7 @@ def eval_cmd(
     variant: Annotated[list[str] | None, typer.Option("--variant", help="A variant to compare with the base: a checkpoint folder, nf4:MODEL (bitsandbytes NF4 at load time), or a served name; repeatable.")] = None,
     suite: Annotated[str, typer.Option(help="builtin (offline, generated; builtin-basic or builtin-realistic for one part), doc or image (Hugging Face), or a .jsonl path.")] = "builtin",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and pareto.png.")] = Path("ecoquant-eval"),
-    backend: Annotated[str, typer.Option(help="transformers (load models here) or openai (an OpenAI-compatible server).")] = "transformers",
+    backend: Annotated[str, typer.Option(help="transformers (load models here), openai (an OpenAI-compatible server), or vllm (each model served in turn by its own `vllm serve --config`, as the challenge serves it).")] = "transformers",
     url: Annotated[list[str] | None, typer.Option("--url", help="Server URL for --backend openai: one for all models, or one per model (base first).")] = None,
     prompt_variant: Annotated[list[str] | None, typer.Option("--prompt-variant", help="How to ask (see `ecoquant prompt-variants`); repeatable, each model runs each.")] = None,
     sampling: Annotated[str, typer.Option(help=f"Decoding preset: {', '.join(GENERATION_PRESETS)} (gemma = temperature 1.0, top_p 0.95, top_k 64).")] = "greedy",
@@ -60,6 +62,9 @@ def eval_cmd(
     gpus: Annotated[str | None, typer.Option(help="NVML GPU indices to meter, e.g. 0,1 (default: the visible GPUs).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder for the built-in suite's images.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    vllm_python: Annotated[Path | None, typer.Option(help="vllm backend: Python interpreter with vLLM (default: $ECOQUANT_VLLM_PYTHON, this one, or PATH).")] = None,
+    vllm_arg: Annotated[list[str] | None, typer.Option("--vllm-arg", help="vllm backend: extra argument for every server, appended last (repeatable).")] = None,
+    server_timeout: Annotated[float, typer.Option(help="vllm backend: seconds a server may take to become ready.")] = 900.0,
 ) -> None:
     """Evaluate a base model and its variants: scores, recovery, tokens, wall time and energy, with a report."""
     config = EvalConfig(
@@ -79,11 +84,28 @@ def eval_cmd(
         idle_seconds=idle_seconds,
     )
     check_sources(model_refs(base, tuple(variant or ())), config)  # a wrong path: one line, before anything is drawn
+    factory = open_backend
+    if backend == "vllm":
+        from ecoquant.serve.config import ServeConfigOptions
+        from ecoquant.serve.vllm_backend import VllmServerOptions, vllm_backend_factory
+
+        serve_options = ServeConfigOptions(
+            suite=suite, size=size, limit=limit, prompt_variants=config.prompt_variants, cache_dir=cache_dir
+        )
+        factory = vllm_backend_factory(
+            VllmServerOptions(
+                log_dir=out / SERVERS_DIR,
+                serve_config=serve_options,
+                vllm_python=vllm_python,
+                vllm_args=tuple(vllm_arg or ()),
+                ready_timeout_s=server_timeout,
+            )
+        )
     meter = open_meter(parse_gpus(gpus))
     if not meter.available:
         console.print(f"[yellow]energy: not measured ({meter.description})[/]; reporting wall time and tokens", highlight=False)
     try:
-        record = run_eval(base, tuple(variant or ()), config, meter=meter, show_progress=progress)
+        record = run_eval(base, tuple(variant or ()), config, meter=meter, backend_factory=factory, show_progress=progress)
     finally:
         if isinstance(meter, NvmlMeter):
             meter.close()
@@ -93,6 +115,10 @@ def eval_cmd(
     files = render_report(record, out)
     typer.echo(files.table.read_text(encoding="utf-8"))
     console.print(f"[green]wrote[/] {results}, {files.table}, {files.plot}", highlight=False)
+    if record.failures:
+        for failure in record.failures:
+            console.print(f"[bold red]failed:[/] {failure.error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
 
 
 @app.command("report")

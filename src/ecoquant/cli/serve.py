@@ -2,7 +2,7 @@
 
 Thin: options become a :class:`~ecoquant.serve.config.ServeConfigOptions` or
 :class:`~ecoquant.serve.launch.ServeOptions`, then
-:func:`~ecoquant.serve.config.write_serve_config` or
+:func:`~ecoquant.serve.write.write_serve_config` or
 :func:`~ecoquant.serve.launch.serve` does the work.
 """
 
@@ -15,11 +15,28 @@ from typing import Annotated
 import typer
 
 from ecoquant.cli.app import app, console, guarded
+from ecoquant.errors import EcoquantError
 from ecoquant.eval.backends.base import GENERATION_PRESETS
 from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.economy import PROMPT_VARIANTS
-from ecoquant.serve.config import MARGIN_FRACTION, ServeConfigOptions, write_serve_config
+from ecoquant.serve.config import MARGIN_FRACTION, ServeConfigOptions
 from ecoquant.serve.launch import VLLM_PYTHON_ENV, ServeOptions, serve
+
+
+def parse_options(items: list[str] | tuple[str, ...]) -> dict[str, object]:
+    """``["max_num_seqs=8", "speculative_config={method: mtp}"]`` -> a dict, each value read as YAML."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise EcoquantError(f"--option takes KEY=VALUE (e.g. max_num_seqs=8), not {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise EcoquantError(f"--option {key}: {value!r} is not a YAML value") from None
+    return out
 
 
 @app.command("serve-config")
@@ -41,8 +58,11 @@ def serve_config_cmd(
     card: Annotated[bool, typer.Option("--card/--no-card", help="Also write the model card README.md.")] = True,
     overwrite_card: Annotated[bool, typer.Option("--overwrite-card", help="Replace a README.md that ecoquant did not write.")] = False,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder for the built-in suite's images.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", help="A vLLM engine argument for the file, KEY=VALUE (VALUE read as YAML, e.g. max_num_seqs=8 or 'speculative_config={method: mtp}'); repeatable.")] = None,
 ) -> None:
     """Write vllm_config.yaml (max_model_len measured on a suite) and a model card for a checkpoint."""
+    from ecoquant.serve.write import write_serve_config  # the card's footprint code pulls in torch: only when run
+
     options = ServeConfigOptions(
         suite=suite,
         size=size,
@@ -55,6 +75,7 @@ def serve_config_cmd(
         margin=margin,
         model=model_id,
         cache_dir=cache_dir,
+        extra=parse_options(option or ()),
     )
     with console.status("measuring the suite's prompts with the checkpoint's processor"):
         result = write_serve_config(model, options, out=out, results=results, card=card, overwrite=overwrite_card)

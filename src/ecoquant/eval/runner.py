@@ -19,6 +19,7 @@ needs, so ``ecoquant report results.json`` re-renders without rerunning.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,7 +46,7 @@ SCHEMA = "ecoquant.eval/1"
 """Version tag of ``results.json``; bump when a field changes meaning."""
 
 Role = Literal["base", "variant"]
-BackendKind = Literal["transformers", "openai"]
+BackendKind = Literal["transformers", "openai", "vllm"]
 
 # ------------------------------------------------------------------ config
 
@@ -59,7 +60,9 @@ class EvalConfig:
         size: pages/charts per kind for the built-in suite.
         limit: at most this many samples per task (any suite); None for all.
         cache_dir: built-in suite image cache (None: the default cache).
-        backend: ``"transformers"`` (models loaded here) or ``"openai"`` (models behind ``urls``).
+        backend: ``"transformers"`` (models loaded here), ``"openai"`` (models behind ``urls``) or
+            ``"vllm"`` (a ``vllm serve --config`` started per model; needs the factory of
+            :mod:`ecoquant.serve.vllm_backend`, which ``ecoquant eval --backend vllm`` passes).
         urls: OpenAI-compatible servers: one for all models, or one per model in
             the order base, variants.
         device, dtype, batch_size: for the transformers backend.
@@ -90,13 +93,13 @@ class EvalConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "urls", tuple(self.urls))
         object.__setattr__(self, "prompt_variants", tuple(self.prompt_variants))
-        if self.backend not in ("transformers", "openai"):
-            raise EcoquantError(f"unknown backend {self.backend!r}; use transformers or openai")
+        if self.backend not in ("transformers", "openai", "vllm"):
+            raise EcoquantError(f"unknown backend {self.backend!r}; use transformers, openai or vllm")
         if self.backend == "openai" and not self.urls:
             raise EcoquantError(
                 "the openai backend needs --url (the OpenAI-compatible server, e.g. http://127.0.0.1:8000)"
             )
-        if self.backend == "transformers" and self.urls:
+        if self.backend != "openai" and self.urls:
             raise EcoquantError("--url is only for --backend openai")
         if self.limit is not None and self.limit < 1:
             raise EcoquantError(f"limit must be at least 1, got {self.limit}")
@@ -144,7 +147,7 @@ def check_sources(refs: Sequence[ModelRef], config: EvalConfig) -> None:
     from ecoquant.eval.nf4 import underlying_model
     from ecoquant.models.loading import is_hub_id, resolve_model
 
-    if config.backend != "transformers":
+    if config.backend == "openai":
         return
     for ref in refs:
         source = underlying_model(ref.source)
@@ -183,7 +186,13 @@ def limit_suite(suite: Suite, limit: int | None) -> Suite:
 
 
 def open_backend(ref: ModelRef, index: int, config: EvalConfig) -> Backend:
-    """The backend for model number ``index`` (0 = base): loaded here, or at its server."""
+    """The backend for model number ``index`` (0 = base): loaded here, or at its server.
+
+    ``vllm`` is not opened here: starting servers is the serving layer's job
+    (:func:`ecoquant.serve.vllm_backend.vllm_backend_factory`), which sits above this module.
+    """
+    if config.backend == "vllm":
+        raise EcoquantError("--backend vllm needs the vLLM backend factory (ecoquant.serve.vllm_backend); use `ecoquant eval`")
     if config.backend == "openai":
         from ecoquant.eval.backends.openai_backend import OpenAIBackend
 
@@ -257,6 +266,51 @@ class ModelRun:
     def energy_j(self) -> float | None:
         return None if self.energy is None else self.energy.total_j
 
+    @classmethod
+    def from_dict(cls, r: Mapping[str, Any]) -> ModelRun:
+        """Rebuild a run from its ``asdict`` form (``results.json``, or a cached evaluation)."""
+        return cls(
+            **{
+                **r,
+                "energy": None if r["energy"] is None else EnergyResult(**r["energy"]),
+                "samples": tuple(SampleResult(**s) for s in r["samples"]),
+            }
+        )
+
+
+class BackendFailure(EcoquantError):
+    """A model's backend failed (its server did not start, crashed or timed out): that model becomes a
+    failed row and the sweep goes on with the next one.
+
+    ``log_tail`` holds the last lines of the server's log; ``log_path`` is where the whole log is kept.
+    """
+
+    def __init__(self, message: str, *, stage: str, log_tail: str = "", log_path: Path | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.log_tail = log_tail
+        self.log_path = log_path
+
+
+@dataclass(frozen=True)
+class FailedRun:
+    """A model that produced no scores, and why (kept in the record so the report shows it)."""
+
+    label: str
+    source: str
+    role: Role
+    stage: str
+    """``start`` (never ready), ``generate`` (died or timed out mid-suite)."""
+    error: str
+    log_tail: str = ""
+    log_path: str | None = None
+
+    @classmethod
+    def from_failure(cls, ref: ModelRef, exc: BackendFailure) -> FailedRun:
+        return cls(
+            ref.label, ref.source, ref.role, exc.stage, str(exc), exc.log_tail, None if exc.log_path is None else str(exc.log_path)
+        )
+
 
 @dataclass(frozen=True)
 class EnergyInfo:
@@ -286,6 +340,7 @@ class RunRecord:
     prompt_variants: list[dict[str, Any]]
     energy: EnergyInfo
     runs: tuple[ModelRun, ...]
+    failures: tuple[FailedRun, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -302,17 +357,9 @@ class RunRecord:
         if d.get("schema") != SCHEMA:
             raise EcoquantError(f"not an ecoquant eval record (schema {d.get('schema')!r}, expected {SCHEMA!r})")
         try:
-            runs = tuple(
-                ModelRun(
-                    **{
-                        **r,
-                        "energy": None if r["energy"] is None else EnergyResult(**r["energy"]),
-                        "samples": tuple(SampleResult(**s) for s in r["samples"]),
-                    }
-                )
-                for r in d["runs"]
-            )
-            return cls(**{**d, "energy": EnergyInfo(**d["energy"]), "runs": runs})
+            runs = tuple(ModelRun.from_dict(r) for r in d["runs"])
+            failures = tuple(FailedRun(**f) for f in d.get("failures", ()))
+            return cls(**{**d, "energy": EnergyInfo(**d["energy"]), "runs": runs, "failures": failures})
         except (KeyError, TypeError) as exc:
             raise EcoquantError(f"the eval record is incomplete or has unknown fields ({exc})") from None
 
@@ -418,6 +465,113 @@ def _steps(advance: Callable[[str], None], label: str) -> Callable[[int], None]:
     return on_done
 
 
+def suite_digest(suite: Suite) -> str:
+    """SHA-256 of everything that decides a suite's requests and scores: tasks, prompts, answers, image bytes.
+
+    Two suites with the same digest ask the same questions about the same
+    pixels and accept the same answers, so a cached evaluation keyed by it is
+    valid; a regenerated or edited suite gets a new digest.
+    """
+    h = hashlib.sha256()
+    for task in suite.tasks:
+        h.update(json.dumps([task.name, task.suite, task.metric, task.prompt_suffix, task.max_new_tokens]).encode())
+        for sample in task.samples:
+            h.update(json.dumps([sample.id, sample.question, sample.answers, sample.choices]).encode())
+            for data in sample.image_bytes():
+                h.update(hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PreparedSuite:
+    """The suite loaded once, and every prompt variant's requests built from it."""
+
+    spec: str
+    suite: Suite
+    requests: Mapping[str, Sequence[tuple[Task, Sample, ChatRequest]]]
+    digest: str
+
+
+def prepare_suite(config: EvalConfig) -> PreparedSuite:
+    """Load (or generate) the configured suite and build its requests for each prompt variant."""
+    suite = limit_suite(
+        load_suite(config.suite, cache_dir=config.cache_dir, size=config.size, limit=config.limit), config.limit
+    )
+    requests = {
+        name: suite_requests(suite, prompt_variant(name), config.generation) for name in config.prompt_variants
+    }
+    return PreparedSuite(config.suite, suite, requests, suite_digest(suite))
+
+
+def evaluate_model(
+    ref: ModelRef,
+    index: int,
+    prepared: PreparedSuite,
+    config: EvalConfig,
+    *,
+    meter: EnergyMeter,
+    idle: IdleBaseline | None,
+    backend_factory: Callable[[ModelRef, int, EvalConfig], Backend] = open_backend,
+    advance: Callable[[str], None] = lambda label: None,
+) -> list[ModelRun]:
+    """One model over the whole suite, one energy window per prompt variant; warm-up first, backend closed last.
+
+    A :class:`BackendFailure` (from the factory or mid-suite) propagates: the
+    caller decides whether the sweep goes on.
+    """
+    settings = config.generation
+    runs: list[ModelRun] = []
+    backend = backend_factory(ref, index, config)
+    try:
+        warmup = [r for _, _, r in prepared.requests[config.prompt_variants[0]][: config.warmup_requests]]
+        if warmup:
+            backend.generate(warmup, settings)
+        for name in config.prompt_variants:
+            items = prepared.requests[name]
+            window = f"{ref.label}/{name}"
+            meter.begin_window(window)
+            completions = backend.generate([r for _, _, r in items], settings, _steps(advance, f"{ref.label} · {name}"))
+            measurement = meter.end_window(window)
+            runs.append(_model_run(ref, name, backend, items, completions, measurement, idle))
+    finally:
+        backend.close()
+    return runs
+
+
+def energy_info(meter: EnergyMeter, idle: IdleBaseline | None, config: EvalConfig) -> EnergyInfo:
+    """The record's account of how energy was (or was not) measured."""
+    return EnergyInfo(
+        measured=meter.available,
+        meter=meter.description,
+        idle_time_s=None if idle is None else idle.time_s,
+        idle_gpu_power_w=None if idle is None else {str(g): w for g, w in idle.gpu_power_w.items()},
+        warmup_requests=config.warmup_requests,
+    )
+
+
+def build_record(
+    config: EvalConfig,
+    prepared: PreparedSuite,
+    energy: EnergyInfo,
+    runs: Sequence[ModelRun],
+    failures: Sequence[FailedRun] = (),
+) -> RunRecord:
+    """Assemble ``results.json``'s record from finished runs (those of this process or cached ones)."""
+    suite_record = _suite_record(config.suite, prepared.suite, config)
+    suite_record["sha256"] = prepared.digest
+    return RunRecord(
+        schema=SCHEMA,
+        created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        ecoquant=_ecoquant_record(),
+        suite=suite_record,
+        generation=config.generation.to_record(),
+        prompt_variants=describe_variants(config.prompt_variants),
+        energy=energy,
+        runs=tuple(runs),
+        failures=tuple(failures),
+    )
+
+
 def run_eval(
     base: str,
     variants: Sequence[str] = (),
@@ -430,8 +584,9 @@ def run_eval(
     """Evaluate ``base`` and each of ``variants`` on the configured suite; see the module docstring.
 
     ``meter`` defaults to :func:`ecoquant.energy.open_meter` (NVML, or a meter
-    that records "no NVML device"); ``backend_factory`` exists so the OpenAI
-    and transformers paths share everything else.
+    that records "no NVML device"); ``backend_factory`` exists so the OpenAI,
+    vLLM and transformers paths share everything else. A model whose backend
+    fails (:class:`BackendFailure`) becomes a failed row and the others still run.
     """
     from ecoquant.energy.nvml import open_meter
 
@@ -440,47 +595,19 @@ def run_eval(
     if config.backend == "openai" and len(config.urls) not in (1, len(refs)):
         raise EcoquantError(f"{len(config.urls)} --url for {len(refs)} models; pass one for all, or one per model")
     check_sources(refs, config)
-    suite = limit_suite(
-        load_suite(config.suite, cache_dir=config.cache_dir, size=config.size, limit=config.limit), config.limit
-    )
-    settings = config.generation
-    requests = {name: suite_requests(suite, prompt_variant(name), settings) for name in config.prompt_variants}
+    prepared = prepare_suite(config)
     meter = meter if meter is not None else open_meter()
     idle = measure_idle(meter, config.idle_seconds)
 
     runs: list[ModelRun] = []
-    total = len(refs) * len(config.prompt_variants) * suite.n_samples
+    failures: list[FailedRun] = []
+    total = len(refs) * len(config.prompt_variants) * prepared.suite.n_samples
     with progress_bar("evaluating", total, show_progress) as advance:
         for index, ref in enumerate(refs):
-            backend = backend_factory(ref, index, config)
             try:
-                warmup = [r for _, _, r in requests[config.prompt_variants[0]][: config.warmup_requests]]
-                if warmup:
-                    backend.generate(warmup, settings)
-                for name in config.prompt_variants:
-                    items = requests[name]
-                    label = f"{ref.label} · {name}"
-                    window = f"{ref.label}/{name}"
-                    meter.begin_window(window)
-                    completions = backend.generate([r for _, _, r in items], settings, _steps(advance, label))
-                    measurement = meter.end_window(window)
-                    runs.append(_model_run(ref, name, backend, items, completions, measurement, idle))
-            finally:
-                backend.close()
-
-    return RunRecord(
-        schema=SCHEMA,
-        created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        ecoquant=_ecoquant_record(),
-        suite=_suite_record(config.suite, suite, config),
-        generation=settings.to_record(),
-        prompt_variants=describe_variants(config.prompt_variants),
-        energy=EnergyInfo(
-            measured=meter.available,
-            meter=meter.description,
-            idle_time_s=None if idle is None else idle.time_s,
-            idle_gpu_power_w=None if idle is None else {str(g): w for g, w in idle.gpu_power_w.items()},
-            warmup_requests=config.warmup_requests,
-        ),
-        runs=tuple(runs),
-    )
+                runs += evaluate_model(
+                    ref, index, prepared, config, meter=meter, idle=idle, backend_factory=backend_factory, advance=advance
+                )
+            except BackendFailure as exc:
+                failures.append(FailedRun.from_failure(ref, exc))
+    return build_record(config, prepared, energy_info(meter, idle, config), runs, failures)

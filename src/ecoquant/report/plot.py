@@ -34,7 +34,11 @@ def x_axis(
 
 
 def pareto_figure(
-    rows: Sequence[ReportRow], energy_measured: bool, title: str = "", no_energy_reason: str = ""
+    rows: Sequence[ReportRow],
+    energy_measured: bool,
+    title: str = "",
+    no_energy_reason: str = "",
+    threshold: float = GATE_RECOVERY,
 ) -> Figure:
     """Cost vs mean recovery (%) with the front drawn as a step line and ringed points."""
     costs, xlabel = x_axis(rows, energy_measured, no_energy_reason)
@@ -58,7 +62,7 @@ def pareto_figure(
         fy = [float(rows[i].mean_recovery) * 100 for i in front]  # type: ignore[arg-type]
         ax.step(fx, fy, where="post", color="tab:green", linewidth=1.5, label="Pareto front", zorder=2)
         ax.scatter(fx, fy, s=180, facecolors="none", edgecolors="tab:green", linewidths=1.5, zorder=4)
-    ax.axhline(GATE_RECOVERY * 100, color="tab:red", linestyle="--", linewidth=1, label=f"{GATE_RECOVERY:.0%} gate")
+    ax.axhline(threshold * 100, color="tab:red", linestyle="--", linewidth=1, label=f"{threshold:.0%} gate")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("mean recovery vs base (%)")
     missing = [rows[i].model for i in range(len(rows)) if i not in placed]
@@ -80,17 +84,22 @@ def pareto_figure(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     if points:
-        ys = [y for _, y in points] + [GATE_RECOVERY * 100]
+        ys = [y for _, y in points] + [threshold * 100]
         pad = max(2.0, (max(ys) - min(ys)) * 0.1)
         ax.set_ylim(min(ys) - pad, max(ys) + pad)
     return fig
 
 
 def write_plot(
-    rows: Sequence[ReportRow], path: Path | str, energy_measured: bool, title: str = "", no_energy_reason: str = ""
+    rows: Sequence[ReportRow],
+    path: Path | str,
+    energy_measured: bool,
+    title: str = "",
+    no_energy_reason: str = "",
+    threshold: float = GATE_RECOVERY,
 ) -> Path:
     """Render :func:`pareto_figure` to a PNG file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pareto_figure(rows, energy_measured, title, no_energy_reason).savefig(path, dpi=120)
+    pareto_figure(rows, energy_measured, title, no_energy_reason, threshold).savefig(path, dpi=120)
     return path

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
+from ecoquant.errors import EcoquantError
 from ecoquant.eval.runner import RunRecord
 from ecoquant.eval.tasks import SUITE_KINDS
 
@@ -52,13 +53,20 @@ def mean_recovery(recoveries: Sequence[float | None]) -> float | None:
     return math.fsum(r for r in recoveries if r is not None) / len(recoveries)
 
 
-def gate(mean: float | None, role: str = "variant") -> Gate:
-    """``pass``/``fail`` against :data:`GATE_RECOVERY`; ``n/a`` without a mean; ``base`` for the base itself."""
+def gate(mean: float | None, role: str = "variant", threshold: float = GATE_RECOVERY) -> Gate:
+    """``pass``/``fail`` against ``threshold`` (the challenge's 80%); ``n/a`` without a mean; ``base`` for the base."""
     if role == "base":
         return "base"
     if mean is None:
         return "n/a"
-    return "pass" if mean >= GATE_RECOVERY else "fail"
+    return "pass" if mean >= threshold else "fail"
+
+
+def check_threshold(threshold: float) -> float:
+    """A gate must be a fraction of the base's quality in (0, 1]; anything else is one clear error."""
+    if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+        raise EcoquantError(f"the gate is a fraction of the base's mean recovery in (0, 1], e.g. 0.8; got {threshold}")
+    return float(threshold)
 
 
 def relative_change(value: float | None, base: float | None) -> float | None:
@@ -88,7 +96,7 @@ class ReportRow:
     wall_time_s: float
 
 
-def report_rows(record: RunRecord) -> list[ReportRow]:
+def report_rows(record: RunRecord, threshold: float = GATE_RECOVERY) -> list[ReportRow]:
     """The table's rows, in run order, each compared with its prompt variant's base run."""
     halves = [k for k in SUITE_KINDS if any(t["suite"] == k for t in record.suite["tasks"])]
     several = len(record.prompt_variants) > 1
@@ -109,7 +117,7 @@ def report_rows(record: RunRecord) -> list[ReportRow]:
                 scores=scores,
                 recoveries=recoveries,
                 mean_recovery=mean,
-                gate=gate(mean, run.role),
+                gate=gate(mean, run.role, threshold),
                 tokens_in=run.tokens_in,
                 tokens_out=run.tokens_out,
                 requests=run.requests,
@@ -129,6 +137,11 @@ def _pct(value: float | None, signed: bool = False) -> str:
     return f"{value * 100:+.1f}%" if signed else f"{value * 100:.2f}%"
 
 
+def columns(threshold: float = GATE_RECOVERY) -> tuple[str, ...]:
+    """The table's header; the gate column names its threshold."""
+    return tuple(f"≥{threshold:.0%} gate" if c == "gate" else c for c in COLUMNS)
+
+
 COLUMNS: tuple[str, ...] = (
     "model",
     "energy J",
@@ -138,7 +151,7 @@ COLUMNS: tuple[str, ...] = (
     "recovery doc",
     "recovery image",
     "mean recovery",
-    f"≥{GATE_RECOVERY:.0%} gate",
+    "gate",
     "output tokens",
     "wall s",
 )
@@ -167,10 +180,10 @@ def _cells(row: ReportRow) -> list[str]:
     ]
 
 
-def markdown_table(rows: Sequence[ReportRow]) -> str:
+def markdown_table(rows: Sequence[ReportRow], threshold: float = GATE_RECOVERY) -> str:
     """The table alone, as GitHub markdown."""
     lines = [
-        "| " + " | ".join(COLUMNS) + " |",
+        "| " + " | ".join(columns(threshold)) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|",
     ]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
@@ -192,9 +205,19 @@ def energy_lines(record: RunRecord, rows: Sequence[ReportRow]) -> list[str]:
     return lines
 
 
-def markdown_report(record: RunRecord) -> str:
-    """The whole ``report.md``: title, table, energy notes, what was run."""
-    rows = report_rows(record)
+def failure_lines(record: RunRecord) -> list[str]:
+    """One line per model that produced no scores: stage, error, where its log is."""
+    lines = []
+    for f in record.failures:
+        first = str(f.error).splitlines()[0] if f.error else "no error recorded"
+        where = f"; log: {f.log_path}" if f.log_path else ""
+        lines.append(f"FAILED {f.label} ({f.role}, at {f.stage}): {first}{where}")
+    return lines
+
+
+def markdown_report(record: RunRecord, threshold: float = GATE_RECOVERY) -> str:
+    """The whole ``report.md``: title, table, failed models, energy notes, what was run."""
+    rows = report_rows(record, threshold)
     suite = record.suite
     gen = record.generation
     sampling = (
@@ -209,14 +232,15 @@ def markdown_report(record: RunRecord) -> str:
     lines = [
         f"# ecoquant eval: {suite['name']}",
         "",
-        markdown_table(rows),
+        markdown_table(rows, threshold),
         "",
+        *(f"- {line}" for line in failure_lines(record)),
         *(f"- {line}" for line in energy_lines(record, rows)),
         f"- requests: {total_requests} in all; tokens in/out per row: "
         + ", ".join(f"{r.model} {r.tokens_in}/{r.tokens_out}" for r in rows)
         + ".",
         f"- recovery = score / base score per half with the same prompt variant; mean recovery = mean over halves;"
-        f" gate = mean recovery ≥ {GATE_RECOVERY:.0%}; n/a where the base scored 0.",
+        f" gate = mean recovery ≥ {threshold:.0%}; n/a where the base scored 0.",
         f"- suite: {suite['spec']} ({suite['n_samples']} samples: {tasks}).",
         f"- generation: {sampling}, seed {gen['seed']}{cap}. prompt variants: {variants}.",
         f"- ecoquant {record.ecoquant.get('version')} ({record.ecoquant.get('git_sha') or 'no git'}), {record.created_utc}.",

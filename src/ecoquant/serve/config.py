@@ -185,6 +185,11 @@ def modality_limits(config: Mapping[str, Any], images: int) -> dict[str, int]:
     return limits
 
 
+def engine_key(key: str) -> str:
+    """``max-num-seqs`` -> ``max_num_seqs``: the spelling this file uses (vLLM reads both)."""
+    return str(key).strip().replace("-", "_")
+
+
 @dataclass(frozen=True)
 class ServeConfigOptions:
     """What ``ecoquant serve-config`` decides.
@@ -198,8 +203,12 @@ class ServeConfigOptions:
         max_model_len: set by hand instead of measured (then nothing is tokenized).
         max_images: images per prompt when ``max_model_len`` is set by hand.
         margin: head-room fraction over the longest measured request.
-        model: what to write as ``model`` (default: the folder's absolute path; a hub id for publishing).
+        model: what to write as ``model`` (default: the folder's absolute path; ``.`` for a folder served
+            from inside itself; a hub id for publishing).
         cache_dir: built-in suite image cache.
+        extra: more vLLM engine arguments, written as they are (``speculative_config``,
+            ``mm_processor_kwargs``, ``max_num_seqs``...); a key the file already has is replaced.
+            Dashes and underscores are the same key, as vLLM reads them.
     """
 
     suite: str = "builtin"
@@ -213,9 +222,13 @@ class ServeConfigOptions:
     margin: float = MARGIN_FRACTION
     model: str | None = None
     cache_dir: Path | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_variants", tuple(self.prompt_variants))
+        object.__setattr__(self, "extra", MappingProxyType({engine_key(k): v for k, v in dict(self.extra).items()}))
+        if "model" in self.extra:
+            raise EcoquantError("the model is not a serving option; it is the checkpoint being served")
         if self.sampling not in GENERATION_PRESETS:
             raise EcoquantError(f"unknown sampling preset {self.sampling!r}; known: {', '.join(GENERATION_PRESETS)}")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -377,53 +390,11 @@ def build_serve_config(path: Path, options: ServeConfigOptions, budget: ContextB
                 ),
             ),
         ]
+    for key, value in options.extra.items():
+        note = ("set as a serving option (ecoquant optimize grid or serve-config --option)",)
+        entries = [e for e in entries if e.key != key] + [Entry(key, value, note)]
     header = (
         f"vLLM serving config for {path.name}, written by ecoquant {ecoquant.__version__} (ecoquant serve-config).",
         f"Run: vllm serve --config {CONFIG_FILE}",
     )
     return ServeConfig(tuple(entries), header, budget)
-
-
-@dataclass(frozen=True)
-class ServeConfigResult:
-    """What ``serve-config`` wrote."""
-
-    config_path: Path
-    card_path: Path | None
-    config: ServeConfig
-
-
-def write_serve_config(
-    path: str | Path,
-    options: ServeConfigOptions = ServeConfigOptions(),
-    *,
-    out: str | Path | None = None,
-    results: str | Path | None = None,
-    card: bool = True,
-    overwrite: bool = False,
-) -> ServeConfigResult:
-    """Write ``vllm_config.yaml`` (and the model card ``README.md``) for the checkpoint at ``path``.
-
-    ``out`` defaults to ``path`` itself (the deliverable is the folder).
-    ``results`` is an ``ecoquant eval`` ``results.json`` whose table goes into
-    the card. A plain bf16 folder without ``nf4`` gets a config but no card
-    (there is nothing compressed to describe). A README.md that ecoquant did
-    not write is never replaced unless ``overwrite``.
-    """
-    from ecoquant.serve.model_card import check_card_target, write_model_card
-
-    model_path = Path(path).expanduser()
-    if not (model_path / "config.json").is_file():
-        raise EcoquantError(f"{model_path} is not a model folder (no config.json); pass a checkpoint folder")
-    out_dir = Path(out).expanduser() if out is not None else model_path
-    with_card = card and (options.nf4 or quantization_format(checkpoint_config(model_path)) is not None)
-    if with_card:
-        check_card_target(out_dir, overwrite)  # refuse before writing anything
-    serve_config = build_serve_config(model_path, options)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_path = out_dir / CONFIG_FILE
-    config_path.write_text(serve_config.to_yaml(), encoding="utf-8")
-    card_path = None
-    if with_card:
-        card_path = write_model_card(model_path, out_dir, serve_config, nf4=options.nf4, results=results, overwrite=overwrite)
-    return ServeConfigResult(config_path, card_path, serve_config)

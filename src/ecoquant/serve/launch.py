@@ -294,6 +294,9 @@ def plan_serve(model: str | Path, options: ServeOptions = ServeOptions()) -> Ser
 
 def serve(model: str | Path, options: ServeOptions = ServeOptions(), log: IO[str] | None = None) -> int:
     """Serve ``model`` in the foreground until interrupted; returns the exit code."""
+    from ecoquant.serve.ports import require_free_port
+
+    require_free_port(options.host, options.port)  # one line now, not a traceback after a vLLM lookup or model load
     plan = plan_serve(model, options)
     if log is not None:
         if plan.install is not None:
@@ -371,35 +374,61 @@ def background_server(
             deadline = time.monotonic() + ready_timeout_s
             while not health_ok(url):
                 if proc.poll() is not None:
-                    raise EcoquantError(f"the server exited with code {proc.returncode} before it was ready:\n{_tail(log_path)}")
+                    raise EcoquantError(f"the server exited with code {proc.returncode} before it was ready:\n{log_tail(log_path)}")
                 if time.monotonic() > deadline:
-                    raise EcoquantError(f"the server was not ready after {ready_timeout_s:.0f} s:\n{_tail(log_path)}")
+                    raise EcoquantError(f"the server was not ready after {ready_timeout_s:.0f} s:\n{log_tail(log_path)}")
                 time.sleep(1.0)
             yield url
         finally:
-            _stop_group(proc)
+            stop_group(proc)
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def log_tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
 
 
-def _stop_group(proc: subprocess.Popen[Any], grace_s: float = 30.0) -> None:
-    """SIGTERM the process group (vLLM's engine processes included), SIGKILL what is left after ``grace_s``."""
-    if proc.poll() is not None:
-        return
+def group_pids(pgid: int) -> set[int]:
+    """The live (not zombie) processes of process group ``pgid``, from Linux ``/proc``; empty elsewhere."""
+    pids: set[int] = set()
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return pids
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its closing parenthesis
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.add(int(entry.name))
+    return pids
+
+
+def stop_group(proc: subprocess.Popen[Any], grace_s: float = 30.0) -> None:
+    """SIGTERM the process group (vLLM's engine processes included), SIGKILL what is left after ``grace_s``.
+
+    Also when the leader has already exited: a crashed API server can leave
+    its engine processes running (and holding the GPU) in the same group.
+    """
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
+        proc.poll()
         return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader once it exits
+        if proc.returncode is not None and not group_pids(proc.pid):
+            return
+        time.sleep(0.2)
     try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=grace_s)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=grace_s)

@@ -91,14 +91,14 @@ def _license(config: Mapping[str, Any]) -> str:
     return LICENSES.get(model_type, "Inherits the license of the base model; read its card before redistributing.")
 
 
-def _results_section(results: Path, model_path: Path, nf4: bool) -> list[str]:
+def _results_section(results: Path, model_path: Path, nf4: bool, this_row: str | None = None) -> list[str]:
     from ecoquant.eval.runner import RunRecord
     from ecoquant.report.table import energy_lines, markdown_table, report_rows
 
     record = RunRecord.load(results)
     rows = report_rows(record)
     me = str(model_path.resolve())
-    mine = sorted(
+    mine = [this_row] if this_row is not None else sorted(
         {
             r.label
             for r in record.runs
@@ -157,9 +157,21 @@ def _usage(out_dir: Path, config: ServeConfig, nf4: bool) -> list[str]:
 
 
 def render_quantized_card(
-    model_path: Path, config: ServeConfig, recipe: Mapping[str, Any] | None, results: Path | None = None
+    model_path: Path,
+    config: ServeConfig,
+    recipe: Mapping[str, Any] | None,
+    results: Path | None = None,
+    *,
+    this_row: str | None = None,
+    extra_sections: Sequence[str] = (),
+    title: str | None = None,
 ) -> str:
-    """The card of a compressed-tensors checkpoint (W4A16 from RTN, GPTQ or AWQ)."""
+    """The card of a compressed-tensors checkpoint (W4A16 from RTN, GPTQ or AWQ).
+
+    ``this_row`` names the checkpoint's row in ``results`` when its path there is not this folder's (a
+    submission copied from a candidate); ``extra_sections`` are markdown blocks placed after the results;
+    ``title`` replaces the folder's name in the heading.
+    """
     cfg = checkpoint_config(model_path)
     qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config") or {}
     groups = qc.get("config_groups") or {}
@@ -180,7 +192,7 @@ def render_quantized_card(
 
     lines = [
         MARKER,
-        f"# {model_path.name} · W{bits}A16 ({method.upper()}, compressed-tensors)",
+        f"# {title or model_path.name} · W{bits}A16 ({method.upper()}, compressed-tensors)",
         "",
         f"Int{bits} weight-only quantization of `{source}`, produced offline with ecoquant "
         f"{recipe.get('ecoquant', {}).get('version', '')}: {METHODS.get(method, method)}.",
@@ -227,7 +239,7 @@ def render_quantized_card(
         lines.append("Not recorded.")
     lines.append("")
     lines += (
-        _results_section(results, model_path, nf4=False)
+        _results_section(results, model_path, nf4=False, this_row=this_row)
         if results is not None
         else [
             "## Results",
@@ -237,6 +249,8 @@ def render_quantized_card(
             "",
         ]
     )
+    for section in extra_sections:
+        lines += [section.rstrip(), ""]
     lines += _usage(model_path, config, nf4=False)
     eco = recipe.get("ecoquant", {})
     lines += [
@@ -311,6 +325,9 @@ def write_model_card(
     nf4: bool = False,
     results: str | Path | None = None,
     overwrite: bool = False,
+    this_row: str | None = None,
+    extra_sections: Sequence[str] = (),
+    title: str | None = None,
 ) -> Path:
     """Render and write ``README.md`` for ``model_path`` into ``out_dir``; returns its path."""
     card = check_card_target(out_dir, overwrite)
@@ -323,6 +340,14 @@ def write_model_card(
                 f"{model_path} is not quantized: its card would describe nothing; pass --nf4 for the NF4 baseline, "
                 "or --no-card"
             )
-        text = render_quantized_card(model_path, config, _recipe(model_path), results_path)
+        text = render_quantized_card(
+            model_path,
+            config,
+            _recipe(model_path),
+            results_path,
+            this_row=this_row,
+            extra_sections=extra_sections,
+            title=title,
+        )
     card.write_text(text, encoding="utf-8")
     return card

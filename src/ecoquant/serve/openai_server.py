@@ -19,14 +19,23 @@ greedy answers identical to the transformers backend run with
 
 Only the standard library's ``http.server`` is used. It binds 127.0.0.1
 unless told otherwise.
+
+Faults stay with the request that caused them. Every bad request (not JSON,
+not UTF-8, a body shorter than its ``Content-Length``, an unknown model, an
+``image_url`` that is not an image) is answered 4xx with an OpenAI-style body
+``{"error": {"message", "type", "code"}}``; a client that stalls while sending
+is dropped after :data:`DEFAULT_READ_TIMEOUT_S`; a client that hangs up before
+its answer is written is one debug log line, not a traceback. The server keeps
+serving the others in every case.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
+import errno
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -36,8 +45,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from PIL import UnidentifiedImageError
-
+from ecoquant.errors import EcoquantError
 from ecoquant.eval.backends.base import (
     Backend,
     ChatRequest,
@@ -56,6 +64,10 @@ MAX_BODY_BYTES = 64 << 20
 """Largest request accepted (a few page images as base64 fit many times over)."""
 DEFAULT_MAX_TOKENS = 1024
 """Token cap when a request names none."""
+DEFAULT_READ_TIMEOUT_S = 30.0
+"""How long a client may stall while sending its request before it is dropped (generation is not limited)."""
+LISTEN_BACKLOG = 64
+"""Connections the OS queues before ``accept``; the default 5 makes a burst of clients wait on SYN retries."""
 
 _ROLES: Mapping[str, str] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -74,12 +86,15 @@ def _image_from_url(url: Any) -> ImagePart:
     if not isinstance(url, str) or not url.startswith("data:"):
         raise RequestError("image_url must be a data: URL (data:image/png;base64,...); this server fetches nothing")
     header, _, payload = url.partition(",")
+    mime = header.removeprefix("data:").partition(";")[0]
+    if not mime.startswith("image/"):
+        raise RequestError(f"image_url must hold an image (data:image/...;base64,...), not {mime or 'untyped data'!r}")
     if not header.endswith(";base64"):
         raise RequestError("image data URLs must be base64-encoded")
     try:
         data = base64.b64decode(payload, validate=True)
         decode_image(data)  # reject undecodable images here, as a 400, not deep inside generate
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, struct.error...) on hostile bytes
         raise RequestError(f"cannot decode image_url: {exc}") from None
     return ImagePart(data)
 
@@ -90,7 +105,7 @@ def parse_messages(raw: Any) -> tuple[Message, ...]:
         raise RequestError("messages must be a non-empty list")
     out = []
     for m in raw:
-        if not isinstance(m, Mapping) or m.get("role") not in _ROLES:
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
             raise RequestError(f"each message needs a role among {sorted(_ROLES)}")
         content = m.get("content")
         parts: list[Part] = []
@@ -145,21 +160,55 @@ def parse_settings(body: Mapping[str, Any]) -> tuple[GenerationSettings, int]:
         raise RequestError(f"bad sampling settings: {exc}") from None
 
 
+def bind_error_message(host: str, port: int, exc: OSError) -> str:
+    """One line for a failed bind, worded as :func:`ecoquant.serve.ports.require_free_port` words a busy port."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is in use (another server is listening there); stop it or choose another --port"
+    return f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --host or --port"
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """One thread per connection; a client gone mid-answer is a debug line, not http.server's traceback."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            # The client hung up or stalled: nothing to answer, nothing wrong with the server.
+            log.debug("client %s went away: %s", client_address[0], exc)
+        else:
+            log.error("unexpected error answering %s", client_address[0], exc_info=exc)
+
+
 class ChatServer:
     """An HTTP server answering chat completions with one backend, one request at a time.
 
     Use as a context manager (``with ChatServer(...).start() as server:``) or
-    call :meth:`serve_forever` in the foreground.
+    call :meth:`serve_forever` in the foreground. A port that cannot be bound
+    is an :class:`~ecoquant.errors.EcoquantError` (one line), raised here.
+    ``read_timeout_s`` bounds how long a client may stall while sending.
     """
 
-    def __init__(self, backend: Backend, served_name: str, host: str = DEFAULT_HOST, port: int = 0) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        served_name: str,
+        host: str = DEFAULT_HOST,
+        port: int = 0,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    ) -> None:
         self.backend = backend
         self.served_name = served_name
         self.created = int(time.time())
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._httpd = ThreadingHTTPServer((host, port), _handler_for(self))
-        self._httpd.daemon_threads = True
+        self._started = False
+        try:
+            self._httpd = _HTTPServer((host, port), _handler_for(self, read_timeout_s))
+        except OSError as exc:
+            raise EcoquantError(bind_error_message(host, port, exc)) from None
 
     @property
     def url(self) -> str:
@@ -169,16 +218,19 @@ class ChatServer:
 
     def start(self) -> ChatServer:
         """Serve in a background thread; returns self."""
+        self._started = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="ecoquant-openai-server", daemon=True)
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
+        self._started = True
         self._httpd.serve_forever()
 
     def stop(self) -> None:
         """Stop serving and release the port (the backend stays loaded; close it yourself)."""
-        self._httpd.shutdown()
+        if self._started:  # shutdown() waits for a serve loop that never ran forever
+            self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -230,11 +282,14 @@ class ChatServer:
         }
 
 
-def _handler_for(server: ChatServer) -> type[BaseHTTPRequestHandler]:
+def _handler_for(server: ChatServer, read_timeout_s: float) -> type[BaseHTTPRequestHandler]:
     """A request-handler class bound to one :class:`ChatServer` (http.server wants a class)."""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "ecoquant-openai/1"
+        # StreamRequestHandler puts this on the socket: a client that stalls while
+        # sending is dropped instead of holding its thread forever.
+        timeout = read_timeout_s
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
             log.debug("%s " + format, self.address_string(), *args)
@@ -244,12 +299,49 @@ def _handler_for(server: ChatServer) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 
         def _error(self, status: HTTPStatus, message: str) -> None:
+            # After an error the rest of the connection (an unread body, say) cannot be trusted.
+            self.close_connection = True
             kind = "invalid_request_error" if status < 500 else "server_error"
             self._send(status, {"error": {"message": message, "type": kind, "code": int(status)}})
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """http.server's own errors (bad request line, unknown method...) as JSON too, not HTML."""
+            status = HTTPStatus(code)
+            self.log_error("code %d, message %s", code, message)
+            self._error(status, message or status.phrase)
+
+        def _read_json(self) -> Any:
+            """The request body as JSON; each way it can be wrong is a :class:`RequestError`, never a hang."""
+            raw = self.headers.get("Content-Length")
+            if raw is None:
+                raise RequestError("Content-Length is required", HTTPStatus.LENGTH_REQUIRED)
+            if not (raw.strip().isascii() and raw.strip().isdigit()):
+                raise RequestError(f"Content-Length must be a byte count, not {raw!r}")
+            length = int(raw)
+            if length > MAX_BODY_BYTES:
+                raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            try:
+                data = self.rfile.read(length)
+            except TimeoutError:
+                raise RequestError(
+                    f"the request body did not arrive within {read_timeout_s:g} s", HTTPStatus.REQUEST_TIMEOUT
+                ) from None
+            if len(data) < length:
+                raise RequestError(f"the request body ended after {len(data)} of its {length} bytes (Content-Length)")
+            try:
+                return json.loads(data.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise RequestError(f"the request body is not UTF-8 (byte {exc.start})") from None
+            except json.JSONDecodeError as exc:
+                raise RequestError(f"the request body is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+            except RecursionError:
+                raise RequestError("the request body is nested too deeply") from None
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's names
             path = self.path.split("?", 1)[0].rstrip("/")
@@ -264,24 +356,23 @@ def _handler_for(server: ChatServer) -> type[BaseHTTPRequestHandler]:
             if self.path.split("?", 1)[0].rstrip("/") != "/v1/chat/completions":
                 self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
                 return
+            # Reading and writing the socket stay outside the catch-all below: a client
+            # that hung up has no one to answer, and _HTTPServer.handle_error logs it.
             try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-                return
-            if length > MAX_BODY_BYTES:
-                self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY_BYTES} bytes")
-                return
-            try:
-                body = json.loads(self.rfile.read(length))
-                self._send(HTTPStatus.OK, server.chat_completion(body))
-            except json.JSONDecodeError:
-                self._error(HTTPStatus.BAD_REQUEST, "the request body is not JSON")
+                body = self._read_json()
             except RequestError as exc:
                 self._error(exc.status, str(exc))
+                return
+            try:
+                answer = server.chat_completion(body)
+            except RequestError as exc:
+                self._error(exc.status, str(exc))
+                return
             except Exception as exc:  # a generation failure must answer 500, not drop the connection
                 log.exception("chat completion failed")
                 self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+                return
+            self._send(HTTPStatus.OK, answer)
 
     return Handler
 
@@ -300,6 +391,12 @@ def serve_model(
     ``served_name`` defaults to ``model`` as given, as ``vllm serve`` does.
     """
     from ecoquant.eval.backends.transformers_backend import TransformersBackend, TransformersOptions
+    from ecoquant.serve.ports import require_free_port
 
+    require_free_port(host, port)  # before the load: a busy port should not cost a model load first
     backend = TransformersBackend.load(model, TransformersOptions(device=device, dtype=dtype, batch_size=1))
-    return ChatServer(backend, served_name or str(model), host=host, port=port)
+    try:
+        return ChatServer(backend, served_name or str(model), host=host, port=port)
+    except EcoquantError:
+        backend.close()  # the port was taken between the check and the bind
+        raise

@@ -1,0 +1,120 @@
+"""``ecoquant optimize``: thin over :func:`ecoquant.optimize.optimize`.
+
+Options become an :class:`~ecoquant.optimize.OptimizeConfig`; ``--dry-run``
+prints :func:`~ecoquant.optimize.plan_optimize`'s plan and stops. SIGTERM is
+turned into the same clean stop as Ctrl-C, so a killed run leaves only
+finished results behind (and a rerun reuses them).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ecoquant.cli.app import app, console, guarded
+from ecoquant.cli.eval import parse_gpus
+from ecoquant.eval.backends.base import GENERATION_PRESETS, generation_settings
+from ecoquant.eval.builtin import DEFAULT_SIZE
+from ecoquant.eval.runner import EvalConfig
+from ecoquant.report.table import GATE_RECOVERY
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@app.command("optimize")
+@guarded
+def optimize_cmd(
+    model: Annotated[str, typer.Argument(help="The bf16 base model: a folder or hub id.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Working folder: checkpoints, evaluations, results, and submission/ (rerun to resume).")] = Path("ecoquant-optimize"),
+    grid: Annotated[Path | None, typer.Option(help="A grid YAML (grid: lists, candidates: one by one, calibration:); default: RTN, GPTQ, AWQ x presets x responses.")] = None,
+    gate: Annotated[float, typer.Option(help="Minimum mean recovery in (0, 1] a candidate must keep.")] = GATE_RECOVERY,
+    backend: Annotated[str, typer.Option(help="transformers (load models here) or vllm (each model served by its own `vllm serve --config`).")] = "transformers",
+    suite: Annotated[str, typer.Option(help="builtin, builtin-basic, builtin-realistic, doc, image, or a .jsonl path.")] = "builtin",
+    size: Annotated[int, typer.Option(help="Built-in suite: pages, documents and charts per kind.")] = DEFAULT_SIZE,
+    limit: Annotated[int | None, typer.Option(help="At most this many samples per task.")] = None,
+    sampling: Annotated[str, typer.Option(help=f"Decoding preset: {', '.join(GENERATION_PRESETS)}.")] = "greedy",
+    max_new_tokens: Annotated[int | None, typer.Option(help="Lower every task's token cap to this.")] = None,
+    keep: Annotated[str, typer.Option(help="pick: delete the losers' checkpoints after the decision; all: keep them.")] = "all",
+    gpus: Annotated[str | None, typer.Option(help="NVML GPU indices, e.g. 0,1: candidates are evaluated in parallel, one per GPU, each metered alone.")] = None,
+    repo_id: Annotated[str | None, typer.Option(help="Write this as the submission's `model` (the hub id you publish under) instead of `.`.")] = None,
+    device: Annotated[str, typer.Option(help="transformers backend: auto, cpu, cuda, cuda:N.")] = "auto",
+    quant_device: Annotated[str, typer.Option(help="Where GPTQ/AWQ calibrate: cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="transformers backend: requests per generate call.")] = 8,
+    concurrency: Annotated[int, typer.Option(help="vllm backend: requests in flight at once.")] = 8,
+    warmup: Annotated[int, typer.Option(help="Warm-up requests per model, before its energy window.")] = 2,
+    idle_seconds: Annotated[float, typer.Option(help="Idle-power sampling per GPU before the first model (0 to skip).")] = 5.0,
+    vllm_python: Annotated[Path | None, typer.Option(help="vllm backend: Python interpreter with vLLM.")] = None,
+    vllm_arg: Annotated[list[str] | None, typer.Option("--vllm-arg", help="vllm backend: extra argument for every server (repeatable).")] = None,
+    server_timeout: Annotated[float, typer.Option(help="vllm backend: seconds a server may take to become ready.")] = 900.0,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder for the built-in suite's images.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (candidates, what is cached, disk needed) and stop.")] = False,
+) -> None:
+    """Quantize a grid of W4A16 candidates, evaluate base and candidates, pick the cheapest that keeps the gate, write DIR/submission."""
+    from ecoquant.export.footprint import human_bytes  # these pull in torch: only when the command runs
+    from ecoquant.optimize import OptimizeConfig, load_grid, optimize, plan_optimize
+
+    config = OptimizeConfig(
+        out=out,
+        grid=load_grid(grid) if grid is not None else None,
+        gate=gate,
+        backend=backend,  # type: ignore[arg-type]
+        eval=EvalConfig(
+            suite=suite,
+            size=size,
+            limit=limit,
+            cache_dir=cache_dir,
+            device=device,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            generation=generation_settings(sampling, max_new_tokens=max_new_tokens),
+            warmup_requests=warmup,
+            idle_seconds=idle_seconds,
+        ),
+        quant_device=quant_device,
+        keep=keep,  # type: ignore[arg-type]
+        gpus=parse_gpus(gpus) or (),
+        repo_id=repo_id,
+        vllm_python=vllm_python,
+        vllm_args=tuple(vllm_arg or ()),
+        server_timeout_s=server_timeout,
+    )
+    if dry_run:
+        plan, store, _, _ = plan_optimize(model, config)
+        table = Table(title=f"optimize plan for {plan.model.name} ({plan.grid.source} grid) in {store.root}")
+        for column in ("name", "method", "preset", "scheme", "response", "serving", "checkpoint", "evaluation"):
+            table.add_column(column)
+        for row in plan.rows():
+            table.add_row(*(str(row[c]) for c in ("name", "method", "preset", "scheme", "response", "serving", "checkpoint", "evaluation")))
+        # a plan is read in logs too: never truncate a candidate's name to the terminal's width
+        Console(stderr=True, width=max(console.width, 200)).print(table)
+        to_run = sum(1 for j in plan.jobs if j.eval_key not in plan.cached_evals)
+        console.print(
+            f"{len(plan.quantize)} checkpoints to write (about {human_bytes(plan.disk_needed_bytes)} of disk), "
+            f"{to_run} of {len(plan.jobs)} evaluations to run; "
+            + ("energy measured by NVML." if plan.energy_measured else "energy not measured (no NVML device): ranked by wall time."),
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    _stop_on_sigterm()
+    try:
+        result = optimize(model, config, console=console)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]stopped[/]: finished work is kept in {out}; rerun the same command to resume", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130) from None
+    typer.echo((result.results.parent / "report.md").read_text(encoding="utf-8"))
+    console.print(result.choice.summary(), highlight=False, soft_wrap=True)
+    if result.submission is None:
+        raise typer.Exit(code=1)
+    console.print(f"[green]submission:[/] {result.submission} (vllm serve --config vllm_config.yaml, from inside it)", highlight=False, soft_wrap=True)

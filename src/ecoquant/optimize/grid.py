@@ -1,0 +1,222 @@
+"""The candidates ``ecoquant optimize`` compares: how each is quantized, how it answers, how it is served.
+
+A :class:`Candidate` is everything that decides what the organizers would
+run: the quantization (method, module preset, group size, observer), the
+response policy it ships (``default``: the model's own chat template;
+``short``: the response-economy template of
+:mod:`ecoquant.serve.chat_template`), and vLLM serving options (any engine
+argument: ``speculative_config`` for a drafter, ``mm_processor_kwargs`` for
+the image-token budget, ``max_num_seqs``...). Prompt variants that only the
+evaluation would send are not candidates: the organizers send their own
+prompts, so only what the checkpoint carries can be shipped.
+
+:func:`default_grid` is the issue's default: RTN, GPTQ and AWQ, on the
+``auto`` preset and (for model families that have one) on the seed's MLP +
+attention-output set, each with the model's own template and with the
+short-answer one. :func:`load_grid` reads a YAML file of the same
+vocabulary: a ``grid:`` of lists (their product) and/or ``candidates:``
+written out one by one, plus the ``calibration:`` GPTQ and AWQ share.
+Unknown keys are one clear error, never ignored.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from ecoquant.calibrate.data import CalibrationConfig
+from ecoquant.errors import EcoquantError
+from ecoquant.quantize.scheme import QuantScheme
+
+Method = Literal["rtn", "gptq", "awq"]
+Response = Literal["default", "short"]
+
+RESPONSES: Mapping[str, str] = MappingProxyType(
+    {
+        # The checkpoint answers through its own chat template: what the organizers' prompts get by default.
+        "default": "the model's own chat template",
+        # The seed's Round-2 lever, shipped: a system turn asking for one word or number when the request has none.
+        "short": "ships a chat template that asks for the shortest answer when a request has no system turn",
+    }
+)
+
+MLPO_PRESETS: Mapping[str, str] = MappingProxyType(
+    {
+        # The seed's conservative Round-2 artifact: MLP + attention-output projections only (q/k/v stay bf16).
+        "gemma4": "gemma4-e-mlpo",
+    }
+)
+"""``model_type`` -> the seed's MLP + attention-output preset, where the family has one."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One variant to quantize, evaluate and maybe ship.
+
+    Attributes:
+        name: unique in the grid; the report's row label and the checkpoint folder's name.
+        method: ``rtn``, ``gptq`` or ``awq``.
+        preset: a module preset (``auto``, ``gemma4-e-mlpo``...; see ``ecoquant presets``).
+        group_size, observer: the int4 scheme (W4A16, symmetric).
+        response: ``default`` or ``short`` (see :data:`RESPONSES`).
+        serving: vLLM engine arguments added to its ``vllm_config.yaml`` (need ``--backend vllm``).
+    """
+
+    name: str
+    method: Method = "rtn"
+    preset: str = "auto"
+    group_size: int | None = 128
+    observer: str = "minmax"
+    response: Response = "default"
+    serving: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "serving", MappingProxyType(dict(self.serving)))
+        if not self.name or any(c in self.name for c in "/\\ \t\n") or self.name.startswith("."):
+            raise EcoquantError(f"candidate name {self.name!r} must be a plain folder name (no spaces, slashes or leading dot)")
+        if self.method not in ("rtn", "gptq", "awq"):
+            raise EcoquantError(f"candidate {self.name}: unknown method {self.method!r}; use rtn, gptq or awq")
+        if self.response not in RESPONSES:
+            raise EcoquantError(f"candidate {self.name}: unknown response {self.response!r}; use {' or '.join(RESPONSES)}")
+        self.scheme  # a bad group size or observer fails here, before any work
+
+    @property
+    def scheme(self) -> QuantScheme:
+        try:
+            return QuantScheme(group_size=self.group_size, observer=self.observer)  # type: ignore[arg-type]
+        except (ValueError, EcoquantError) as exc:
+            raise EcoquantError(f"candidate {self.name}: {exc}") from None
+
+    def quant_record(self) -> dict[str, Any]:
+        """What decides the checkpoint (not the response or serving, which reuse it)."""
+        return {"method": self.method, "preset": self.preset, "scheme": self.scheme.to_dict()}
+
+    def to_record(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"serving": dict(self.serving)}
+
+
+CANDIDATE_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Candidate))
+TOP_KEYS: tuple[str, ...] = ("grid", "candidates", "calibration")
+CALIBRATION_KEYS: tuple[str, ...] = tuple(f.name for f in fields(CalibrationConfig))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The candidates, and the calibration that GPTQ and AWQ candidates share."""
+
+    candidates: tuple[Candidate, ...]
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    source: str = "default"
+    """Where the grid came from: ``default`` or the YAML file's path."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        if not self.candidates:
+            raise EcoquantError("the grid has no candidates; list some under candidates: or grid:")
+        names = [c.name for c in self.candidates]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise EcoquantError(f"candidate names repeat: {', '.join(dupes)}; give each a unique name:")
+
+    def needs_vllm(self) -> list[str]:
+        """Candidates with serving options (only a vLLM server can honour them)."""
+        return [c.name for c in self.candidates if c.serving]
+
+
+def auto_name(method: str, preset: str, group_size: int | None, observer: str, response: str, serving: Mapping[str, Any]) -> str:
+    """``gptq-auto``, ``rtn-gemma4-e-mlpo-g64-mse+short``, ``awq-auto+s1a2b3c``: readable, unique per choice."""
+    name = f"{method}-{preset}"
+    if group_size != 128:
+        name += f"-g{group_size}" if group_size else "-channel"
+    if observer != "minmax":
+        name += f"-{observer}"
+    if response != "default":
+        name += f"+{response}"
+    if serving:
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps(dict(serving), sort_keys=True).encode()).hexdigest()[:6]
+        name += f"+s{digest}"
+    return name
+
+
+def default_grid(model_type: str | None, calibration: CalibrationConfig | None = None) -> Grid:
+    """RTN, GPTQ, AWQ x (``auto``, the seed's MLP + o set where the family has one) x (default, short) responses."""
+    presets = ["auto"] + ([MLPO_PRESETS[model_type]] if model_type in MLPO_PRESETS else [])
+    candidates = [
+        Candidate(auto_name(m, p, 128, "minmax", r, {}), method=m, preset=p, response=r)  # type: ignore[arg-type]
+        for m, p, r in itertools.product(("rtn", "gptq", "awq"), presets, RESPONSES)
+    ]
+    return Grid(tuple(candidates), calibration or CalibrationConfig())
+
+
+def _unknown(keys: Sequence[str], known: Sequence[str], where: str) -> None:
+    bad = [k for k in keys if k not in known]
+    if bad:
+        raise EcoquantError(f"unknown key {bad[0]!r} in {where}; known keys: {', '.join(known)}")
+
+
+def _candidate(spec: Mapping[str, Any], where: str) -> Candidate:
+    if not isinstance(spec, Mapping):
+        raise EcoquantError(f"{where} must be a mapping of {', '.join(CANDIDATE_KEYS)}")
+    _unknown(list(spec), CANDIDATE_KEYS, where)
+    values = {k: v for k, v in spec.items() if k != "name"}
+    serving = values.get("serving") or {}
+    if not isinstance(serving, Mapping):
+        raise EcoquantError(f"{where}: serving must be a mapping of vLLM engine arguments")
+    values["serving"] = serving
+    defaults = Candidate("x")
+    name = spec.get("name") or auto_name(
+        values.get("method", defaults.method),
+        values.get("preset", defaults.preset),
+        values.get("group_size", defaults.group_size),
+        values.get("observer", defaults.observer),
+        values.get("response", defaults.response),
+        serving,
+    )
+    try:
+        return Candidate(str(name), **values)
+    except TypeError as exc:
+        raise EcoquantError(f"{where}: {exc}") from None
+
+
+def grid_from_mapping(data: Any, source: str = "grid") -> Grid:
+    """A :class:`Grid` from parsed YAML (see the module docstring for the vocabulary)."""
+    if not isinstance(data, Mapping):
+        raise EcoquantError(f"{source} must be a YAML mapping with grid:, candidates: and/or calibration:")
+    _unknown(list(data), TOP_KEYS, source)
+    candidates: list[Candidate] = []
+    product = data.get("grid")
+    if product is not None:
+        if not isinstance(product, Mapping):
+            raise EcoquantError(f"{source}: grid: must map candidate keys to lists of values")
+        _unknown([k for k in product if k != "name"], [k for k in CANDIDATE_KEYS if k != "name"], f"{source} grid:")
+        axes = {k: (v if isinstance(v, list) else [v]) for k, v in product.items()}
+        for combo in itertools.product(*axes.values()):
+            candidates.append(_candidate(dict(zip(axes, combo, strict=True)), f"{source} grid:"))
+    for i, spec in enumerate(data.get("candidates") or ()):
+        candidates.append(_candidate(spec, f"{source} candidates[{i}]"))
+    calib = data.get("calibration") or {}
+    if not isinstance(calib, Mapping):
+        raise EcoquantError(f"{source}: calibration: must be a mapping of {', '.join(CALIBRATION_KEYS)}")
+    _unknown(list(calib), CALIBRATION_KEYS, f"{source} calibration:")
+    return Grid(tuple(candidates), CalibrationConfig(**calib), source)
+
+
+def load_grid(path: Path | str) -> Grid:
+    """Read a grid YAML file; a missing file or bad YAML is one clear line."""
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise EcoquantError(f"no such grid file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise EcoquantError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return grid_from_mapping(data, str(path))

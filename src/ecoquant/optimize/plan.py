@@ -1,0 +1,244 @@
+"""The plan of an ``optimize`` run: its settings, the base and candidate jobs with their keys, what is cached.
+
+:func:`plan_optimize` resolves the model, builds the grid and every key
+(:mod:`ecoquant.optimize.store` says what a key holds), and looks up what
+``DIR`` already has; ``--dry-run`` prints it and stops. Nothing is written
+but ``DIR`` itself and its source-hash cache.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from ecoquant.errors import EcoquantError
+from ecoquant.eval.runner import EvalConfig, PreparedSuite, prepare_suite
+from ecoquant.optimize.grid import Candidate, Grid, default_grid
+from ecoquant.optimize.store import Store, digest
+from ecoquant.report.table import GATE_RECOVERY, check_threshold
+
+KEY_VERSION = 1
+"""Part of every key: bump it when what a key stands for changes, so old results are not reused."""
+
+SHORT_SUFFIX = "+short"
+
+BackendKind = Literal["transformers", "vllm"]
+Keep = Literal["pick", "all"]
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything ``ecoquant optimize`` decides besides the model.
+
+    Attributes:
+        out: the working folder (checkpoints, evaluations, results, submission).
+        grid: the candidates; None for :func:`~ecoquant.optimize.grid.default_grid` of the model's family.
+        gate: minimum mean recovery, in (0, 1] (the challenge's 0.8).
+        backend: ``transformers`` (models loaded here) or ``vllm`` (each served by ``vllm serve --config``).
+        eval: suite, generation, warm-up and backend settings (its ``backend`` is set from ``backend``).
+        quant_device: where GPTQ/AWQ calibrate (``cpu``, ``cuda``).
+        keep: ``all`` keeps every checkpoint; ``pick`` deletes the losers' after the decision.
+        gpus: NVML indices; more than one evaluates candidates in parallel, one per GPU, each metered alone.
+        repo_id: the submission's ``vllm_config.yaml`` names this as ``model`` (default: ``.``, the folder itself).
+        vllm_python, vllm_args, server_timeout_s: for ``--backend vllm``.
+    """
+
+    out: Path
+    grid: Grid | None = None
+    gate: float = GATE_RECOVERY
+    backend: BackendKind = "transformers"
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    quant_device: str = "cpu"
+    keep: Keep = "all"
+    gpus: tuple[int, ...] = ()
+    repo_id: str | None = None
+    vllm_python: Path | None = None
+    vllm_args: tuple[str, ...] = ()
+    server_timeout_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out).expanduser())
+        object.__setattr__(self, "gpus", tuple(self.gpus))
+        object.__setattr__(self, "vllm_args", tuple(self.vllm_args))
+        check_threshold(self.gate)
+        if self.backend not in ("transformers", "vllm"):
+            raise EcoquantError(f"unknown backend {self.backend!r} for optimize; use transformers or vllm")
+        if self.keep not in ("pick", "all"):
+            raise EcoquantError(f"--keep takes pick or all, not {self.keep!r}")
+        if len(set(self.gpus)) != len(self.gpus):
+            raise EcoquantError(f"--gpus repeats a GPU: {list(self.gpus)}")
+        object.__setattr__(self, "eval", replace(self.eval, backend=self.backend, prompt_variants=("default",)))
+
+
+# ------------------------------------------------------------------ plan
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model to evaluate: the base or a candidate, with its keys and folders."""
+
+    label: str
+    role: Literal["base", "variant"]
+    candidate: Candidate | None
+    quant_key: str | None
+    quant_dir: Path | None
+    folder: Path
+    """What is served: the source, the checkpoint, or its response variant."""
+    eval_key: str
+    eval_material: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What :func:`optimize` will do, and what ``DIR`` already holds."""
+
+    model: Path
+    model_type: str | None
+    grid: Grid
+    jobs: tuple[Job, ...]
+    quantize: tuple[Job, ...]
+    """One job per distinct quantization still to write (evaluations that need it are not cached)."""
+    cached_evals: frozenset[str]
+    cached_checkpoints: frozenset[str]
+    disk_needed_bytes: int
+    energy_measured: bool
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The plan as table rows (``--dry-run``)."""
+        out = []
+        for job in self.jobs:
+            c = job.candidate
+            out.append(
+                {
+                    "name": job.label,
+                    "method": "bf16 base" if c is None else c.method,
+                    "preset": "" if c is None else c.preset,
+                    "scheme": "" if c is None else f"g{c.group_size} {c.observer}",
+                    "response": "default" if c is None else c.response,
+                    "serving": "" if c is None or not c.serving else json.dumps(dict(c.serving)),
+                    "checkpoint": "source"
+                    if c is None
+                    else ("cached" if job.quant_key in self.cached_checkpoints else "to quantize"),
+                    "evaluation": "cached" if job.eval_key in self.cached_evals else "to run",
+                }
+            )
+        return out
+
+
+def _model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def quant_material(source_sha: str, candidate: Candidate, grid: Grid) -> dict[str, Any]:
+    """What decides a candidate's checkpoint."""
+    calibrated = candidate.method != "rtn"
+    return {
+        "v": KEY_VERSION,
+        "source": source_sha,
+        **candidate.quant_record(),
+        "calibration": asdict(grid.calibration) if calibrated else None,
+    }
+
+
+def eval_material(
+    model_key: str, candidate: Candidate | None, prepared: PreparedSuite, config: OptimizeConfig, energy_measured: bool
+) -> dict[str, Any]:
+    """What decides an evaluation's result."""
+    e = config.eval
+    backend: dict[str, Any] = {"kind": config.backend}
+    if config.backend == "transformers":
+        backend |= {"device": e.device, "dtype": e.dtype, "batch_size": e.batch_size}
+    else:
+        backend |= {"vllm_args": list(config.vllm_args), "concurrency": e.concurrency}
+    return {
+        "v": KEY_VERSION,
+        "model": model_key,
+        "response": "default" if candidate is None else candidate.response,
+        "serving": {} if candidate is None else dict(candidate.serving),
+        "suite": {"spec": e.suite, "size": e.size, "limit": e.limit, "sha256": prepared.digest},
+        "generation": e.generation.to_record(),
+        "prompt_variant": "default",
+        "warmup_requests": e.warmup_requests,
+        "backend": backend,
+        "energy_measured": energy_measured,
+    }
+
+
+def _check_grid(grid: Grid, config: OptimizeConfig) -> None:
+    if config.backend != "vllm" and grid.needs_vllm():
+        raise EcoquantError(
+            f"candidates {', '.join(grid.needs_vllm())} set vLLM serving options, which only a vLLM server honours; "
+            "use --backend vllm or remove their serving:"
+        )
+
+
+def plan_optimize(
+    model: str | Path, config: OptimizeConfig, *, prepared: PreparedSuite | None = None, energy_measured: bool | None = None
+) -> tuple[Plan, Store, PreparedSuite, dict[str, Any]]:
+    """Resolve the model, build the grid and every key, and look up what ``DIR`` holds.
+
+    Returns the plan, the store, the prepared suite and the source's hashes.
+    """
+    from ecoquant.api import plan_footprint, plan_model
+    from ecoquant.models.loading import resolve_model
+
+    store = Store(config.out)
+    path = resolve_model(model)
+    model_type = _model_type(path)
+    grid = config.grid or default_grid(model_type)
+    _check_grid(grid, config)
+    source_hash = store.source_hash(path)
+    prepared = prepared or prepare_suite(config.eval)
+    if energy_measured is None:
+        energy_measured = _meter_available(config)
+    base_key = digest({"v": KEY_VERSION, "base": source_hash["sha256"]})
+    jobs = [
+        Job(
+            path.name,
+            "base",
+            None,
+            None,
+            None,
+            path,
+            digest(m := eval_material(base_key, None, prepared, config, energy_measured)),
+            m,
+        )
+    ]
+    for c in grid.candidates:
+        qkey = digest(quant_material(source_hash["sha256"], c, grid))
+        qdir = store.checkpoint_dir(f"{c.method}-{c.preset}", qkey)
+        folder = qdir if c.response == "default" else qdir.with_name(qdir.name + SHORT_SUFFIX)
+        material = eval_material(qkey + ("" if c.response == "default" else SHORT_SUFFIX), c, prepared, config, energy_measured)
+        jobs.append(Job(c.name, "variant", c, qkey, qdir, folder, digest(material), material))
+    cached_evals = frozenset(j.eval_key for j in jobs if store.load_eval(j.label, j.eval_key) is not None)
+    cached_ckpts = frozenset(
+        j.quant_key for j in jobs if j.quant_dir is not None and store.checkpoint_done(j.quant_dir, j.quant_key or "")
+    )
+    to_quantize: dict[str, Job] = {}
+    for j in jobs:
+        if j.quant_key and j.eval_key not in cached_evals and j.quant_key not in cached_ckpts:
+            to_quantize.setdefault(j.quant_key, j)
+    disk = 0
+    for j in to_quantize.values():
+        assert j.candidate is not None
+        disk += plan_footprint(plan_model(path, j.candidate.preset), j.candidate.scheme).after_bytes
+    plan = Plan(
+        path, model_type, grid, tuple(jobs), tuple(to_quantize.values()), cached_evals, cached_ckpts, disk, energy_measured
+    )
+    return plan, store, prepared, source_hash
+
+
+def _meter_available(config: OptimizeConfig) -> bool:
+    from ecoquant.energy.nvml import NvmlMeter, open_meter
+
+    meter = open_meter(list(config.gpus) or None)
+    available = meter.available
+    if isinstance(meter, NvmlMeter):
+        meter.close()
+    return available

@@ -1,0 +1,370 @@
+"""``ecoquant optimize``: quantize a grid of candidates, evaluate base and candidates, pick, write the upload.
+
+The user's question is which variant to ship: the one that keeps at least
+the gate's share (80%) of the base's mean quality and spends the least
+energy over the whole suite, served as the organizers serve it. This module
+answers it by driving the layers below it -- :func:`ecoquant.api.quantize`,
+:func:`ecoquant.eval.runner.evaluate_model`, the report, the serving config
+and card -- which know nothing about it:
+
+1. **plan** (:mod:`ecoquant.optimize.plan`): the grid, each candidate's keys,
+   what ``DIR`` already holds (:mod:`ecoquant.optimize.store`);
+2. **quantize** each distinct quantization once (a response variant reuses
+   its weights through hard links and carries its own chat template);
+3. **evaluate** the base and every candidate on the suite, each model in its
+   own energy window (``--backend vllm``: its own ``vllm serve --config``),
+   one per GPU in parallel with ``gpus``;
+4. **decide** with :func:`ecoquant.optimize.select.choose`;
+5. **ship**: ``DIR/submission/`` (:mod:`ecoquant.optimize.submission`).
+
+Every finished quantization and evaluation is on disk under its key before
+the next starts, so an interrupted run, rerun with the same arguments,
+redoes only what had not finished.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from ecoquant.errors import EcoquantError
+from ecoquant.eval.backends.base import Backend
+from ecoquant.eval.runner import (
+    BackendFailure,
+    EnergyInfo,
+    EvalConfig,
+    FailedRun,
+    ModelRef,
+    ModelRun,
+    PreparedSuite,
+    RunRecord,
+    build_record,
+    evaluate_model,
+    open_backend,
+)
+from ecoquant.optimize.plan import SHORT_SUFFIX, Job, OptimizeConfig, Plan, plan_optimize
+from ecoquant.optimize.select import Choice, choice_record, choose
+from ecoquant.optimize.store import SERVERS, Store, link_or_copy, write_json_atomic
+from ecoquant.report import RESULTS_FILE, render_report
+from ecoquant.report.table import report_rows
+
+CHOICE_FILE = "choice.json"
+
+
+# ------------------------------------------------------------------ progress
+
+
+class Stages:
+    """One line per stage start and end (log lines when stderr is not a terminal), a spinner when it is."""
+
+    def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled
+        self._lock = threading.Lock()
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            with self._lock:
+                self.console.print(text, highlight=False, soft_wrap=True)
+
+    @contextmanager
+    def stage(self, who: str, what: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        self.line(f"optimize: {who}: {what} ...")
+        try:
+            yield
+        except BaseException:
+            self.line(f"optimize: {who}: {what} stopped after {time.perf_counter() - t0:.1f} s")
+            raise
+        self.line(f"optimize: {who}: {what} done in {time.perf_counter() - t0:.1f} s")
+
+
+# ------------------------------------------------------------------ quantize
+
+
+def _quantize_job(job: Job, plan: Plan, store: Store, config: OptimizeConfig, stages: Stages, show: bool) -> None:
+    from ecoquant.api import QuantizeConfig, quantize
+
+    c = job.candidate
+    assert c is not None and job.quant_dir is not None and job.quant_key is not None
+    with stages.stage(c.name, f"quantize ({c.method}, preset {c.preset}, g{c.group_size} {c.observer})"):
+        quantize(
+            plan.model,
+            job.quant_dir,
+            QuantizeConfig(
+                method=c.method,
+                scheme=c.scheme,
+                preset=c.preset,
+                overwrite=True,
+                calibration=plan.grid.calibration,
+                device=config.quant_device,
+            ),
+            show_progress=show,
+        )
+        store.mark_checkpoint(job.quant_dir, job.quant_key, {"candidate": c.quant_record(), "recipe": "quant_recipe.json"})
+
+
+def _short_variant(job: Job, store: Store) -> None:
+    """The response-economy folder: the checkpoint's files hard-linked, its chat template wrapped."""
+    from ecoquant.serve.chat_template import write_short_answer_template
+
+    assert job.quant_dir is not None and job.quant_key is not None
+    key = job.quant_key + SHORT_SUFFIX
+    if store.checkpoint_done(job.folder, key):
+        return
+    tmp = job.folder.with_name(f".{job.folder.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in job.quant_dir.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            link_or_copy(f, tmp / f.name)
+    write_short_answer_template(tmp)
+    store.mark_checkpoint(tmp, key, {"from": job.quant_dir.name, "response": "short"})
+    shutil.rmtree(job.folder, ignore_errors=True)
+    tmp.rename(job.folder)
+
+
+# ------------------------------------------------------------------ evaluate
+
+
+MeterFactory = Callable[[Sequence[int] | None], Any]
+BackendFactory = Callable[[ModelRef, int, EvalConfig], Backend]
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    """What :func:`optimize` did and decided."""
+
+    plan: Plan
+    record: RunRecord
+    choice: Choice
+    submission: Path | None
+    quantized: tuple[str, ...]
+    """Candidates whose checkpoint was written by this run (the others were reused)."""
+    evaluated: tuple[str, ...]
+    """Models evaluated by this run (the others' results were reused)."""
+    results: Path
+
+
+def _open_meter(gpus: Sequence[int] | None) -> Any:
+    from ecoquant.energy.nvml import open_meter
+
+    return open_meter(gpus)
+
+
+def _vllm_factory(config: OptimizeConfig, plan: Plan, store: Store, gpu: int | None) -> BackendFactory:
+    from ecoquant.serve.config import ServeConfigOptions
+    from ecoquant.serve.vllm_backend import VllmServerOptions, vllm_backend_factory
+
+    e = config.eval
+    options = VllmServerOptions(
+        log_dir=store.root / SERVERS,
+        serve_config=ServeConfigOptions(
+            suite=e.suite, size=e.size, limit=e.limit, prompt_variants=("default",), cache_dir=e.cache_dir
+        ),
+        serving={j.label: dict(j.candidate.serving) for j in plan.jobs if j.candidate is not None},
+        vllm_python=config.vllm_python,
+        vllm_args=config.vllm_args,
+        gpu=gpu,
+        ready_timeout_s=config.server_timeout_s,
+    )
+    return vllm_backend_factory(options)
+
+
+def _evaluate_jobs(
+    jobs: Sequence[Job],
+    plan: Plan,
+    store: Store,
+    prepared: PreparedSuite,
+    config: OptimizeConfig,
+    stages: Stages,
+    meter_factory: MeterFactory,
+    backend_factory: Callable[[int | None], BackendFactory],
+    show: bool,
+) -> tuple[list[str], dict[str, FailedRun], EnergyInfo | None]:
+    """Evaluate ``jobs`` (one worker per GPU, or one in all), saving each result under its key as it finishes."""
+    from ecoquant.energy.meter import measure_idle
+    from ecoquant.eval.runner import energy_info
+
+    slots: queue.Queue[int | None] = queue.Queue()
+    for g in config.gpus or (None,):
+        slots.put(g)
+    meters: dict[int | None, Any] = {}
+    idles: dict[int | None, Any] = {}
+    infos: dict[int | None, EnergyInfo] = {}
+    for g in config.gpus or (None,):
+        meters[g] = meter_factory(None if g is None else [g])
+        idles[g] = measure_idle(meters[g], config.eval.idle_seconds)
+        infos[g] = energy_info(meters[g], idles[g], config.eval)
+    evaluated: list[str] = []
+    failures: dict[str, FailedRun] = {}
+    index = {j.label: i for i, j in enumerate(plan.jobs)}
+
+    def run_one(job: Job) -> None:
+        gpu = slots.get()
+        try:
+            where = "" if gpu is None else f" on GPU {gpu}"
+            ref = ModelRef(job.label, str(job.folder), job.role)
+            with stages.stage(job.label, f"evaluate ({config.backend}{where}, {prepared.suite.n_samples} samples)"):
+                try:
+                    runs = evaluate_model(
+                        ref,
+                        index[job.label],
+                        prepared,
+                        config.eval,
+                        meter=meters[gpu],
+                        idle=idles[gpu],
+                        backend_factory=backend_factory(gpu),
+                    )
+                except BackendFailure as exc:
+                    failures[job.label] = FailedRun.from_failure(ref, exc)
+                    stages.line(f"optimize: {job.label}: FAILED: {str(exc).splitlines()[0]}")
+                    return
+            payload = {
+                "runs": [asdict(r) for r in runs],
+                "gpu": gpu,
+                "meter": meters[gpu].description,
+                "energy": asdict(infos[gpu]),
+            }
+            store.save_eval(job.label, job.eval_key, job.eval_material, payload)
+            evaluated.append(job.label)
+        finally:
+            slots.put(gpu)
+
+    try:
+        if len(config.gpus) > 1:
+            with ThreadPoolExecutor(max_workers=len(config.gpus)) as pool:
+                for future in [pool.submit(run_one, j) for j in jobs]:
+                    future.result()
+        else:
+            for j in jobs:
+                run_one(j)
+    finally:
+        for m in meters.values():
+            if hasattr(m, "close"):
+                m.close()
+    first = next(iter(infos.values()), None)
+    if first is not None and len(infos) > 1:
+        gpus = ", ".join(str(g) for g in infos)
+        first = replace(first, meter=f"{first.meter.split(',')[0]}, one GPU per candidate (GPUs {gpus})")
+    return evaluated, failures, first
+
+
+# ------------------------------------------------------------------ the whole job
+
+
+def optimize(
+    model: str | Path,
+    config: OptimizeConfig,
+    *,
+    show_progress: bool | None = None,
+    console: Console | None = None,
+    meter_factory: MeterFactory = _open_meter,
+    backend_factory: BackendFactory | None = None,
+) -> OptimizeResult:
+    """Quantize, evaluate, decide and write ``config.out/submission`` (see the module docstring).
+
+    ``meter_factory`` and ``backend_factory`` exist for tests (a recorded NVML,
+    a scripted backend); by default NVML and the configured backend are used.
+    """
+    console = console or Console(stderr=True)
+    show = console.is_terminal if show_progress is None else show_progress
+    stages = Stages(console, enabled=show_progress is not False)
+    probe = meter_factory(list(config.gpus) or None)
+    energy_measured = bool(probe.available)
+    if hasattr(probe, "close"):
+        probe.close()
+    if config.gpus and not energy_measured:
+        raise EcoquantError(f"--gpus {','.join(map(str, config.gpus))} needs NVIDIA GPUs with NVML; none answered here")
+    if config.backend == "vllm" and backend_factory is None:
+        from ecoquant.serve.vllm_backend import require_vllm
+
+        require_vllm(config.vllm_python)  # before any quantization: one line if vLLM is missing
+
+    with stages.stage("plan", "grid, keys and what the folder already holds"):
+        plan, store, prepared, _ = plan_optimize(model, config, energy_measured=energy_measured)
+    cached = len(plan.cached_evals)
+    stages.line(
+        f"optimize: {len(plan.jobs) - 1} candidates + base; {cached} evaluations and "
+        f"{len(plan.cached_checkpoints)} checkpoints reused from {store.root}"
+    )
+
+    quantized = []
+    for job in plan.quantize:
+        _quantize_job(job, plan, store, config, stages, show)
+        quantized.append(job.label)
+    for job in plan.jobs:
+        if job.candidate is not None and job.candidate.response == "short" and job.eval_key not in plan.cached_evals:
+            _short_variant(job, store)
+
+    if backend_factory is not None:
+        factory_for: Callable[[int | None], BackendFactory] = lambda gpu: backend_factory  # noqa: E731
+    elif config.backend == "vllm":
+        factory_for = lambda gpu: _vllm_factory(config, plan, store, gpu)  # noqa: E731
+    else:
+        factory_for = lambda gpu: _transformers_factory(config, gpu)  # noqa: E731
+    todo = [j for j in plan.jobs if j.eval_key not in plan.cached_evals]
+    evaluated, failures, info = _evaluate_jobs(
+        todo, plan, store, prepared, config, stages, meter_factory, factory_for, show
+    )
+
+    runs: list[ModelRun] = []
+    stored_info: EnergyInfo | None = None
+    for job in plan.jobs:
+        data = store.load_eval(job.label, job.eval_key)
+        if data is None:
+            continue
+        runs += [ModelRun.from_dict(r) for r in data["runs"]]
+        stored_info = stored_info or EnergyInfo(**data["energy"])
+    energy = info or stored_info
+    assert energy is not None or not runs
+    record = build_record(
+        config.eval,
+        prepared,
+        energy or EnergyInfo(False, "nothing evaluated", None, None, config.eval.warmup_requests),
+        runs,
+        [failures[j.label] for j in plan.jobs if j.label in failures],
+    )
+    results = record.save(store.root / RESULTS_FILE)
+    render_report(record, store.root, config.gate)
+    choice = choose(report_rows(record, config.gate), config.gate, energy_measured)
+    write_json_atomic(store.root / CHOICE_FILE, choice_record(choice, plan.grid, record.failures))
+    stages.line(f"optimize: {choice.summary()}")
+
+    submission = None
+    if choice.pick is not None:
+        from ecoquant.optimize.submission import write_submission
+
+        pick = next(j for j in plan.jobs if j.label == choice.pick)
+        with stages.stage(pick.label, "write the submission folder"):
+            submission = write_submission(store, pick, plan, record, choice, config)
+    if config.keep == "pick":
+        _discard_losers(plan, store, choice)
+    return OptimizeResult(plan, record, choice, submission, tuple(quantized), tuple(evaluated), results)
+
+
+def _transformers_factory(config: OptimizeConfig, gpu: int | None) -> BackendFactory:
+    if gpu is None:
+        return open_backend
+    device_config = replace(config.eval, device=f"cuda:{gpu}")
+    return lambda ref, index, _config: open_backend(ref, index, device_config)
+
+
+def _discard_losers(plan: Plan, store: Store, choice: Choice) -> None:
+    """``--keep pick``: delete every checkpoint folder the pick does not use (evaluations stay)."""
+    pick = next((j for j in plan.jobs if j.label == choice.pick), None)
+    keep = set() if pick is None or pick.quant_dir is None else {pick.quant_dir, pick.folder}
+    for job in plan.jobs:
+        for folder in {job.quant_dir, job.folder} - {None}:
+            if job.candidate is not None and folder not in keep and folder is not None and folder.exists():
+                store.discard(folder)

@@ -1,0 +1,147 @@
+"""``DIR/submission/``: the folder to upload, served by ``vllm serve --config vllm_config.yaml`` from inside it.
+
+What goes in: the pick's weights, config, tokenizer and chat template (the
+response-economy one if the pick carries it), its ``quant_recipe.json``, a
+``vllm_config.yaml`` whose ``model`` is ``.`` (the folder itself) or the
+``--repo-id`` it will be published under -- never a path of this machine --
+with the pick's serving options, the evaluation's ``results.json``,
+``report.md``, ``pareto.png`` and ``choice.json``, and a model card
+(``README.md``) in the seeds' shape: what it is, what is quantized, the
+measured table, how it was chosen (every candidate, the gate, the cost
+measure, the hardware and vLLM version), usage, reproduction, license.
+
+The folder is built as ``DIR/.submission.partial`` and renamed into place,
+so a half-written submission never sits where an upload would take it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ecoquant.optimize.grid import RESPONSES
+from ecoquant.optimize.plan import Job, OptimizeConfig, Plan
+from ecoquant.optimize.select import Choice, choice_record
+from ecoquant.optimize.store import Store, link_or_copy, write_json_atomic
+from ecoquant.report import PLOT_FILE, RESULTS_FILE, TABLE_FILE
+from ecoquant.serve.config import CONFIG_FILE, ServeConfigOptions, build_serve_config
+from ecoquant.serve.model_card import write_model_card
+
+if TYPE_CHECKING:
+    from ecoquant.eval.runner import RunRecord
+
+SUBMISSION = "submission"
+SKIPPED = (CONFIG_FILE, "README.md")
+"""Files of the candidate folder not copied: the submission gets its own."""
+
+
+def hardware(record: RunRecord) -> dict[str, Any]:
+    """Where the evaluation ran: CPU, GPUs (NVML names), torch, and the vLLM that served, if one did."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus: list[str] = []
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            gpus = [str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))) for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library: no GPU to name  # noqa: BLE001
+        gpus = []
+    import torch
+
+    vllm = sorted({str(r.backend.get("vllm")) for r in record.runs if r.backend.get("vllm")})
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "torch": torch.__version__, "vllm": vllm or None}
+
+
+def choice_section(choice: Choice, plan: Plan, record: RunRecord, config: OptimizeConfig, hw: Mapping[str, Any]) -> str:
+    """The card's "How this was chosen" section: the rule, every candidate's standing, where it was measured."""
+    by_name = {c.name: c for c in plan.grid.candidates}
+    unit = "J" if choice.metric == "energy_j" else "s"
+    backend = "vLLM " + ", ".join(hw["vllm"]) + " (`vllm serve --config`, one server per model)" if hw.get("vllm") else config.backend
+    where = ", ".join(hw["gpus"]) if hw["gpus"] else f"{hw['cpu']} ({hw['cores']} cores), no GPU"
+    lines = [
+        "## How this was chosen",
+        "",
+        f"`ecoquant optimize` compared {len(plan.grid.candidates)} candidates with the bf16 base on suite "
+        f"`{record.suite['spec']}` ({record.suite['n_samples']} samples): the pick is the cheapest candidate "
+        f"with mean recovery ≥ {choice.threshold:.0%}; {choice.metric_note}. Served by {backend}, on {where}, torch {hw['torch']}.",
+        "",
+        f"| candidate | method | preset | response | serving | cost ({unit}) | mean recovery | decision |",
+        "|---|---|---|---|---|---:|---:|---|",
+    ]
+    for s in choice.standings:
+        c = by_name.get(s.name)
+        serving = json.dumps(dict(c.serving)) if c is not None and c.serving else "—"
+        cost = "—" if s.cost is None else f"{s.cost:.2f}"
+        rec = "n/a" if s.mean_recovery is None else f"{s.mean_recovery:.2%}"
+        decision = "**pick**" if s.name == choice.pick else ("passes, costs more" if s.passed else s.why)
+        lines.append(
+            f"| {s.name} | {c.method if c else '?'} | {c.preset if c else '?'} | {c.response if c else '?'} | {serving} "
+            f"| {cost} | {rec} | {decision} |"
+        )
+    for f in record.failures:
+        lines.append(f"| {f.label} | | | | | — | — | failed at {f.stage}: {f.error.splitlines()[0][:120]} |")
+    pick = by_name.get(choice.pick or "")
+    if pick is not None and pick.response != "default":
+        lines += ["", f"Response policy: {RESPONSES[pick.response]} (`chat_template.jinja`); Gemma-4's thinking stays off."]
+    if choice.base_cost is not None:
+        lines += ["", f"The bf16 base cost {choice.base_cost:.2f} {unit} on the same suite."]
+    return "\n".join(lines)
+
+
+def write_submission(store: Store, pick: Job, plan: Plan, record: RunRecord, choice: Choice, config: OptimizeConfig) -> Path:
+    """Build ``DIR/submission`` for ``pick`` (see the module docstring); returns its path."""
+    final = store.root / SUBMISSION
+    tmp = store.root / f".{SUBMISSION}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in sorted(pick.folder.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and f.name not in SKIPPED:
+            link_or_copy(f, tmp / f.name)
+    e = config.eval
+    serving = {} if pick.candidate is None else dict(pick.candidate.serving)
+    serve_config = build_serve_config(
+        pick.folder,
+        ServeConfigOptions(
+            suite=e.suite,
+            size=e.size,
+            limit=e.limit,
+            prompt_variants=("default",),
+            model=config.repo_id or ".",
+            cache_dir=e.cache_dir,
+            extra=serving,
+        ),
+    )
+    (tmp / CONFIG_FILE).write_text(serve_config.to_yaml(), encoding="utf-8")
+    for name in (RESULTS_FILE, TABLE_FILE, PLOT_FILE):
+        if (store.root / name).is_file():
+            shutil.copy2(store.root / name, tmp / name)
+    hw = hardware(record)
+    write_json_atomic(tmp / "choice.json", choice_record(choice, plan.grid, record.failures) | {"hardware": hw})
+    write_model_card(
+        tmp,
+        tmp,
+        serve_config,
+        results=tmp / RESULTS_FILE,
+        overwrite=True,
+        this_row=pick.label,
+        title=config.repo_id or f"{plan.model.name}-{pick.label}",
+        extra_sections=(choice_section(choice, plan, record, config, hw),),
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
