@@ -65,6 +65,7 @@ def eval_cmd(
     vllm_python: Annotated[Path | None, typer.Option(help="vllm backend: Python interpreter with vLLM (default: $ECOQUANT_VLLM_PYTHON, this one, or PATH).")] = None,
     vllm_arg: Annotated[list[str] | None, typer.Option("--vllm-arg", help="vllm backend: extra argument for every server, appended last (repeatable).")] = None,
     server_timeout: Annotated[float, typer.Option(help="vllm backend: seconds a server may take to become ready.")] = 900.0,
+    max_soft_tokens: Annotated[int | None, typer.Option(help="Image-token budget per image (Gemma-4: 70, 140, 280, 560 or 1120; default: the checkpoint's own).")] = None,
 ) -> None:
     """Evaluate a base model and its variants: scores, recovery, tokens, wall time and energy, with a report."""
     config = EvalConfig(
@@ -82,6 +83,7 @@ def eval_cmd(
         prompt_variants=tuple(prompt_variant or ("default",)),
         warmup_requests=warmup,
         idle_seconds=idle_seconds,
+        max_soft_tokens=max_soft_tokens,
     )
     check_sources(model_refs(base, tuple(variant or ())), config)  # a wrong path: one line, before anything is drawn
     factory = open_backend
@@ -90,7 +92,12 @@ def eval_cmd(
         from ecoquant.serve.vllm_backend import VllmServerOptions, vllm_backend_factory
 
         serve_options = ServeConfigOptions(
-            suite=suite, size=size, limit=limit, prompt_variants=config.prompt_variants, cache_dir=cache_dir
+            suite=suite,
+            size=size,
+            limit=limit,
+            prompt_variants=config.prompt_variants,
+            cache_dir=cache_dir,
+            max_soft_tokens=max_soft_tokens,
         )
         factory = vllm_backend_factory(
             VllmServerOptions(

@@ -92,10 +92,11 @@ def optimize_cmd(
     if dry_run:
         plan, store, _, _ = plan_optimize(model, config)
         table = Table(title=f"optimize plan for {plan.model.name} ({plan.grid.source} grid) in {store.root}")
-        for column in ("name", "method", "preset", "scheme", "response", "serving", "checkpoint", "evaluation"):
+        rows = plan.rows()
+        for column in rows[0]:
             table.add_column(column)
-        for row in plan.rows():
-            table.add_row(*(str(row[c]) for c in ("name", "method", "preset", "scheme", "response", "serving", "checkpoint", "evaluation")))
+        for row in rows:
+            table.add_row(*(str(v) for v in row.values()))
         # a plan is read in logs too: never truncate a candidate's name to the terminal's width
         Console(stderr=True, width=max(console.width, 200)).print(table)
         to_run = sum(1 for j in plan.jobs if j.eval_key not in plan.cached_evals)

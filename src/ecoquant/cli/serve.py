@@ -58,6 +58,7 @@ def serve_config_cmd(
     card: Annotated[bool, typer.Option("--card/--no-card", help="Also write the model card README.md.")] = True,
     overwrite_card: Annotated[bool, typer.Option("--overwrite-card", help="Replace a README.md that ecoquant did not write.")] = False,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder for the built-in suite's images.")] = None,
+    max_soft_tokens: Annotated[int | None, typer.Option(help="Image-token budget per image, written as mm_processor_kwargs (Gemma-4: 70, 140, 280, 560, 1120); max_model_len is measured with it.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", help="A vLLM engine argument for the file, KEY=VALUE (VALUE read as YAML, e.g. max_num_seqs=8 or 'speculative_config={method: mtp}'); repeatable.")] = None,
 ) -> None:
     """Write vllm_config.yaml (max_model_len measured on a suite) and a model card for a checkpoint."""
@@ -75,6 +76,7 @@ def serve_config_cmd(
         margin=margin,
         model=model_id,
         cache_dir=cache_dir,
+        max_soft_tokens=max_soft_tokens,
         extra=parse_options(option or ()),
     )
     with console.status("measuring the suite's prompts with the checkpoint's processor"):
@@ -97,6 +99,7 @@ def serve_cmd(
     vllm_python: Annotated[Path | None, typer.Option(help=f"Python interpreter with vLLM installed (default: ${VLLM_PYTHON_ENV}, this one, or PATH).")] = None,
     vllm_arg: Annotated[list[str] | None, typer.Option("--vllm-arg", help="Extra argument passed to vLLM last (repeatable, e.g. --vllm-arg=--max-num-seqs=4).")] = None,
     device: Annotated[str, typer.Option(help="transformers fallback: auto, cpu, cuda, cuda:N.")] = "auto",
+    max_soft_tokens: Annotated[int | None, typer.Option(help="transformers fallback: image-token budget per image (default: the config's mm_processor_kwargs, else the checkpoint's own).")] = None,
 ) -> None:
     """Serve a checkpoint over the OpenAI API: vLLM with its config if installed, else the transformers server."""
     options = ServeOptions(
@@ -109,6 +112,7 @@ def serve_cmd(
         vllm_python=vllm_python,
         vllm_args=tuple(vllm_arg or ()),
         device=device,
+        max_soft_tokens=max_soft_tokens,
     )
     code = serve(model, options, log=sys.stderr)
     if code != 0:

@@ -72,6 +72,8 @@ class EvalConfig:
             every model runs every variant.
         warmup_requests: requests sent before each model's first window and not measured.
         idle_seconds: idle-power sampling before the first model (only with a real meter).
+        max_soft_tokens: the image-token budget per image (transformers: passed to the processor; vllm:
+            written into each server's ``mm_processor_kwargs``); None for each checkpoint's default.
     """
 
     suite: str = "builtin"
@@ -89,6 +91,7 @@ class EvalConfig:
     prompt_variants: tuple[str, ...] = ("default",)
     warmup_requests: int = 2
     idle_seconds: float = 5.0
+    max_soft_tokens: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "urls", tuple(self.urls))
@@ -109,6 +112,11 @@ class EvalConfig:
             raise EcoquantError(f"prompt variants repeat: {list(self.prompt_variants)}")
         for name in self.prompt_variants:
             prompt_variant(name)  # unknown names fail here, before any model loads
+        if self.max_soft_tokens is not None and self.backend == "openai":
+            raise EcoquantError(
+                "--max-soft-tokens cannot reach a server someone else started; set it there "
+                "(ecoquant serve-config --max-soft-tokens) or use --backend vllm / transformers"
+            )
         if self.warmup_requests < 0 or self.idle_seconds < 0:
             raise EcoquantError("warm-up requests and idle seconds cannot be negative")
 
@@ -202,7 +210,9 @@ def open_backend(ref: ModelRef, index: int, config: EvalConfig) -> Backend:
 
     from ecoquant.eval.nf4 import is_nf4_spec, load_nf4_backend
 
-    options = TransformersOptions(device=config.device, dtype=config.dtype, batch_size=config.batch_size)
+    options = TransformersOptions(
+        device=config.device, dtype=config.dtype, batch_size=config.batch_size, max_soft_tokens=config.max_soft_tokens
+    )
     if is_nf4_spec(ref.source):
         return load_nf4_backend(ref.source, options)
     return TransformersBackend.load(ref.source, options)

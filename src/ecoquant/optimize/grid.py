@@ -64,6 +64,8 @@ class Candidate:
         preset: a module preset (``auto``, ``gemma4-e-mlpo``...; see ``ecoquant presets``).
         group_size, observer: the int4 scheme (W4A16, symmetric).
         response: ``default`` or ``short`` (see :data:`RESPONSES`).
+        max_soft_tokens: the image-token budget it is served with (:mod:`ecoquant.eval.image_budget`);
+            both backends honour it; None for the checkpoint's default.
         serving: vLLM engine arguments added to its ``vllm_config.yaml`` (need ``--backend vllm``).
     """
 
@@ -73,6 +75,7 @@ class Candidate:
     group_size: int | None = 128
     observer: str = "minmax"
     response: Response = "default"
+    max_soft_tokens: int | None = None
     serving: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -128,8 +131,17 @@ class Grid:
         return [c.name for c in self.candidates if c.serving]
 
 
-def auto_name(method: str, preset: str, group_size: int | None, observer: str, response: str, serving: Mapping[str, Any]) -> str:
-    """``gptq-auto``, ``rtn-gemma4-e-mlpo-g64-mse+short``, ``awq-auto+s1a2b3c``: readable, unique per choice."""
+def auto_name(
+    method: str,
+    preset: str,
+    group_size: int | None,
+    observer: str,
+    response: str,
+    serving: Mapping[str, Any],
+    max_soft_tokens: int | None = None,
+) -> str:
+    """``gptq-auto``, ``rtn-gemma4-e-mlpo-g64-mse+short``, ``awq-auto+img140``, ``awq-auto+s1a2b3c``: readable,
+    unique per choice."""
     name = f"{method}-{preset}"
     if group_size != 128:
         name += f"-g{group_size}" if group_size else "-channel"
@@ -137,6 +149,8 @@ def auto_name(method: str, preset: str, group_size: int | None, observer: str, r
         name += f"-{observer}"
     if response != "default":
         name += f"+{response}"
+    if max_soft_tokens is not None:
+        name += f"+img{max_soft_tokens}"
     if serving:
         import hashlib
 
@@ -178,6 +192,7 @@ def _candidate(spec: Mapping[str, Any], where: str) -> Candidate:
         values.get("observer", defaults.observer),
         values.get("response", defaults.response),
         serving,
+        values.get("max_soft_tokens"),
     )
     try:
         return Candidate(str(name), **values)

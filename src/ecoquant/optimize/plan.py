@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ecoquant.errors import EcoquantError
+from ecoquant.eval.image_budget import check_max_soft_tokens
 from ecoquant.eval.runner import EvalConfig, PreparedSuite, prepare_suite
 from ecoquant.optimize.grid import Candidate, Grid, default_grid
 from ecoquant.optimize.store import Store, digest
@@ -118,6 +119,7 @@ class Plan:
                     "preset": "" if c is None else c.preset,
                     "scheme": "" if c is None else f"g{c.group_size} {c.observer}",
                     "response": "default" if c is None else c.response,
+                    "image budget": "" if c is None or c.max_soft_tokens is None else str(c.max_soft_tokens),
                     "serving": "" if c is None or not c.serving else json.dumps(dict(c.serving)),
                     "checkpoint": "source"
                     if c is None
@@ -160,6 +162,7 @@ def eval_material(
         "v": KEY_VERSION,
         "model": model_key,
         "response": "default" if candidate is None else candidate.response,
+        "max_soft_tokens": None if candidate is None else candidate.max_soft_tokens,
         "serving": {} if candidate is None else dict(candidate.serving),
         "suite": {"spec": e.suite, "size": e.size, "limit": e.limit, "sha256": prepared.digest},
         "generation": e.generation.to_record(),
@@ -193,6 +196,11 @@ def plan_optimize(
     model_type = _model_type(path)
     grid = config.grid or default_grid(model_type)
     _check_grid(grid, config)
+    for c in grid.candidates:
+        try:
+            check_max_soft_tokens(path, c.max_soft_tokens)
+        except EcoquantError as exc:
+            raise EcoquantError(f"candidate {c.name}: {exc}") from None
     source_hash = store.source_hash(path)
     prepared = prepared or prepare_suite(config.eval)
     if energy_measured is None:

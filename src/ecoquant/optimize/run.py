@@ -216,12 +216,13 @@ def _evaluate_jobs(
             where = "" if gpu is None else f" on GPU {gpu}"
             ref = ModelRef(job.label, str(job.folder), job.role)
             with stages.stage(job.label, f"evaluate ({config.backend}{where}, {prepared.suite.n_samples} samples)"):
+                budget = None if job.candidate is None else job.candidate.max_soft_tokens
                 try:
                     runs = evaluate_model(
                         ref,
                         index[job.label],
                         prepared,
-                        config.eval,
+                        replace(config.eval, max_soft_tokens=budget),
                         meter=meters[gpu],
                         idle=idles[gpu],
                         backend_factory=backend_factory(gpu),

@@ -80,8 +80,8 @@ def choice_section(choice: Choice, plan: Plan, record: RunRecord, config: Optimi
         f"`{record.suite['spec']}` ({record.suite['n_samples']} samples): the pick is the cheapest candidate "
         f"with mean recovery ≥ {choice.threshold:.0%}; {choice.metric_note}. Served by {backend}, on {where}, torch {hw['torch']}.",
         "",
-        f"| candidate | method | preset | response | serving | cost ({unit}) | mean recovery | decision |",
-        "|---|---|---|---|---|---:|---:|---|",
+        f"| candidate | method | preset | response | image budget | serving | cost ({unit}) | mean recovery | decision |",
+        "|---|---|---|---|---:|---|---:|---:|---|",
     ]
     for s in choice.standings:
         c = by_name.get(s.name)
@@ -89,12 +89,13 @@ def choice_section(choice: Choice, plan: Plan, record: RunRecord, config: Optimi
         cost = "—" if s.cost is None else f"{s.cost:.2f}"
         rec = "n/a" if s.mean_recovery is None else f"{s.mean_recovery:.2%}"
         decision = "**pick**" if s.name == choice.pick else ("passes, costs more" if s.passed else s.why)
+        budget = "default" if c is None or c.max_soft_tokens is None else str(c.max_soft_tokens)
         lines.append(
-            f"| {s.name} | {c.method if c else '?'} | {c.preset if c else '?'} | {c.response if c else '?'} | {serving} "
-            f"| {cost} | {rec} | {decision} |"
+            f"| {s.name} | {c.method if c else '?'} | {c.preset if c else '?'} | {c.response if c else '?'} | {budget} "
+            f"| {serving} | {cost} | {rec} | {decision} |"
         )
     for f in record.failures:
-        lines.append(f"| {f.label} | | | | | — | — | failed at {f.stage}: {f.error.splitlines()[0][:120]} |")
+        lines.append(f"| {f.label} | | | | | | — | — | failed at {f.stage}: {f.error.splitlines()[0][:120]} |")
     pick = by_name.get(choice.pick or "")
     if pick is not None and pick.response != "default":
         lines += ["", f"Response policy: {RESPONSES[pick.response]} (`chat_template.jinja`); Gemma-4's thinking stays off."]
@@ -123,6 +124,7 @@ def write_submission(store: Store, pick: Job, plan: Plan, record: RunRecord, cho
             prompt_variants=("default",),
             model=config.repo_id or ".",
             cache_dir=e.cache_dir,
+            max_soft_tokens=None if pick.candidate is None else pick.candidate.max_soft_tokens,
             extra=serving,
         ),
     )

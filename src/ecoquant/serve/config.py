@@ -43,6 +43,7 @@ from ecoquant.errors import EcoquantError
 from ecoquant.eval.backends.base import GENERATION_PRESETS, ChatRequest, GenerationSettings, ImagePart
 from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.economy import PROMPT_VARIANTS, prompt_variant, suite_requests
+from ecoquant.eval.image_budget import check_max_soft_tokens, processor_kwargs
 from ecoquant.eval.tasks import Suite
 
 CONFIG_FILE = "vllm_config.yaml"
@@ -110,15 +111,21 @@ def choose_max_model_len(needed: int, margin: float = MARGIN_FRACTION, limit: in
     return chosen
 
 
-def count_prompt_tokens(processor: Any, request: ChatRequest) -> int:
+def count_prompt_tokens(processor: Any, request: ChatRequest, max_soft_tokens: int | None = None) -> int:
     """Prompt tokens of one request: the chat template applied with images inline, image soft tokens included.
 
-    The same call the transformers backend makes, and the number vLLM reports as ``prompt_tokens``.
+    The same call the transformers backend makes, and the number vLLM reports as ``prompt_tokens``
+    (with the same image-token budget).
     """
     from ecoquant.eval.backends.transformers_backend import hf_messages
 
     inputs = processor.apply_chat_template(
-        [hf_messages(request)], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        [hf_messages(request)],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs=processor_kwargs(max_soft_tokens),
     )
     return int(inputs["input_ids"].shape[1])
 
@@ -136,7 +143,7 @@ def load_processor(path: Path) -> Any:
     return processor
 
 
-def prompt_lengths(path: Path, suite: Suite, variants: Sequence[str]) -> ContextBudget:
+def prompt_lengths(path: Path, suite: Suite, variants: Sequence[str], max_soft_tokens: int | None = None) -> ContextBudget:
     """Measure every request of ``suite`` under each prompt variant with the checkpoint's processor.
 
     The requests are built by :func:`ecoquant.eval.economy.suite_requests`
@@ -147,7 +154,7 @@ def prompt_lengths(path: Path, suite: Suite, variants: Sequence[str]) -> Context
     count = max_images = 0
     for name in variants:
         for _task, _sample, request in suite_requests(suite, prompt_variant(name), GenerationSettings()):
-            n_prompt = count_prompt_tokens(processor, request)
+            n_prompt = count_prompt_tokens(processor, request, max_soft_tokens)
             count += 1
             images = sum(isinstance(p, ImagePart) for m in request.messages for p in m.parts)
             max_images = max(max_images, images)
@@ -206,6 +213,8 @@ class ServeConfigOptions:
         model: what to write as ``model`` (default: the folder's absolute path; ``.`` for a folder served
             from inside itself; a hub id for publishing).
         cache_dir: built-in suite image cache.
+        max_soft_tokens: the image-token budget (``mm_processor_kwargs``), validated against the checkpoint's
+            image processor; ``max_model_len`` is measured with it. None: the processor's default.
         extra: more vLLM engine arguments, written as they are (``speculative_config``,
             ``mm_processor_kwargs``, ``max_num_seqs``...); a key the file already has is replaced.
             Dashes and underscores are the same key, as vLLM reads them.
@@ -222,6 +231,7 @@ class ServeConfigOptions:
     margin: float = MARGIN_FRACTION
     model: str | None = None
     cache_dir: Path | None = None
+    max_soft_tokens: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -320,6 +330,7 @@ def build_serve_config(path: Path, options: ServeConfigOptions, budget: ContextB
         )
     settings = GENERATION_PRESETS[options.sampling]
     model = options.model or str(path.resolve())
+    check_max_soft_tokens(path, options.max_soft_tokens)
 
     if quant is None:
         model_note: tuple[str, ...] = ("the checkpoint; a positional MODEL on `vllm serve` overrides it",)
@@ -343,7 +354,7 @@ def build_serve_config(path: Path, options: ServeConfigOptions, budget: ContextB
             suite = limit_suite(
                 load_suite(options.suite, cache_dir=options.cache_dir, size=options.size, limit=options.limit), options.limit
             )
-            budget = prompt_lengths(path, suite, options.prompt_variants)
+            budget = prompt_lengths(path, suite, options.prompt_variants, options.max_soft_tokens)
         limit = _context_length(config)
         max_model_len = choose_max_model_len(budget.total_tokens, options.margin, limit)
         margin = max(math.ceil(budget.total_tokens * options.margin), MIN_MARGIN_TOKENS)
@@ -364,6 +375,17 @@ def build_serve_config(path: Path, options: ServeConfigOptions, budget: ContextB
                 "limit_mm_per_prompt",
                 modality_limits(config, images),
                 (f"{images} image(s) per request, the most the suite asks with; the inputs it never uses get 0",),
+            )
+        )
+    if options.max_soft_tokens is not None:
+        entries.append(
+            Entry(
+                "mm_processor_kwargs",
+                {"max_soft_tokens": options.max_soft_tokens},
+                (
+                    f"image-token budget: at most {options.max_soft_tokens} soft tokens per image (the processor's",
+                    "default otherwise); max_model_len above was measured with it",
+                ),
             )
         )
     preset_note = "greedy decoding" if not settings.do_sample else "the seed card's Gemma sampling"

@@ -46,6 +46,7 @@ from types import MappingProxyType
 from typing import IO, Any, Literal
 
 from ecoquant.errors import EcoquantError
+from ecoquant.eval.image_budget import check_max_soft_tokens
 from ecoquant.serve.config import CONFIG_FILE, ServeConfigOptions, build_serve_config
 
 VLLM_PYTHON_ENV = "ECOQUANT_VLLM_PYTHON"
@@ -196,6 +197,7 @@ class ServeOptions:
         vllm_python: the interpreter with vLLM (see :func:`find_vllm`).
         vllm_args: extra command-line arguments for vLLM, appended last.
         device: the transformers fallback's device (``auto``, ``cpu``, ``cuda``...).
+        max_soft_tokens: the image-token budget; overrides the config's ``mm_processor_kwargs`` (both servers).
     """
 
     backend: Backend = "auto"
@@ -207,6 +209,7 @@ class ServeOptions:
     vllm_python: Path | None = None
     vllm_args: tuple[str, ...] = ()
     device: str = "auto"
+    max_soft_tokens: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vllm_args", tuple(self.vllm_args))
@@ -257,6 +260,8 @@ class ServePlan:
     temporary_config: bool = False
     command: tuple[str, ...] = ()
     install: VllmInstall | None = None
+    max_soft_tokens: int | None = None
+    """The image-token budget served: the option, else the config's ``mm_processor_kwargs``, else None."""
 
 
 def plan_serve(model: str | Path, options: ServeOptions = ServeOptions()) -> ServePlan:
@@ -274,7 +279,9 @@ def plan_serve(model: str | Path, options: ServeOptions = ServeOptions()) -> Ser
                 f"set ${VLLM_PYTHON_ENV}, or use --backend transformers"
             )
     config_path, temporary = resolve_config(path, options)
-    nf4 = read_config(config_path).get("quantization") == "bitsandbytes"
+    file_config = read_config(config_path)
+    nf4 = file_config.get("quantization") == "bitsandbytes"
+    budget = check_max_soft_tokens(path, options.max_soft_tokens or config_soft_tokens(file_config))
     if nf4 and install is not None and not vllm_runs_nf4(install):
         last = ".".join(map(str, LAST_VLLM_WITH_BITSANDBYTES))
         if options.backend == "vllm":
@@ -284,12 +291,26 @@ def plan_serve(model: str | Path, options: ServeOptions = ServeOptions()) -> Ser
             )
         install = None  # auto: the transformers server runs NF4
     if install is None:
-        return ServePlan("transformers", path, served_name, config_path, nf4, temporary)
+        return ServePlan("transformers", path, served_name, config_path, nf4, temporary, max_soft_tokens=budget)
     flags: dict[str, Any] = {"host": options.host, "port": options.port, "served-model-name": served_name}
+    if options.max_soft_tokens is not None:
+        flags["mm-processor-kwargs"] = json.dumps({"max_soft_tokens": options.max_soft_tokens})
     if not cuda_visible():
         flags.update(CPU_FLAGS)
     command = vllm_command(install, config_path, flags) + list(options.vllm_args)
-    return ServePlan("vllm", path, served_name, config_path, nf4, temporary, tuple(command), install)
+    return ServePlan("vllm", path, served_name, config_path, nf4, temporary, tuple(command), install, budget)
+
+
+def config_soft_tokens(config: Mapping[str, Any]) -> int | None:
+    """``max_soft_tokens`` from a config's ``mm_processor_kwargs`` (a JSON string or a mapping), if set."""
+    kwargs = config.get("mm_processor_kwargs")
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError:
+            raise EcoquantError(f"mm_processor_kwargs in the config is not JSON: {kwargs!r}") from None
+    value = (kwargs or {}).get("max_soft_tokens") if isinstance(kwargs, Mapping) else None
+    return int(value) if value is not None else None
 
 
 def serve(model: str | Path, options: ServeOptions = ServeOptions(), log: IO[str] | None = None) -> int:
@@ -306,6 +327,8 @@ def serve(model: str | Path, options: ServeOptions = ServeOptions(), log: IO[str
             where = "transformers" + (why if options.backend == "auto" else "")
         print(f"serving {plan.model} as {plan.served_name!r} on http://{options.host}:{options.port} with {where}", file=log)
         print(f"config: {plan.config_path}", file=log)
+        if plan.max_soft_tokens is not None:
+            print(f"image-token budget: {plan.max_soft_tokens} soft tokens per image", file=log)
         if plan.command:
             print("command: " + " ".join(plan.command), file=log)
         log.flush()
@@ -337,10 +360,18 @@ def transformers_server(plan: ServePlan, options: ServeOptions) -> Any:
     from ecoquant.serve.openai_server import ChatServer, serve_model
 
     if not plan.nf4:
-        return serve_model(plan.model, host=options.host, port=options.port, served_name=plan.served_name, device=options.device)
+        return serve_model(
+            plan.model,
+            host=options.host,
+            port=options.port,
+            served_name=plan.served_name,
+            device=options.device,
+            max_soft_tokens=plan.max_soft_tokens,
+        )
     from ecoquant.eval.nf4 import load_nf4_backend, nf4_spec
 
-    backend = load_nf4_backend(nf4_spec(plan.model), TransformersOptions(device=options.device, batch_size=1))
+    nf4_options = TransformersOptions(device=options.device, batch_size=1, max_soft_tokens=plan.max_soft_tokens)
+    backend = load_nf4_backend(nf4_spec(plan.model), nf4_options)
     return ChatServer(backend, plan.served_name, host=options.host, port=options.port)
 
 

@@ -385,16 +385,19 @@ def serve_model(
     served_name: str | None = None,
     device: str = "auto",
     dtype: str = "bfloat16",
+    max_soft_tokens: int | None = None,
 ) -> ChatServer:
     """Load ``model`` with transformers and return a (not yet started) server for it.
 
-    ``served_name`` defaults to ``model`` as given, as ``vllm serve`` does.
+    ``served_name`` defaults to ``model`` as given, as ``vllm serve`` does;
+    ``max_soft_tokens`` is the image-token budget every request's images get.
     """
     from ecoquant.eval.backends.transformers_backend import TransformersBackend, TransformersOptions
     from ecoquant.serve.ports import require_free_port
 
     require_free_port(host, port)  # before the load: a busy port should not cost a model load first
-    backend = TransformersBackend.load(model, TransformersOptions(device=device, dtype=dtype, batch_size=1))
+    options = TransformersOptions(device=device, dtype=dtype, batch_size=1, max_soft_tokens=max_soft_tokens)
+    backend = TransformersBackend.load(model, options)
     try:
         return ChatServer(backend, served_name or str(model), host=host, port=port)
     except EcoquantError:

@@ -170,6 +170,7 @@ class VllmServerBackend:
         *,
         concurrency: int = 8,
         timeout_s: float = 600.0,
+        max_soft_tokens: int | None = None,
     ) -> None:
         self.ref = ref
         self.install = install
@@ -182,8 +183,15 @@ class VllmServerBackend:
         self.log_path = self.dir / LOG_FILE
         serving = dict(options.serving.get(ref.label, {}))
         self.config_path = self.dir / CONFIG_FILE
+        budget = max_soft_tokens if max_soft_tokens is not None else options.serve_config.max_soft_tokens
         config = build_serve_config(
-            path, replace(options.serve_config, model=str(path.resolve()), extra={**options.serve_config.extra, **serving})
+            path,
+            replace(
+                options.serve_config,
+                model=str(path.resolve()),
+                max_soft_tokens=budget,
+                extra={**options.serve_config.extra, **serving},
+            ),
         )
         self.config_path.write_text(config.to_yaml(), encoding="utf-8")
         self.port = free_port()
@@ -282,6 +290,13 @@ def vllm_backend_factory(
     found = install or require_vllm(options.vllm_python)
 
     def open_server(ref: ModelRef, index: int, config: EvalConfig) -> Backend:
-        return VllmServerBackend(ref, found, options, concurrency=config.concurrency, timeout_s=config.timeout_s)
+        return VllmServerBackend(
+            ref,
+            found,
+            options,
+            concurrency=config.concurrency,
+            timeout_s=config.timeout_s,
+            max_soft_tokens=config.max_soft_tokens,
+        )
 
     return open_server

@@ -35,6 +35,7 @@ from ecoquant.eval.backends.base import (
     ImagePart,
     TextPart,
 )
+from ecoquant.eval.image_budget import check_max_soft_tokens, processor_kwargs
 from ecoquant.models.loading import load_config, model_class, resolve_model
 
 DTYPES = MappingProxyType({"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32})
@@ -48,11 +49,14 @@ class TransformersOptions:
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         dtype: activations/unquantized weights: ``bfloat16`` (the checkpoints' own), ``float16``, ``float32``.
         batch_size: requests per ``generate`` call.
+        max_soft_tokens: the image-token budget per image (:mod:`ecoquant.eval.image_budget`);
+            None for the checkpoint's own.
     """
 
     device: str = "auto"
     dtype: str = "bfloat16"
     batch_size: int = 8
+    max_soft_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -147,6 +151,7 @@ class TransformersBackend:
 
         options = options or TransformersOptions()
         path = resolve_model(model)
+        check_max_soft_tokens(path, options.max_soft_tokens)  # before seconds of loading
         device = options.resolved_device()
         cls_ = model_class(load_config(path))
         try:
@@ -165,6 +170,7 @@ class TransformersBackend:
             "device": str(self.device),
             "dtype": self.options.dtype,
             "batch_size": self.options.batch_size,
+            "max_soft_tokens": self.options.max_soft_tokens,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         }
@@ -192,7 +198,7 @@ class TransformersBackend:
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
-            processor_kwargs={"padding": True},
+            processor_kwargs={"padding": True, **processor_kwargs(self.options.max_soft_tokens)},
         )
         inputs = {
             k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device))
