@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
-from torch import nn
+from torch import Tensor, nn
 
 from ecoquant.errors import EcoquantError
-from ecoquant.export.compressed_tensors import export_checkpoint
+from ecoquant.export.compressed_tensors import QuantizeFn, export_checkpoint
 from ecoquant.export.footprint import Footprint, estimate_footprint
 from ecoquant.export.recipe import build_recipe, hash_model_files
 from ecoquant.models.loading import load_config, meta_model, resolve_model, tensor_infos
@@ -24,7 +24,7 @@ from ecoquant.models.presets import Preset, get_preset
 from ecoquant.models.selection import Selection, select_modules
 from ecoquant.export.vllm_compat import check_fused_siblings, marlin_warnings
 from ecoquant.progress import progress_bar
-from ecoquant.quantize.primitives import check_group_size
+from ecoquant.quantize.primitives import QuantizedWeight, check_group_size, grid_group_counts
 from ecoquant.calibrate.data import CORPUS_SOURCE, DEFAULT_SOURCE, CalibrationConfig
 from ecoquant.quantize.awq import AWQConfig
 from ecoquant.quantize.gptq import GPTQConfig
@@ -126,6 +126,15 @@ class QuantizeConfig:
             back to the shipped offline corpus, with a warning, when the hub is unreachable).
         gptq, awq: the algorithms' settings.
         device: where calibration runs layer by layer (``cpu``, ``cuda``).
+
+    The grid observer is RTN's only. It exists to copy weights that are already
+    int4 (QAT ``q4_0``) into the checkpoint unchanged, and on those there is no
+    rounding error for calibration to compensate; what GPTQ and AWQ would do
+    instead is move the weights off their grid (AWQ scales input channels
+    before quantizing, GPTQ re-derives later groups' scales from weights its
+    error feedback has updated), so the observer would silently fall back to
+    min-max and the recipe's count of exact groups would not describe the
+    weights written.
     """
 
     method: Method = "rtn"
@@ -146,6 +155,11 @@ class QuantizeConfig:
             from ecoquant.calibrate.run import calibration_device
 
             calibration_device(self.device)  # a bad --device fails before any work, not after hashing
+        if self.scheme.observer == "grid" and self.method != "rtn":
+            raise EcoquantError(
+                f"the grid observer keeps weights already on an int4 grid and works with --method rtn only, "
+                f"not {self.method} (which would move them off it)"
+            )
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,25 @@ class QuantizeResult:
     output_bytes: int
     seconds: float
     recipe: dict[str, Any]
+
+
+def _counting_grid_groups(quantize_fn: QuantizeFn, scheme: QuantScheme, counts: dict[str, int]) -> QuantizeFn:
+    """RTN's per-module function, also adding each weight's exact and total grid groups to ``counts``.
+
+    The recipe says how many groups were found on a grid, because a source that
+    is only partly on one (or not a QAT checkpoint at all) is quantized by
+    min-max where it is not, silently otherwise. The detection runs a second
+    time here (``|qmin|`` elementwise passes), which keeps :func:`rtn_quantize`
+    the one definition of RTN; it is small beside reading and packing the weight.
+    """
+
+    def counted(name: str, weight: Tensor) -> QuantizedWeight:
+        exact, total = grid_group_counts(weight, scheme)
+        counts["exact_groups"] += exact
+        counts["groups"] += total
+        return quantize_fn(name, weight)
+
+    return counted
 
 
 def quantize(
@@ -184,11 +217,14 @@ def quantize(
     timings["hash_source"] = time.perf_counter() - t
 
     scheme = config.scheme
+    grid_counts = {"groups": 0, "exact_groups": 0} if scheme.observer == "grid" else None
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.calib-", dir=_existing_parent(out)) as work:
         if config.method == "rtn":
             quantize_fn: Any = lambda name, weight: rtn_quantize(weight, scheme)  # noqa: E731
             replaced: Any = None
             calibration_block = method_config = None
+            if grid_counts is not None:
+                quantize_fn = _counting_grid_groups(quantize_fn, scheme, grid_counts)
         else:
             t = time.perf_counter()
             calib = _load_calibration(path, config.calibration, console if show_progress else None)
@@ -238,6 +274,9 @@ def quantize(
                 )
             )
             recipe_holder["warnings"] = warnings
+            if grid_counts is not None:
+                n, m = grid_counts["groups"], grid_counts["exact_groups"]
+                recipe_holder["grid_observer"] = {"groups": n, "exact_groups": m, "share_exact": m / n if n else 0.0}
             return recipe_holder
 
         t_write = time.perf_counter()

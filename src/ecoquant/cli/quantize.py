@@ -35,7 +35,7 @@ def quantize_cmd(
     model: Annotated[str, typer.Argument(help="Model folder (with config.json and safetensors) or hub id.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to create.")],
     method: Annotated[str, typer.Option(help="rtn (data-free), gptq or awq (calibrated layer by layer).")] = "rtn",
-    observer: Annotated[str, typer.Option(help="Scale choice: minmax, or mse (per-group clipping search).")] = "minmax",
+    observer: Annotated[str, typer.Option(help="Scale choice: minmax, mse (per-group clipping search), or grid (keep weights already on a symmetric int4 grid, e.g. QAT q4_0 with --group-size 32; rtn only).")] = "minmax",
     group_size: Annotated[int, typer.Option(help="Input channels per scale: 32, 64, 128, or -1 per channel.")] = 128,
     asymmetric: Annotated[bool, typer.Option(help="Store a zero point per group (default: symmetric).")] = False,
     preset: Annotated[str, typer.Option(help="Module selection: auto, gemma4-e, gemma4-e-mlpo, text-decoder.")] = "auto",

@@ -87,6 +87,8 @@ class Candidate:
         if self.response not in RESPONSES:
             raise EcoquantError(f"candidate {self.name}: unknown response {self.response!r}; use {' or '.join(RESPONSES)}")
         self.scheme  # a bad group size or observer fails here, before any work
+        if self.observer == "grid" and self.method != "rtn":
+            raise EcoquantError(f"candidate {self.name}: the grid observer works with method rtn only (see ecoquant quantize)")
 
     @property
     def scheme(self) -> QuantScheme:

@@ -2,8 +2,8 @@
 
 RTN, GPTQ and AWQ all end in the same three steps, so they live here once:
 
-* :func:`minmax_qparams` / :func:`mse_qparams` choose a scale (and zero point)
-  per group of ``group_size`` input channels;
+* :func:`minmax_qparams` / :func:`mse_qparams` / :func:`grid_qparams` choose a
+  scale (and zero point) per group of ``group_size`` input channels;
 * :func:`quantize` maps weights to integer codes;
 * :func:`dequantize` maps codes back.
 
@@ -24,6 +24,7 @@ dequantized weights are ``[0.4, -1.6, 0.8]``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +171,124 @@ def mse_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, tor
     return best_scale, best_zp
 
 
+def grid_tolerance(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """How far (in steps) a stored weight may sit from its integer code and still be on the grid.
+
+    A weight stored in ``dtype`` is ``step * c`` rounded once (relative error at
+    most ``u``, the dtype's unit roundoff); the candidate step is the group's
+    stored max over an integer, rounded once too. Their ratio is therefore off
+    by up to ``2u|c|`` steps; one more ``u`` keeps the bound's edge from being
+    decided by float32 arithmetic. For bf16 (``u = 2**-8``) a code of -8 may be
+    off by 0.066 steps and a zero must be (nearly) zero: a weight of a group on
+    no grid lands that close to an integer with probability ``2 (2|c| + 1) u``,
+    under 1/7 even for the largest code, so a group of 32 on no grid passes
+    with probability below ``7 ** -31`` (none of the trained tiny VLM's
+    116,736 groups does).
+    """
+    u = torch.finfo(dtype).eps / 2
+    return codes.abs().mul_(2 * u).add_(u)
+
+
+def grid_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, None, torch.Tensor]:
+    """Each group's own step when its weights already sit on a symmetric integer grid; min-max elsewhere.
+
+    Why: a QAT ``q4_0`` checkpoint (Google's ``-qat-q4_0-unquantized``) stores
+    bf16 weights ``w = d * q`` with integer ``q`` in ``[-8, 7]`` and one step
+    ``d`` per 32 inputs. Min-max scales them by ``max|w| / 7.5``, which is never
+    ``d`` (for a group whose largest code is -8 it is ``8d / 7.5``), so every
+    weight is rounded again onto a different grid and a few percent of error is
+    added to weights that had none. With the group's own step the int4
+    checkpoint holds exactly the trained codes.
+
+    How, per group (search, then result):
+
+    1. If the grid's largest code in magnitude is ``k``, its step is
+       ``max|w| / k``, so the candidates are ``max|w| / k`` for
+       ``k = 1 .. |qmin|``. A candidate fits when every weight is within
+       :func:`grid_tolerance` of an integer code and the codes lie in
+       ``[qmin, qmax]`` for the step or for its negative. The sign matters
+       because the range is lopsided: ``q4_0`` sets ``d = max / -8``, so a
+       block whose largest weight is positive has codes ``[-7, 8]`` for
+       ``|d|`` and needs the negative step (codes ``[-8, 7]``, exactly what
+       llama.cpp stores); a positive step is used whenever it fits. The
+       largest fitting step wins (a grid of step ``d`` whose codes are all
+       even also fits ``2d``, and either reproduces the weights).
+    2. The step is refined by least squares over the group's codes
+       (``sum(c * w) / sum(c * c)``, which averages out the rounding of the one
+       weight the candidate came from) and rounded to ``w``'s dtype, like
+       every other scale; of that number and its two neighbours in the dtype,
+       the one whose dequantized weights are closest to ``w`` is kept (ties
+       keep the rounded one). So a step that is itself a bf16 number is
+       found exactly and the weights come back bit for bit.
+
+    Worked example (bf16, group ``[0.25, -0.5, 0.125]``): ``k = 1, 2, 3``
+    leave non-integers, ``k = 4`` gives step 0.125 and codes ``[2, -4, 1]``:
+    exact; min-max would have used ``0.5 / 7.5 = 0.0667`` and codes
+    ``[4, -8, 2]`` that dequantize to ``[0.267, -0.533, 0.133]``.
+
+    The search runs in float32 (float64 for float64 weights), as the MSE
+    observer's does; the neighbour choice dequantizes in ``w``'s dtype, as the
+    checkpoint will. All-zero groups keep min-max's epsilon scale and count as
+    exact (their codes are zero). A negative scale is read as written:
+    compressed-tensors dequantizes by ``q * scale`` (tested through
+    transformers). Symmetric schemes only (:class:`QuantScheme` refuses the others).
+
+    Returns:
+        ``(scale, None, exact)``: scales ``[out, groups]`` in ``w``'s dtype
+        (negative where the grid needs it), no zero point, and a bool
+        ``[out, groups]`` mask of the groups found on a grid.
+    """
+    if not scheme.symmetric:
+        raise EcoquantError("the grid observer recovers symmetric grids only; use a symmetric scheme")
+    g = _grouped(w, scheme)
+    g32 = g.to(torch.promote_types(w.dtype, torch.float32))
+    amax = g32.abs().amax(dim=-1)
+    minmax_scale, _ = minmax_qparams(w, scheme)
+    zero = amax == 0
+    found = zero.clone()
+    step = torch.zeros_like(amax)
+    for k in range(1, -scheme.qmin + 1):  # largest step first
+        if bool(found.all()):
+            break
+        x = g32 / (amax / k).unsqueeze(-1)
+        c = x.round()
+        off = (x - c).abs_().sub_(grid_tolerance(c, w.dtype)).amax(dim=-1)  # <= 0: every weight on the grid
+        # |x| <= k <= |qmin|, so only code qmax + 1 (or its negative) can leave the range.
+        fits_up = c.amax(dim=-1) <= scheme.qmax
+        fits_down = c.amin(dim=-1) >= -scheme.qmax
+        new = (off <= 0) & (fits_up | fits_down) & ~found
+        if bool(new.any()):
+            least_squares = (c * g32).sum(dim=-1) / c.square().sum(dim=-1)
+            step = torch.where(new, torch.where(fits_up, least_squares, -least_squares), step)
+            found |= new
+    refine = found & ~zero
+    scale = torch.where(refine, step.to(w.dtype), minmax_scale)
+    if not bool(refine.any()):
+        return scale, None, found
+
+    def error(s: torch.Tensor) -> torch.Tensor:
+        return (_grouped(fake_quantize(w, s, None, scheme), scheme).to(g32.dtype) - g32).square().sum(dim=-1)
+
+    best = error(scale)
+    for direction in (-math.inf, math.inf):
+        neighbour = torch.where(refine, torch.nextafter(scale, torch.full_like(scale, direction)), scale)
+        err = error(neighbour)
+        better = err < best
+        scale, best = torch.where(better, neighbour, scale), torch.where(better, err, best)
+    return scale, None, found
+
+
+def grid_group_counts(w: torch.Tensor, scheme: QuantScheme) -> tuple[int, int]:
+    """``(exact_groups, total_groups)`` of one weight under the grid observer, for the recipe."""
+    exact = grid_qparams(w, scheme)[2]
+    return int(exact.sum()), exact.numel()
+
+
 def choose_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales by the scheme's observer."""
-    return mse_qparams(w, scheme) if scheme.observer == "mse" else minmax_qparams(w, scheme)
+    if scheme.observer == "mse":
+        return mse_qparams(w, scheme)
+    if scheme.observer == "grid":
+        scale, zp, _ = grid_qparams(w, scheme)
+        return scale, zp
+    return minmax_qparams(w, scheme)

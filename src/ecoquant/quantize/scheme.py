@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from ecoquant.errors import EcoquantError
 
-Observer = Literal["minmax", "mse"]
+Observer = Literal["minmax", "mse", "grid"]
 
 #: Group sizes that vLLM's Marlin int4 kernels accept (None = one scale per output channel).
 MARLIN_GROUP_SIZES: tuple[int | None, ...] = (32, 64, 128, None)
@@ -31,7 +31,10 @@ class QuantScheme:
             what the seed checkpoint used; asymmetric stores a zero point per group.
         observer: how scales are chosen: ``minmax`` (absolute max, identical to
             llmcompressor's W4A16 preset) or ``mse`` (per-group search over
-            clipping ratios that minimises reconstruction error).
+            clipping ratios that minimises reconstruction error) or ``grid``
+            (weights already on a symmetric integer grid, as QAT ``q4_0``
+            checkpoints are: each group's own step is recovered so the
+            checkpoint reproduces them; groups on no grid get min-max; symmetric only).
         mse_grid: number of clipping ratios tried by the MSE observer.
         mse_maxshrink: the smallest ratio tried is ``1 - mse_maxshrink``.
         mse_norm: the error exponent the MSE observer minimises (2 = squared error).
@@ -53,8 +56,12 @@ class QuantScheme:
                 f"group size {self.group_size} is invalid; use a positive multiple of 8 "
                 "(32, 64 or 128 for vLLM Marlin) or -1 for one scale per output channel"
             )
-        if self.observer not in ("minmax", "mse"):
-            raise EcoquantError(f"unknown observer {self.observer!r}; use 'minmax' or 'mse'")
+        if self.observer not in ("minmax", "mse", "grid"):
+            raise EcoquantError(f"unknown observer {self.observer!r}; use 'minmax', 'mse' or 'grid'")
+        if self.observer == "grid" and not self.symmetric:
+            raise EcoquantError(
+                "the grid observer recovers symmetric grids (w = step * q, as q4_0 stores them); drop --asymmetric"
+            )
         if not 0.0 <= self.mse_maxshrink < 1.0 or self.mse_grid < 1:
             raise EcoquantError("MSE observer needs mse_grid >= 1 and 0 <= mse_maxshrink < 1")
 
@@ -91,6 +98,7 @@ class QuantScheme:
             symmetric=self.symmetric,
             strategy=self.strategy,
             group_size=self.group_size,
+            # compressed-tensors has no grid observer and does not use the name when loading.
             observer="mse" if self.observer == "mse" else "minmax",
             dynamic=False,
         )
