@@ -13,18 +13,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
-from torch import Tensor, nn
+from torch import Tensor
 
 from ecoquant.errors import EcoquantError
 from ecoquant.export.compressed_tensors import QuantizeFn, export_checkpoint
-from ecoquant.export.footprint import Footprint, estimate_footprint
 from ecoquant.export.recipe import build_recipe, hash_model_files
-from ecoquant.models.loading import load_config, meta_model, resolve_model, tensor_infos
-from ecoquant.models.presets import Preset, get_preset
-from ecoquant.models.selection import Selection, select_modules
-from ecoquant.export.vllm_compat import check_fused_siblings, marlin_warnings
+from ecoquant.models.loading import resolve_model
+from ecoquant.plan import (  # noqa: F401 - plan_model, plan_footprint: part of this API since the start
+    ModelPlan,
+    TableBits,
+    check_plan,
+    plan_footprint,
+    plan_model,
+    plan_tables,
+    plan_token_bytes,
+)
 from ecoquant.progress import progress_bar
-from ecoquant.quantize.primitives import QuantizedWeight, check_group_size, grid_group_counts
+from ecoquant.quantize.primitives import QuantizedWeight, grid_group_counts
 from ecoquant.calibrate.data import CORPUS_SOURCE, DEFAULT_SOURCE, CalibrationConfig
 from ecoquant.quantize.awq import AWQConfig
 from ecoquant.quantize.gptq import GPTQConfig
@@ -33,49 +38,6 @@ from ecoquant.quantize.rtn import rtn_quantize
 from ecoquant.quantize.scheme import QuantScheme
 
 Method = Literal["rtn", "gptq", "awq"]
-
-
-@dataclass(frozen=True)
-class ModelPlan:
-    """A model folder and the modules a preset (plus overrides) selects in it."""
-
-    path: Path
-    config: Any
-    preset: Preset
-    selection: Selection
-    #: Linear modules that stay unquantized: the checkpoint's ``quantization_config.ignore``.
-    ignore_linears: tuple[str, ...]
-    model: nn.Module = field(repr=False)
-
-
-def plan_model(
-    path: Path, preset: str = "auto", targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()
-) -> ModelPlan:
-    """Resolve a preset and overrides against the model's module tree (built on meta: no weights).
-
-    ``targets`` replaces the preset's targets when given; ``ignore`` extends its ignore list
-    (e.g. ``re:.*layers\\.0\\..*`` keeps the first layer in bf16).
-    """
-    config = load_config(path)
-    chosen = get_preset(preset, getattr(config, "model_type", None))
-    model = meta_model(config)
-    selection = select_modules(model, targets or chosen.targets, (*chosen.ignore, *ignore))
-    ignore_linears = tuple(
-        name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in selection
-    )
-    return ModelPlan(path, config, chosen, selection, ignore_linears, model)
-
-
-def plan_footprint(plan: ModelPlan, scheme: QuantScheme) -> Footprint:
-    """Bytes before/after, from the checkpoint's headers, or from meta shapes for a config-only folder."""
-    if any(plan.path.glob("*.safetensors")):
-        triples = ((t.name, t.dtype, t.shape) for t in tensor_infos(plan.path))
-    else:
-        triples = (
-            (name, "BF16" if p.dtype.is_floating_point else "I64", tuple(p.shape))
-            for name, p in plan.model.named_parameters()
-        )
-    return estimate_footprint(triples, plan.selection, scheme)
 
 
 def _existing_parent(out: Path) -> Path:
@@ -98,19 +60,6 @@ def _load_calibration(path: Path, config: CalibrationConfig, console: Console | 
         return load_calibration(path, replace(config, source=CORPUS_SOURCE))
 
 
-def check_plan(plan: ModelPlan, scheme: QuantScheme) -> list[str]:
-    """Refuse, before any work, what cannot be written or loaded; return what vLLM would run slowly.
-
-    Errors: a group size that does not divide a selected layer's input, a selection
-    that splits projections vLLM fuses. Warnings: layers Marlin cannot run.
-    """
-    linears = {n: (m.in_features, m.out_features) for n, m in plan.model.named_modules() if isinstance(m, nn.Linear)}
-    for name in plan.selection.modules:
-        check_group_size(name, linears[name][0], scheme)
-    check_fused_siblings(plan.selection, linears)
-    return marlin_warnings(plan.selection, linears, scheme)
-
-
 @dataclass(frozen=True)
 class QuantizeConfig:
     """What ``ecoquant quantize`` does.
@@ -126,6 +75,14 @@ class QuantizeConfig:
             back to the shipped offline corpus, with a warning, when the hub is unreachable).
         gptq, awq: the algorithms' settings.
         device: where calibration runs layer by layer (``cpu``, ``cuda``).
+        embeddings: ``bf16``, ``int4`` or ``int8`` for the token tables (embeddings and, on Gemma-4 E,
+            the Per-Layer-Embedding table); None takes the preset's. Quantized tables untie the head.
+        lm_head: ``bf16``, ``int4`` or ``int8`` for the output head (written untied when quantized);
+            None takes the preset's.
+
+    Tables and the head are always RTN (symmetric, the scheme's group size):
+    they are read by row (embeddings) or once per token (the head), and the
+    layer-sequential calibration walks decoder layers only.
 
     The grid observer is RTN's only. It exists to copy weights that are already
     int4 (QAT ``q4_0``) into the checkpoint unchanged, and on those there is no
@@ -147,6 +104,8 @@ class QuantizeConfig:
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     awq: AWQConfig = field(default_factory=AWQConfig)
     device: str = "cpu"
+    embeddings: TableBits | None = None
+    lm_head: TableBits | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("rtn", "gptq", "awq"):
@@ -204,6 +163,9 @@ def quantize(
     path = resolve_model(model)
     plan = plan_model(path, config.preset, config.targets, config.ignore)
     warnings = check_plan(plan, config.scheme)
+    tables = plan_tables(
+        plan, config.scheme, config.embeddings or plan.preset.embeddings, config.lm_head or plan.preset.lm_head
+    )
     if config.method == "awq":  # before hashing the source and loading calibration data
         require_awq_mappings(topology_for(plan.config), plan.config)
     console = Console(stderr=True)
@@ -274,6 +236,13 @@ def quantize(
                 )
             )
             recipe_holder["warnings"] = warnings
+            recipe_holder["token_tables"] = {
+                "embeddings": {m: sch.to_dict() for m, sch in tables.tables.items()},
+                "lm_head": None
+                if tables.head is None
+                else {"untied_from": tables.head.source, "scheme": None if tables.head.scheme is None else tables.head.scheme.to_dict()},
+            }
+            recipe_holder["bytes_per_token"] = plan_token_bytes(plan, scheme, tables).to_record()
             if grid_counts is not None:
                 n, m = grid_counts["groups"], grid_counts["exact_groups"]
                 recipe_holder["grid_observer"] = {"groups": n, "exact_groups": m, "share_exact": m / n if n else 0.0}
@@ -292,6 +261,8 @@ def quantize(
                 recipe=recipe,
                 overwrite=config.overwrite,
                 on_module=advance,
+                tables=tables.tables,
+                head=tables.head,
             )
     return QuantizeResult(
         out=out,

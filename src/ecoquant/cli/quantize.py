@@ -38,7 +38,9 @@ def quantize_cmd(
     observer: Annotated[str, typer.Option(help="Scale choice: minmax, mse (per-group clipping search), or grid (keep weights already on a symmetric int4 grid, e.g. QAT q4_0 with --group-size 32; rtn only).")] = "minmax",
     group_size: Annotated[int, typer.Option(help="Input channels per scale: 32, 64, 128, or -1 per channel.")] = 128,
     asymmetric: Annotated[bool, typer.Option(help="Store a zero point per group (default: symmetric).")] = False,
-    preset: Annotated[str, typer.Option(help="Module selection: auto, gemma4-e, gemma4-e-mlpo, text-decoder.")] = "auto",
+    preset: Annotated[str, typer.Option(help="Module selection: auto, gemma4-e, gemma4-e-mlpo, gemma4-e-int4-head, gemma4-e-int4-tables, text-decoder (see `ecoquant presets`).")] = "auto",
+    embeddings: Annotated[str | None, typer.Option(help="Token tables (embeddings; Gemma-4 E: also the Per-Layer-Embedding table): bf16, int4 or int8 (default: the preset's). Quantized tables untie lm_head.")] = None,
+    lm_head: Annotated[str | None, typer.Option(help="Output head: bf16, int4 or int8, written untied when quantized (default: the preset's).")] = None,
     target: Annotated[list[str] | None, typer.Option(help="Replace the preset's targets (name, class or re:pattern); repeatable.")] = None,
     ignore: Annotated[list[str] | None, typer.Option(help="Also keep these in bf16 (name or re:pattern); repeatable.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
@@ -70,6 +72,8 @@ def quantize_cmd(
         ),
         gptq=GPTQConfig(dampening_frac=dampening, act_order=act_order),
         device=device,
+        embeddings=embeddings,  # type: ignore[arg-type]
+        lm_head=lm_head,  # type: ignore[arg-type]
     )
     result = quantize(model, out, config, show_progress=progress)
     console.print(
@@ -94,6 +98,14 @@ def render_inspection(info: Inspection) -> None:
     before = "unknown" if info.before_bytes is None else human_bytes(info.before_bytes)
     verb = "is" if info.quantized else "would be"
     out_console.print(f"weights: {before} before -> {human_bytes(info.after_bytes)} after ({verb})")
+    if info.bytes_per_token:
+        b = info.bytes_per_token
+        out_console.print(
+            f"bytes per decoded token (batch 1): {human_bytes(b['total_bytes'])} = decoder {human_bytes(b['decoder_bytes'])}"
+            f" + head {human_bytes(b['head_bytes'])} + embedding rows {human_bytes(b['embedding_row_bytes'])};"
+            f" {b['ratio_to_bf16']:.1%} of bf16's {human_bytes(b['bf16_total_bytes'])}",
+            soft_wrap=True,
+        )
     if info.scheme:
         out_console.print(f"scheme: {json.dumps(info.scheme)}")
     if info.recipe:
@@ -111,12 +123,14 @@ def inspect_cmd(
     model: Annotated[str, typer.Argument(help="A quantized checkpoint, a model folder, or a config-only folder.")],
     preset: Annotated[str, typer.Option(help="For an unquantized model: the selection to price.")] = "auto",
     group_size: Annotated[int, typer.Option(help="For an unquantized model: group size to price (-1 per channel).")] = 128,
+    embeddings: Annotated[str | None, typer.Option(help="For an unquantized model: token tables to price (bf16, int4, int8; default: the preset's).")] = None,
+    lm_head: Annotated[str | None, typer.Option(help="For an unquantized model: head to price (bf16, int4, int8; default: the preset's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show what is (or would be) quantized, the weight footprint before and after, and the recipe."""
     from ecoquant.export.inspect import inspect_checkpoint
 
-    info = inspect_checkpoint(model, preset, scheme_from_options(group_size, "minmax", False))
+    info = inspect_checkpoint(model, preset, scheme_from_options(group_size, "minmax", False), embeddings, lm_head)
     if as_json:
         d = {k: v for k, v in info.__dict__.items() if k != "path"}
         out_console.print_json(json.dumps({"path": str(info.path), **d}))

@@ -13,6 +13,16 @@ and ``config.json`` gains a ``quantization_config`` built from compressed-tensor
 own ``QuantizationConfig`` with the unquantized Linears listed in ``ignore``
 (as llmcompressor lists them).
 
+Token tables (:mod:`ecoquant.models.tables`) may be quantized too, in the
+same packed layout along their width (what vLLM's
+``CompressedTensorsEmbeddingWNA16Int`` gathers and dequantizes: symmetric int,
+group or channel, ``weight_packed``/``weight_scale``/``weight_shape``, no zero
+point), each kind in a config group of its own that names its modules. A
+quantized embedding no longer has a ``weight`` a tied head could share, so
+the head is then written untied (``lm_head.weight`` copied from the
+embedding, or packed from it in its own group targeting ``re:.*lm_head$``)
+and ``tie_word_embeddings`` is set false at both config levels.
+
 Memory: source tensors are read one at a time and untouched ones are copied
 with chunked reads, so peak memory is one weight plus its codes, whatever the
 shard size. Safety: everything is written into a hidden sibling folder that
@@ -28,6 +38,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +52,28 @@ from ecoquant.quantize.primitives import QuantizedWeight, check_group_size
 from ecoquant.quantize.scheme import QuantScheme
 
 QuantizeFn = Callable[[str, torch.Tensor], QuantizedWeight]
+
+HEAD_TARGET = "re:.*lm_head$"
+"""Matches the head under transformers' name (``lm_head``) and vLLM's (``language_model.lm_head``)."""
+
+TABLE_CHUNK_ROWS = 8192
+"""Rows of a token table quantized at once: E4B's PLE table is 5.6 GB in bf16; its codes and
+intermediates for all rows at once would need several times that."""
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """An untied output head written from a (tied) embedding weight.
+
+    Attributes:
+        module: the head's module name (``lm_head``).
+        source: the embedding module whose ``weight`` it copies (``model.language_model.embed_tokens``).
+        scheme: None for a bf16 copy; else how it is quantized (RTN, symmetric).
+    """
+
+    module: str
+    source: str
+    scheme: QuantScheme | None = None
 
 
 def packed_entries(module: str, shape: tuple[int, int], dtype: str, scheme: QuantScheme) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -76,14 +109,37 @@ def pack(qw: QuantizedWeight, scheme: QuantScheme, scale_dtype: torch.dtype) -> 
     return tensors
 
 
-def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` block of ``config.json``, built by compressed-tensors."""
+def quantization_config(
+    scheme: QuantScheme,
+    ignore: list[str],
+    tables: Mapping[str, QuantScheme] | None = None,
+    head: HeadSpec | None = None,
+) -> dict[str, Any]:
+    """The ``quantization_config`` block of ``config.json``, built by compressed-tensors.
+
+    ``group_0`` targets every Linear (minus ``ignore``); quantized token tables get one group per
+    scheme naming their modules; a quantized head gets its own group.
+    """
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-    group = QuantizationScheme(targets=["Linear"], weights=scheme.to_quantization_args(), format="pack-quantized")
+    groups = {
+        "group_0": QuantizationScheme(targets=["Linear"], weights=scheme.to_quantization_args(), format="pack-quantized")
+    }
+    by_scheme: dict[QuantScheme, list[str]] = {}
+    for module, table_scheme in (tables or {}).items():
+        by_scheme.setdefault(table_scheme, []).append(module)
+    for i, (table_scheme, modules) in enumerate(by_scheme.items()):
+        groups[f"embeddings_{i}"] = QuantizationScheme(
+            targets=sorted(modules), weights=table_scheme.to_quantization_args(), format="pack-quantized"
+        )
+    if head is not None and head.scheme is not None:
+        groups["lm_head"] = QuantizationScheme(
+            targets=[HEAD_TARGET], weights=head.scheme.to_quantization_args(), format="pack-quantized"
+        )
+        ignore = [n for n in ignore if n != head.module]
     config = QuantizationConfig(
-        config_groups={"group_0": group},
+        config_groups=groups,
         format="pack-quantized",
         quantization_status="compressed",
         ignore=ignore,
@@ -92,18 +148,42 @@ def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict[str, Any
     return {**config.model_dump(exclude_none=False, mode="json"), "version": compressed_tensors.__version__}
 
 
+def table_quantize(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    """RTN over a ``[vocab, width]`` table, :data:`TABLE_CHUNK_ROWS` rows at a time (rows are independent)."""
+    from ecoquant.quantize.rtn import rtn_quantize
+
+    parts = [rtn_quantize(weight[i : i + TABLE_CHUNK_ROWS], scheme) for i in range(0, weight.shape[0], TABLE_CHUNK_ROWS)]
+    return QuantizedWeight(
+        q=torch.cat([p.q for p in parts]), scale=torch.cat([p.scale for p in parts]), zero_point=None
+    )
+
+
 def plan_shard(
     infos: list[TensorInfo],
     selection: Selection,
     scheme: QuantScheme,
     quantize_fn: QuantizeFn,
     replace: Mapping[str, torch.Tensor],
+    tables: Mapping[str, QuantScheme] | None = None,
+    head: HeadSpec | None = None,
 ) -> list[PlannedTensor]:
-    """What one output shard holds: packed tensors for selected modules, the rest copied or replaced."""
+    """What one output shard holds: packed tensors for selected modules and tables, the rest copied or replaced;
+    plus the untied head beside the embedding it is written from."""
+    tables = tables or {}
     planned: list[PlannedTensor] = []
     for info in infos:
         module = info.name.removesuffix(".weight")
-        if info.name.endswith(".weight") and module in selection:
+        if head is not None and info.name == f"{head.source}.weight":
+            if head.scheme is None:
+                planned.append(PlannedTensor(f"{head.module}.weight", info.dtype, info.shape, source=info))
+            else:
+                check_group_size(head.module, info.shape[1], head.scheme)
+                planned.extend(_planned_packed(info, head.module, head.scheme, lambda _m, w, s=head.scheme: table_quantize(w, s)))
+        if info.name.endswith(".weight") and module in tables:
+            table_scheme = tables[module]
+            check_group_size(module, info.shape[1], table_scheme)
+            planned.extend(_planned_packed(info, module, table_scheme, lambda _m, w, s=table_scheme: table_quantize(w, s)))
+        elif info.name.endswith(".weight") and module in selection:
             if len(info.shape) != 2:
                 raise EcoquantError(f"{module} is selected but its weight has shape {list(info.shape)}, not [out, in]")
             check_group_size(module, info.shape[1], scheme)
@@ -135,6 +215,13 @@ def _planned_packed(info: TensorInfo, module: str, scheme: QuantScheme, quantize
         PlannedTensor(name, dtype, shape, produce=lambda s=name.rsplit(".", 1)[1]: produce(s))
         for name, (dtype, shape) in entries.items()
     ]
+
+
+def untie(config: dict[str, Any]) -> None:
+    """Set ``tie_word_embeddings`` false where transformers (top level) and vLLM (the text config) read it."""
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
 
 
 @contextmanager
@@ -171,6 +258,8 @@ def export_checkpoint(
     recipe: Callable[[dict[str, int]], dict[str, Any]] | None = None,
     overwrite: bool = False,
     on_module: Callable[[str], None] | None = None,
+    tables: Mapping[str, QuantScheme] | None = None,
+    head: HeadSpec | None = None,
 ) -> dict[str, int]:
     """Stream ``source`` into a pack-quantized checkpoint at ``out``; return byte counts.
 
@@ -186,6 +275,8 @@ def export_checkpoint(
         recipe: called with the byte counts; its result is written as ``quant_recipe.json``.
         overwrite: replace an existing ``out``.
         on_module: progress callback, called after each quantized module is written.
+        tables: token tables to quantize (RTN), module -> scheme (see the module docstring).
+        head: an untied head to write from its embedding (needed when an embedding it is tied to is quantized).
 
     Returns:
         ``{"source_bytes": ..., "output_bytes": ..., "quantized_modules": ...}``.
@@ -199,7 +290,7 @@ def export_checkpoint(
         for shard in shards:
             infos = shard_tensors(shard)
             source_bytes += sum(i.nbytes for i in infos)
-            planned = plan_shard(infos, selection, scheme, quantize_fn, replace)
+            planned = plan_shard(infos, selection, scheme, quantize_fn, replace, tables, head)
 
             def written(t: PlannedTensor) -> None:
                 if t.name.endswith(".weight_shape"):
@@ -210,7 +301,8 @@ def export_checkpoint(
 
             output_bytes += write_streaming(tmp / shard.name, planned, {"format": "pt"}, on_tensor=written)
             weight_map.update({t.name: shard.name for t in planned})
-        missing = [m for m in selection.modules if m not in seen]
+        expected = [*selection.modules, *(tables or {}), *([head.module] if head is not None and head.scheme else [])]
+        missing = [m for m in expected if m not in seen]
         if missing:
             raise EcoquantError(
                 f"{len(missing)} selected modules have no weight in {source} (first: {missing[0]}); "
@@ -220,12 +312,20 @@ def export_checkpoint(
             index = {"metadata": {"total_size": output_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config = json.loads((source / "config.json").read_text())
-        config["quantization_config"] = quantization_config(scheme, ignore_linears)
+        config["quantization_config"] = quantization_config(scheme, ignore_linears, tables, head)
+        if head is not None:
+            untie(config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in SIDECAR_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
-        sizes = {"source_bytes": source_bytes, "output_bytes": output_bytes, "quantized_modules": len(seen)}
+        tables_written = sum(1 for m in (tables or {}) if m in seen)
+        sizes = {
+            "source_bytes": source_bytes,
+            "output_bytes": output_bytes,
+            "quantized_modules": len(seen) - tables_written - (1 if head is not None and head.scheme else 0),
+            "quantized_tables": tables_written,
+        }
         if recipe is not None:
             (tmp / "quant_recipe.json").write_text(json.dumps(recipe(sizes), indent=2) + "\n")
     return sizes

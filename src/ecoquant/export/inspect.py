@@ -9,13 +9,13 @@ config-only folder such as the E4B shape twin (the same, from meta shapes).
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ecoquant.models.loading import resolve_model, tensor_infos
+from ecoquant.models.selection import module_kind
 
 
 @dataclass(frozen=True)
@@ -33,15 +33,17 @@ class Inspection:
     scheme: dict[str, Any] | None
     recipe: dict[str, Any] | None
     preset: str | None = None
+    #: weight bytes read per decoded token (see :class:`ecoquant.export.footprint.TokenBytes`)
+    bytes_per_token: dict[str, Any] | None = None
 
 
-def module_kind(name: str) -> str:
-    """``model.language_model.layers.7.self_attn.q_proj`` -> ``model.language_model.layers.*.self_attn.q_proj``."""
-    return re.sub(r"\.\d+\.", ".*.", name)
+def inspect_checkpoint(
+    model: str | Path, preset: str = "auto", scheme: Any = None, embeddings: str | None = None, lm_head: str | None = None
+) -> Inspection:
+    """Describe a quantized checkpoint, or what quantizing a plain model with ``preset`` would give.
 
-
-def inspect_checkpoint(model: str | Path, preset: str = "auto", scheme: Any = None) -> Inspection:
-    """Describe a quantized checkpoint, or what quantizing a plain model with ``preset`` would give."""
+    A checkpoint's bytes per token come from its recipe (written when the source's layout was known).
+    """
     path = resolve_model(model)
     config = json.loads((path / "config.json").read_text())
     qconfig = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
@@ -61,14 +63,16 @@ def inspect_checkpoint(model: str | Path, preset: str = "auto", scheme: Any = No
             after_bytes=sum(t.nbytes for t in infos),
             scheme=weights,
             recipe=recipe,
+            bytes_per_token=None if recipe is None else recipe.get("bytes_per_token"),
         )
 
-    from ecoquant.api import plan_footprint, plan_model
+    from ecoquant.plan import plan_footprint, plan_model, plan_tables, plan_token_bytes
     from ecoquant.quantize.scheme import QuantScheme
 
     plan = plan_model(path, preset)
     scheme = scheme or QuantScheme()
-    fp = plan_footprint(plan, scheme)
+    tables = plan_tables(plan, scheme, embeddings or plan.preset.embeddings, lm_head or plan.preset.lm_head)
+    fp = plan_footprint(plan, scheme, tables)
     return Inspection(
         path=path,
         quantized=False,
@@ -79,4 +83,5 @@ def inspect_checkpoint(model: str | Path, preset: str = "auto", scheme: Any = No
         scheme=scheme.to_dict(),
         recipe=None,
         preset=plan.preset.name,
+        bytes_per_token=plan_token_bytes(plan, scheme, tables).to_record(),
     )

@@ -27,7 +27,7 @@ import torch
 
 from ecoquant.errors import EcoquantError
 from ecoquant.export.safetensors_stream import read_tensor
-from ecoquant.models.loading import load_config, model_class, resolve_model, tensor_infos
+from ecoquant.models.loading import load_config, model_class, quantized_load_kwargs, resolve_model, tensor_infos
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Describe the picture in one sentence."
 
@@ -83,12 +83,9 @@ def _inputs(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
 def _logits(path: Path, inputs: dict[str, torch.Tensor], keep: list[str] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Final-position-and-all logits of the model at ``path``, and (optionally) some of its weights."""
     cls = model_class(load_config(path))
-    extra: dict[str, Any] = {}
-    if keep:
-        from transformers import CompressedTensorsConfig
-
-        # Decompress into plain ``weight`` tensors (the default keeps them packed).
-        extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    # Plain ``weight`` tensors to compare need transformers' dequantize path (the default keeps Linears
+    # packed); it decompresses every group with the first group's scheme, hence the check in there.
+    extra: dict[str, Any] = quantized_load_kwargs(path, dense=bool(keep))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         model = cls.from_pretrained(path, dtype=torch.bfloat16, **extra)  # type: ignore[attr-defined]
@@ -103,6 +100,15 @@ def _logits(path: Path, inputs: dict[str, torch.Tensor], keep: list[str] | None)
     return logits, weights
 
 
+def _untied_head(path: Path) -> tuple[str, str] | None:
+    """``(head, embedding)`` when the recipe says the head was written untied from that embedding."""
+    recipe = path / "quant_recipe.json"
+    if not recipe.is_file():
+        return None
+    head = (json.loads(recipe.read_text()).get("token_tables") or {}).get("lm_head")
+    return None if not head else ("lm_head", str(head["untied_from"]))
+
+
 def verify(checkpoint: str | Path, base: str | Path) -> Verification:
     """Compare the checkpoint at ``checkpoint`` with the model it was made from."""
     qpath, bpath = resolve_model(checkpoint), resolve_model(base)
@@ -113,8 +119,11 @@ def verify(checkpoint: str | Path, base: str | Path) -> Verification:
     q_logits, q_weights = _logits(qpath, inputs, modules)
     base_infos = {t.name: t for t in tensor_infos(bpath)}
     errors: dict[str, float] = {}
+    untied = _untied_head(qpath)
     for name in modules:
         info = base_infos.get(f"{name}.weight")
+        if info is None and untied is not None and name == untied[0]:
+            info = base_infos.get(f"{untied[1]}.weight")  # a head written untied from the tied embedding
         if info is None:
             raise EcoquantError(f"{bpath} has no tensor {name}.weight: is it the model {qpath} was made from?")
         w = read_tensor(info).float()

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 
 from ecoquant.errors import EcoquantError
-from ecoquant.export.inspect import module_kind
+from ecoquant.models.selection import module_kind
 from ecoquant.models.selection import Selection
 from ecoquant.quantize.scheme import MARLIN_GROUP_SIZES, QuantScheme
 

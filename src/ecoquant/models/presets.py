@@ -16,12 +16,18 @@ from ecoquant.errors import EcoquantError
 
 @dataclass(frozen=True)
 class Preset:
-    """A named (targets, ignore) pair with the reason it exists."""
+    """A named (targets, ignore) pair with the reason it exists, and what it does to the token tables.
+
+    ``embeddings`` / ``lm_head`` are ``bf16``, ``int4`` or ``int8`` (see :mod:`ecoquant.models.tables`):
+    the defaults ``quantize --embeddings`` / ``--lm-head`` take.
+    """
 
     name: str
     description: str
     targets: tuple[str, ...]
     ignore: tuple[str, ...]
+    embeddings: str = "bf16"
+    lm_head: str = "bf16"
 
 
 # What the seed W4A16 checkpoint kept in bf16 on Gemma-4 E models. Each entry is
@@ -65,6 +71,23 @@ PRESETS: dict[str, Preset] = {
                 r"re:.*language_model\.layers\.\d+\.self_attn\.o_proj$",
             ),
             ignore=_GEMMA4_E_IGNORE,
+        ),
+        Preset(
+            name="gemma4-e-int4-head",
+            description="gemma4-e plus an untied int4 lm_head: the tied bf16 head (262144 x 2560 on E4B) is "
+            "read in full for every token, about 28% of what the seed's W4A16 reads per token.",
+            targets=("Linear",),
+            ignore=_GEMMA4_E_IGNORE,
+            lm_head="int4",
+        ),
+        Preset(
+            name="gemma4-e-int4-tables",
+            description="gemma4-e plus int4 embedding and Per-Layer-Embedding tables and an untied int4 lm_head "
+            "(the community builds' footprint: PLE 5.25 -> ~1.5 GiB). vLLM runs quantized embeddings on GPU only.",
+            targets=("Linear",),
+            ignore=_GEMMA4_E_IGNORE,
+            embeddings="int4",
+            lm_head="int4",
         ),
         Preset(
             name="text-decoder",

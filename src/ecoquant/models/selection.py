@@ -8,6 +8,7 @@ wrong preset for the model, so it is an error that names the pattern.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -67,3 +68,8 @@ def select_modules(model: nn.Module, targets: Sequence[str], ignore: Sequence[st
             f"{type(model).__name__}; loosen the ignore list or pick another preset"
         )
     return Selection(modules=chosen, targets=tuple(targets), ignore=tuple(ignore))
+
+
+def module_kind(name: str) -> str:
+    """``model.language_model.layers.7.self_attn.q_proj`` -> ``model.language_model.layers.*.self_attn.q_proj``."""
+    return re.sub(r"\.\d+\.", ".*.", name)

@@ -188,7 +188,7 @@ def plan_optimize(
 
     Returns the plan, the store, the prepared suite and the source's hashes.
     """
-    from ecoquant.api import plan_footprint, plan_model
+    from ecoquant.plan import plan_footprint, plan_model
     from ecoquant.models.loading import resolve_model
 
     store = Store(config.out)

@@ -29,7 +29,7 @@ from typing import Any
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.nf4 import NF4_KEEP
 from ecoquant.export.footprint import human_bytes
-from ecoquant.export.inspect import module_kind
+from ecoquant.models.selection import module_kind
 from ecoquant.serve.config import CONFIG_FILE, ServeConfig, checkpoint_config, quantization_format
 
 CARD_FILE = "README.md"
