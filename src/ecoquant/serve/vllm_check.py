@@ -99,12 +99,13 @@ def check_with_vllm(
 
 
 def _describe_layers(model: Any) -> dict[str, str]:
-    """Per Linear layer: quantization scheme and kernel for compressed-tensors layers, else the method class."""
+    """Per Linear layer, token table and head: scheme and kernel for compressed-tensors layers, else the method class."""
     from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
     out: dict[str, str] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, LinearBase):
+        if not isinstance(module, (LinearBase, VocabParallelEmbedding)):
             continue
         scheme = getattr(module, "scheme", None)
         if scheme is not None:
