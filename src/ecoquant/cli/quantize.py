@@ -171,9 +171,10 @@ def verify_cmd(
 def presets_cmd() -> None:
     """List the module-selection presets."""
     table = Table(title="presets (auto picks by model type)")
-    for col in ("name", "auto for", "targets", "ignore", "what"):
+    for col in ("name", "auto for", "targets", "ignore", "tables / head", "what"):
         table.add_column(col)
     for p in PRESETS.values():
         auto = [t for t, n in AUTO_PRESETS.items() if n == p.name] + (["any other"] if p.name == DEFAULT_PRESET else [])
-        table.add_row(p.name, ", ".join(auto), "\n".join(p.targets), "\n".join(p.ignore), p.description)
+        tables = f"{p.embeddings} / {p.lm_head}"
+        table.add_row(p.name, ", ".join(auto), "\n".join(p.targets), "\n".join(p.ignore), tables, p.description)
     out_console.print(table)
