@@ -6,8 +6,8 @@ head load (checked against a real vLLM in tests/test_vllm_cpu.py), the
 tables transformers reads back are exactly RTN of the source's, an untied
 bf16 head is the tied embedding byte for byte, the configs say untied at
 both levels, the bytes-per-token figure is the sum of what the written
-checkpoint stores, and what transformers cannot load correctly is refused
-in one line instead of read wrong.
+checkpoint stores, and what transformers' own loading would misread (mixed
+schemes with tables) is loaded through a dense copy that reads it right.
 """
 
 from __future__ import annotations
@@ -112,10 +112,52 @@ def test_quality_cost_of_each_table_choice(built: dict[str, Path]) -> None:
     assert all(v < 0.2 for v in kls.values())  # every checkpoint still computes the model
 
 
-def test_mixed_schemes_that_transformers_would_read_wrong_are_refused(built: dict[str, Path]) -> None:
-    with pytest.raises(EcoquantError, match="mixes weight schemes across config groups"):
-        TransformersBackend.load(built["emb8"], TransformersOptions(device="cpu"))
-    assert quantized_load_kwargs(built["head8"]) == {}  # packed Linears: transformers' own path, each group its scheme
+def test_mixed_schemes_load_through_a_dense_copy_read_right(built: dict[str, Path]) -> None:
+    """int8 tables and head next to int4 Linears: transformers alone would read them as int4; the dense copy does not."""
+    from transformers import AutoModelForImageTextToText
+
+    from ecoquant.models.dense import loadable, needs_dense_copy
+
+    path = built["emb8"]
+    assert needs_dense_copy(path) and not needs_dense_copy(built["emb4"]) and not needs_dense_copy(built["head8"])
+    with pytest.raises(EcoquantError, match="mixes weight schemes"):
+        quantized_load_kwargs(path)  # transformers' own dequantize path would be wrong here
+    with loadable(path) as (folder, kwargs):
+        assert folder != path and kwargs == {}
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16, **kwargs)
+    assert not folder.exists()  # the copy is gone once loaded
+    src = tensors(tiny_vlm_path())
+    int8 = QuantScheme(num_bits=8, group_size=128)
+    expected = rtn_quantize(src[f"{PLE}.weight"], int8).dequantize(int8, torch.bfloat16)
+    assert torch.equal(model.model.language_model.embed_tokens_per_layer.weight.data, expected)
+    assert torch.equal(model.lm_head.weight.data, rtn_quantize(src[f"{EMB}.weight"], int8).dequantize(int8, torch.bfloat16))
+    backend = TransformersBackend.load(path, TransformersOptions(device="cpu"))  # the eval path takes the same route
+    backend.close()
+    assert kl(log_probs(tiny_vlm_path()), _log_probs_dense(path)) < 0.02  # int8 tables: close to the seed's set
+
+
+def test_dense_copy_equals_transformers_own_dequantization(built: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from ecoquant.models.dense import write_dense_copy
+
+    path = built["emb4"]  # one scheme everywhere: transformers' dequantize path is right, so it is the reference
+    ours = AutoModelForImageTextToText.from_pretrained(write_dense_copy(path, tmp_path / "dense"), dtype=torch.bfloat16)
+    theirs = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, **quantized_load_kwargs(path))
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _log_probs_dense(path: Path) -> torch.Tensor:
+    from transformers import AutoModelForImageTextToText
+
+    from ecoquant.models.dense import loadable
+
+    with loadable(path) as (folder, kwargs):
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16, **kwargs).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=IDS).logits.float(), -1)
 
 
 def test_bytes_per_token_is_what_the_checkpoint_stores(built: dict[str, Path]) -> None:

@@ -27,7 +27,8 @@ import torch
 
 from ecoquant.errors import EcoquantError
 from ecoquant.export.safetensors_stream import read_tensor
-from ecoquant.models.loading import load_config, model_class, quantized_load_kwargs, resolve_model, tensor_infos
+from ecoquant.models.dense import loadable
+from ecoquant.models.loading import load_config, model_class, resolve_model, tensor_infos
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Describe the picture in one sentence."
 
@@ -84,11 +85,10 @@ def _logits(path: Path, inputs: dict[str, torch.Tensor], keep: list[str] | None)
     """Final-position-and-all logits of the model at ``path``, and (optionally) some of its weights."""
     cls = model_class(load_config(path))
     # Plain ``weight`` tensors to compare need transformers' dequantize path (the default keeps Linears
-    # packed); it decompresses every group with the first group's scheme, hence the check in there.
-    extra: dict[str, Any] = quantized_load_kwargs(path, dense=bool(keep))
-    with warnings.catch_warnings():
+    # packed), or ecoquant's dense copy where that path would read mixed schemes wrong.
+    with loadable(path, dense=bool(keep)) as (folder, extra), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        model = cls.from_pretrained(path, dtype=torch.bfloat16, **extra)  # type: ignore[attr-defined]
+        model = cls.from_pretrained(folder, dtype=torch.bfloat16, **extra)  # type: ignore[attr-defined]
     model.eval()
     weights = {}
     if keep:

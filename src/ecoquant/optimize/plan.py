@@ -188,7 +188,7 @@ def plan_optimize(
 
     Returns the plan, the store, the prepared suite and the source's hashes.
     """
-    from ecoquant.plan import plan_footprint, plan_model
+    from ecoquant.plan import plan_footprint, plan_model, plan_tables
     from ecoquant.models.loading import resolve_model
 
     store = Store(config.out)
@@ -235,7 +235,9 @@ def plan_optimize(
     disk = 0
     for j in to_quantize.values():
         assert j.candidate is not None
-        disk += plan_footprint(plan_model(path, j.candidate.preset), j.candidate.scheme).after_bytes
+        model_plan = plan_model(path, j.candidate.preset)
+        tables = plan_tables(model_plan, j.candidate.scheme, model_plan.preset.embeddings, model_plan.preset.lm_head)
+        disk += plan_footprint(model_plan, j.candidate.scheme, tables).after_bytes
     plan = Plan(
         path, model_type, grid, tuple(jobs), tuple(to_quantize.values()), cached_evals, cached_ckpts, disk, energy_measured
     )

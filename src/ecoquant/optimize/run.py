@@ -231,6 +231,10 @@ def _evaluate_jobs(
                     failures[job.label] = FailedRun.from_failure(ref, exc)
                     stages.line(f"optimize: {job.label}: FAILED: {str(exc).splitlines()[0]}")
                     return
+                except EcoquantError as exc:  # this model cannot be loaded here (e.g. a scheme mix transformers refuses)
+                    failures[job.label] = FailedRun(job.label, str(job.folder), job.role, "load", str(exc))
+                    stages.line(f"optimize: {job.label}: FAILED: {str(exc).splitlines()[0]}")
+                    return
             payload = {
                 "runs": [asdict(r) for r in runs],
                 "gpu": gpu,

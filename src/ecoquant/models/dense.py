@@ -1,0 +1,143 @@
+"""Load any ecoquant checkpoint in transformers, whatever mix of schemes its config groups hold.
+
+transformers 5.23 with compressed-tensors 0.20 has two ways to load a
+``pack-quantized`` checkpoint, and each misses a case ecoquant writes:
+
+* the default keeps Linears packed and decompresses each with its own
+  group's scheme, but cannot load a packed ``nn.Embedding`` (it tries to
+  initialise the ``weight`` the module no longer has);
+* ``dequantize=True`` loads packed embeddings, but decompresses *every*
+  module with the first config group's scheme, so an int8 table or head next
+  to int4 Linears would be read as int4: silently wrong.
+
+:func:`loadable` picks: the checkpoint itself when the default path is right
+(no packed tables) or when every group shares one scheme (then
+``dequantize=True`` is right); otherwise a dense bf16 copy in a temporary
+folder, each module decompressed here with its own group's scheme (the same
+``unpack_from_int32`` compressed-tensors packs with, and
+:func:`ecoquant.quantize.primitives.dequantize`). The copy is written one
+tensor at a time and deleted once the model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ecoquant.export.safetensors_stream import PlannedTensor, read_tensor, write_streaming
+from ecoquant.models.loading import SIDECAR_FILES, shard_files, shard_tensors
+from ecoquant.quantize.primitives import dequantize
+from ecoquant.quantize.scheme import QuantScheme
+
+PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+
+
+def quantization_block(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    return dict(qc) if qc else None
+
+
+def scheme_of(weights: Mapping[str, Any]) -> QuantScheme:
+    """A config group's ``weights`` args as the :class:`QuantScheme` that wrote them."""
+    group = weights.get("group_size") if weights.get("strategy") == "group" else None
+    return QuantScheme(num_bits=int(weights["num_bits"]), group_size=group, symmetric=bool(weights.get("symmetric", True)))
+
+
+def group_for(module: str, groups: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The config group that quantized ``module``: an exact name, then a ``re:`` pattern, then a class target."""
+    for kind in ("name", "regex", "class"):
+        for group in groups.values():
+            for target in group.get("targets", ()):
+                if kind == "name" and target == module:
+                    return group
+                if kind == "regex" and target.startswith("re:") and re.match(target[3:], module):
+                    return group
+                if kind == "class" and not target.startswith("re:") and "." not in target:
+                    return group
+    raise ValueError(f"no config group quantizes {module}")
+
+
+def needs_dense_copy(path: Path, dense: bool = False) -> bool:
+    """Whether neither of transformers' own paths loads ``path`` correctly (see the module docstring).
+
+    ``dense``: the caller needs plain ``weight`` tensors (only the dequantize path gives them).
+    """
+    qc = quantization_block(json.loads((path / "config.json").read_text(encoding="utf-8")))
+    if not qc or qc.get("quant_method", "compressed-tensors") != "compressed-tensors":
+        return False
+    groups = qc.get("config_groups") or {}
+    tables = any(name.startswith("embeddings") for name in groups)
+    schemes = {json.dumps(g.get("weights"), sort_keys=True) for g in groups.values()}
+    return (tables or dense) and len(schemes) > 1
+
+
+def write_dense_copy(path: Path, out: Path) -> Path:
+    """``path`` with every packed module decompressed to its source dtype, and no ``quantization_config``."""
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    groups = (quantization_block(config) or {}).get("config_groups") or {}
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for shard in shard_files(path):
+        infos = {t.name: t for t in shard_tensors(shard)}
+        planned: list[PlannedTensor] = []
+        for name, info in infos.items():
+            module, _, suffix = name.rpartition(".")
+            if suffix in PACKED_SUFFIXES:
+                if suffix == "weight_packed":
+                    planned.append(_dense(module, infos, groups))
+                continue
+            planned.append(PlannedTensor(name, info.dtype, info.shape, source=info))
+        write_streaming(out / shard.name, planned, {"format": "pt"})
+        weight_map.update({t.name: shard.name for t in planned})
+    if (path / "model.safetensors.index.json").is_file():
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    config.pop("quantization_config", None)
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"].pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    for name in SIDECAR_FILES:
+        if (path / name).is_file():
+            shutil.copy2(path / name, out / name)
+    return out
+
+
+def _dense(module: str, infos: Mapping[str, Any], groups: Mapping[str, Mapping[str, Any]]) -> PlannedTensor:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    scheme = scheme_of(group_for(module, groups)["weights"])
+    scale_info = infos[f"{module}.weight_scale"]
+    shape = tuple(int(v) for v in read_tensor(infos[f"{module}.weight_shape"]).tolist())
+
+    def produce() -> torch.Tensor:
+        q = unpack_from_int32(read_tensor(infos[f"{module}.weight_packed"]), scheme.num_bits, torch.Size(shape))
+        zp_info = infos.get(f"{module}.weight_zero_point")
+        scale = read_tensor(scale_info)
+        zp = None
+        if zp_info is not None:
+            zp = unpack_from_int32(read_tensor(zp_info), scheme.num_bits, torch.Size(scale.shape), packed_dim=0)
+        return dequantize(q.to(torch.int8), scale, zp, scheme)
+
+    return PlannedTensor(f"{module}.weight", scale_info.dtype, shape, produce=produce)
+
+
+@contextmanager
+def loadable(path: Path, dense: bool = False) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """``(folder, from_pretrained kwargs)`` that load ``path`` right in transformers (see the module docstring)."""
+    from ecoquant.models.loading import quantized_load_kwargs
+
+    if not needs_dense_copy(path, dense):
+        yield path, quantized_load_kwargs(path, dense)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=".ecoquant-dense-", dir=path.parent))
+    try:
+        yield write_dense_copy(path, tmp / path.name), {}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
