@@ -55,6 +55,7 @@ from ecoquant.eval.runner import (
 from ecoquant.optimize.plan import SHORT_SUFFIX, Job, OptimizeConfig, Plan, plan_optimize
 from ecoquant.optimize.select import Choice, choice_record, choose
 from ecoquant.optimize.store import SERVERS, Store, link_or_copy, write_json_atomic
+from ecoquant.progress import progress_bar
 from ecoquant.report import RESULTS_FILE, render_report
 from ecoquant.report.table import report_rows
 
@@ -65,7 +66,8 @@ CHOICE_FILE = "choice.json"
 
 
 class Stages:
-    """One line per stage start and end (log lines when stderr is not a terminal), a spinner when it is."""
+    """One line per stage start and end, with the time spent: the same on a terminal and in a log file
+    (on a terminal the quantize and evaluate progress bars show as well)."""
 
     def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
         self.console = console or Console(stderr=True)
@@ -218,15 +220,19 @@ def _evaluate_jobs(
             with stages.stage(job.label, f"evaluate ({config.backend}{where}, {prepared.suite.n_samples} samples)"):
                 budget = None if job.candidate is None else job.candidate.max_soft_tokens
                 try:
-                    runs = evaluate_model(
-                        ref,
-                        index[job.label],
-                        prepared,
-                        replace(config.eval, max_soft_tokens=budget),
-                        meter=meters[gpu],
-                        idle=idles[gpu],
-                        backend_factory=backend_factory(gpu),
-                    )
+                    # a bar per model on a terminal (one worker: parallel bars would interleave)
+                    bar = show and len(config.gpus) <= 1
+                    with progress_bar(job.label, prepared.suite.n_samples, bar) as advance:
+                        runs = evaluate_model(
+                            ref,
+                            index[job.label],
+                            prepared,
+                            replace(config.eval, max_soft_tokens=budget),
+                            meter=meters[gpu],
+                            idle=idles[gpu],
+                            backend_factory=backend_factory(gpu),
+                            advance=advance,
+                        )
                 except BackendFailure as exc:
                     failures[job.label] = FailedRun.from_failure(ref, exc)
                     stages.line(f"optimize: {job.label}: FAILED: {str(exc).splitlines()[0]}")
