@@ -27,10 +27,11 @@ from ecoquant.plan import (  # noqa: F401 - plan_model, plan_footprint: part of 
     plan_model,
     plan_tables,
     plan_token_bytes,
+    require_unquantized,
 )
 from ecoquant.progress import progress_bar
 from ecoquant.quantize.primitives import QuantizedWeight, grid_group_counts
-from ecoquant.calibrate.data import CORPUS_SOURCE, DEFAULT_SOURCE, CalibrationConfig
+from ecoquant.calibrate.data import CORPUS_SOURCE, DEFAULT_SOURCE, CalibrationConfig, calibration_warnings
 from ecoquant.quantize.awq import AWQConfig
 from ecoquant.quantize.gptq import GPTQConfig
 from ecoquant.models.topology import require_awq_mappings, topology_for
@@ -44,6 +45,16 @@ def _existing_parent(out: Path) -> Path:
     """Calibration scratch goes beside the output (same disk), in a folder that exists."""
     out.parent.mkdir(parents=True, exist_ok=True)
     return out.parent
+
+
+def _unk_id(path: Path) -> int | None:
+    """The tokenizer's unknown-token id, if it has one (None when there is no tokenizer to ask)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path).unk_token_id
+    except (OSError, ValueError):
+        return None
 
 
 def _load_calibration(path: Path, config: CalibrationConfig, console: Console | None) -> Any:
@@ -161,6 +172,7 @@ def quantize(
     if out.exists() and not config.overwrite:
         raise EcoquantError(f"{out} already exists; choose another --out or pass --overwrite")
     path = resolve_model(model)
+    require_unquantized(path)
     plan = plan_model(path, config.preset, config.targets, config.ignore)
     warnings = check_plan(plan, config.scheme)
     tables = plan_tables(
@@ -191,6 +203,10 @@ def quantize(
             t = time.perf_counter()
             calib = _load_calibration(path, config.calibration, console if show_progress else None)
             timings["calibration_data"] = time.perf_counter() - t
+            for w in calibration_warnings(calib, _unk_id(path)):  # before the calibration itself
+                warnings.append(w)
+                if show_progress:
+                    console.print(f"[yellow]warning:[/] {w}", highlight=False)
             t = time.perf_counter()
             from ecoquant.calibrate.run import calibrate
 

@@ -41,6 +41,24 @@ class ModelPlan:
     model: nn.Module = field(repr=False)
 
 
+def require_unquantized(path: Path) -> None:
+    """Refuse a source that is already quantized: quantizing packed tensors again would only copy them.
+
+    ``config.json`` naming a ``quantization_config`` is the sign (top level or a VLM's text config).
+    """
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return  # resolve_model / load_config report a missing or broken config with their own line
+    qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if qc:
+        what = f"{qc.get('quant_method', 'quantized')}, format {qc.get('format', '?')}"
+        raise EcoquantError(
+            f"{path} is already quantized ({what}); quantize the bf16 model it was made from "
+            "(quant_recipe.json names it under source) instead"
+        )
+
+
 def plan_model(
     path: Path, preset: str = "auto", targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()
 ) -> ModelPlan:

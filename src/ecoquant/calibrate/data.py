@@ -379,3 +379,48 @@ def _records_to_ids(tokenizer: Any, records: Sequence[Any], config: CalibrationC
         out.append(ids)
         templated = templated or used
     return out, templated
+
+
+# ------------------------------------------------------------------ calibration data that would mislead
+
+DOMINANT_SHARE = 0.5
+"""One token id making up more than half of the calibration tokens: the inputs are close to constant."""
+UNKNOWN_SHARE = 0.1
+"""More than a tenth unknown tokens: the tokenizer does not cover the text (a wrong tokenizer or language)."""
+
+
+def token_warnings(ids: torch.Tensor, unk_id: int | None) -> list[str]:
+    """Why these calibration token ids would mislead GPTQ/AWQ, one sentence each (empty when they look like text).
+
+    GPTQ and AWQ fit the statistics of their inputs; on a constant-like input
+    they fit that constant and can end up no closer to the base than RTN, with
+    no error anywhere. Three signs, each a threshold with its reason:
+    :data:`DOMINANT_SHARE`, :data:`UNKNOWN_SHARE`, and a vocabulary far below
+    what text of that length has (natural text of N tokens uses on the order
+    of sqrt(N) x a few distinct ids or more, Heaps' law; fewer than 2 sqrt(N)
+    is a sign of repeated or padded data).
+    """
+    flat = ids.reshape(-1)
+    n = int(flat.numel())
+    if n == 0:
+        return ["the calibration set holds no tokens"]
+    values, counts = torch.unique(flat, return_counts=True)
+    out = []
+    top = int(counts.max())
+    if top / n > DOMINANT_SHARE:
+        out.append(f"token id {int(values[counts.argmax()])} is {top / n:.0%} of the {n} calibration tokens")
+    if unk_id is not None:
+        unk = int(counts[values == unk_id].sum())
+        if unk / n > UNKNOWN_SHARE:
+            out.append(f"{unk / n:.0%} of the calibration tokens are the unknown token (does this tokenizer read the data?)")
+    distinct = int(values.numel())
+    if n >= 256 and distinct < 2 * n**0.5:
+        out.append(f"only {distinct} distinct ids in {n} calibration tokens (repeated or padded data?)")
+    return out
+
+
+def calibration_warnings(calib: CalibrationSet, unk_id: int | None) -> list[str]:
+    """:func:`token_warnings` over every sample of a calibration set, phrased for the user."""
+    ids = torch.cat([b["input_ids"].reshape(-1) for b in calib.batches]) if calib.batches else torch.empty(0, dtype=torch.long)
+    found = token_warnings(ids, unk_id)
+    return [f"calibration data looks degenerate: {w}; GPTQ/AWQ would fit it and may end no better than RTN" for w in found]

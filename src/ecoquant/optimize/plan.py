@@ -191,8 +191,11 @@ def plan_optimize(
     from ecoquant.plan import plan_footprint, plan_model, plan_tables
     from ecoquant.models.loading import resolve_model
 
+    from ecoquant.plan import require_unquantized
+
     store = Store(config.out)
     path = resolve_model(model)
+    require_unquantized(path)  # the base must be the bf16 source the candidates are made from
     model_type = _model_type(path)
     grid = config.grid or default_grid(model_type)
     _check_grid(grid, config)
