@@ -26,7 +26,7 @@ from ecoquant.errors import EcoquantError
 from ecoquant.eval.backends.transformers_backend import TransformersBackend, TransformersOptions
 from ecoquant.export.footprint import NOT_PER_TOKEN
 from ecoquant.fixtures.tiny_vlm import tiny_vlm_path
-from ecoquant.models.loading import quantized_load_kwargs
+from ecoquant.models.dense import quantized_load_kwargs
 from ecoquant.quantize.rtn import rtn_quantize
 from ecoquant.quantize.scheme import QuantScheme
 

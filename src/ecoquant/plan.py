@@ -22,6 +22,7 @@ from ecoquant.export.footprint import Footprint, TokenBytes, estimate_footprint,
 from ecoquant.export.vllm_compat import check_fused_siblings, marlin_warnings
 from ecoquant.models.loading import load_config, meta_model, tensor_infos
 from ecoquant.models.presets import Preset, get_preset
+from ecoquant.models.quant_config import quantization_block
 from ecoquant.models.selection import Selection, select_modules
 from ecoquant.models.tables import TOKEN_TABLES, ties_head, token_tables
 from ecoquant.quantize.primitives import check_group_size
@@ -50,7 +51,7 @@ def require_unquantized(path: Path) -> None:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return  # resolve_model / load_config report a missing or broken config with their own line
-    qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    qc = quantization_block(config)
     if qc:
         what = f"{qc.get('quant_method', 'quantized')}, format {qc.get('format', '?')}"
         raise EcoquantError(

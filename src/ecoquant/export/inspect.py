@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ecoquant.models.loading import resolve_model, tensor_infos
+from ecoquant.models.quant_config import quantization_block
 from ecoquant.models.selection import module_kind
 
 
@@ -46,7 +47,7 @@ def inspect_checkpoint(
     """
     path = resolve_model(model)
     config = json.loads((path / "config.json").read_text())
-    qconfig = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    qconfig = quantization_block(config)
     if qconfig is not None:
         infos = list(tensor_infos(path))
         modules = [t.name.removesuffix(".weight_packed") for t in infos if t.name.endswith(".weight_packed")]

@@ -20,8 +20,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 
 from ecoquant.errors import EcoquantError
-from ecoquant.models.selection import module_kind
-from ecoquant.models.selection import Selection
+from ecoquant.models.selection import Selection, module_kind
 from ecoquant.quantize.scheme import MARLIN_GROUP_SIZES, QuantScheme
 
 #: Sibling projections vLLM fuses into one layer, by the last component of the module name.

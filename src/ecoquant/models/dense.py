@@ -28,21 +28,18 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from ecoquant.errors import EcoquantError
 from ecoquant.export.safetensors_stream import PlannedTensor, read_tensor, write_streaming
 from ecoquant.models.loading import SIDECAR_FILES, shard_files, shard_tensors
+from ecoquant.models.quant_config import quantization_block
 from ecoquant.quantize.primitives import dequantize
 from ecoquant.quantize.scheme import QuantScheme
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-
-
-def quantization_block(config: Mapping[str, Any]) -> dict[str, Any] | None:
-    qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
-    return dict(qc) if qc else None
 
 
 def scheme_of(weights: Mapping[str, Any]) -> QuantScheme:
@@ -65,18 +62,46 @@ def group_for(module: str, groups: Mapping[str, Mapping[str, Any]]) -> Mapping[s
     raise ValueError(f"no config group quantizes {module}")
 
 
-def needs_dense_copy(path: Path, dense: bool = False) -> bool:
-    """Whether neither of transformers' own paths loads ``path`` correctly (see the module docstring).
+Route = Literal["as-is", "dequantize", "dense-copy"]
 
-    ``dense``: the caller needs plain ``weight`` tensors (only the dequantize path gives them).
+
+def load_route(path: Path, dense: bool = False) -> Route:
+    """How transformers loads ``path`` right (see the module docstring).
+
+    ``dense``: the caller needs plain ``weight`` tensors, which only the dequantize path (or a copy) gives.
     """
-    qc = quantization_block(json.loads((path / "config.json").read_text(encoding="utf-8")))
+    try:
+        qc = quantization_block(json.loads((path / "config.json").read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError):
+        return "as-is"
     if not qc or qc.get("quant_method", "compressed-tensors") != "compressed-tensors":
-        return False
+        return "as-is"
     groups = qc.get("config_groups") or {}
-    tables = any(name.startswith("embeddings") for name in groups)
-    schemes = {json.dumps(g.get("weights"), sort_keys=True) for g in groups.values()}
-    return (tables or dense) and len(schemes) > 1
+    if not (dense or any(name.startswith("embeddings") for name in groups)):
+        return "as-is"
+    one_scheme = len({json.dumps(g.get("weights"), sort_keys=True) for g in groups.values()}) == 1
+    return "dequantize" if one_scheme else "dense-copy"
+
+
+def needs_dense_copy(path: Path, dense: bool = False) -> bool:
+    """Whether neither of transformers' own paths loads ``path`` correctly."""
+    return load_route(path, dense) == "dense-copy"
+
+
+def quantized_load_kwargs(path: Path, dense: bool = False) -> dict[str, Any]:
+    """``from_pretrained`` arguments for transformers' own paths; one clear line where neither is right."""
+    route = load_route(path, dense)
+    if route == "as-is":
+        return {}
+    if route == "dense-copy":
+        raise EcoquantError(
+            f"{path} mixes weight schemes across config groups; transformers can only load it by decompressing "
+            "every group with the first one's scheme, which would be wrong here: load it through "
+            "ecoquant.models.dense.loadable"
+        )
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
 def write_dense_copy(path: Path, out: Path) -> Path:
@@ -131,8 +156,6 @@ def _dense(module: str, infos: Mapping[str, Any], groups: Mapping[str, Mapping[s
 @contextmanager
 def loadable(path: Path, dense: bool = False) -> Iterator[tuple[Path, dict[str, Any]]]:
     """``(folder, from_pretrained kwargs)`` that load ``path`` right in transformers (see the module docstring)."""
-    from ecoquant.models.loading import quantized_load_kwargs
-
     if not needs_dense_copy(path, dense):
         yield path, quantized_load_kwargs(path, dense)
         return

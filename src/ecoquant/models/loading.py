@@ -170,38 +170,3 @@ def tensor_infos(path: Path) -> Iterator[TensorInfo]:
     """Every tensor of a checkpoint, from headers only."""
     for shard in shard_files(path):
         yield from shard_tensors(shard)
-
-
-def quantized_load_kwargs(path: Path, dense: bool = False) -> dict[str, Any]:
-    """``from_pretrained`` arguments that load a compressed-tensors checkpoint correctly in transformers.
-
-    transformers' default path keeps packed Linears and decompresses them with
-    each one's own scheme, but cannot load a packed ``nn.Embedding`` (it tries
-    to initialise a ``weight`` the module no longer has). Its
-    ``dequantize=True`` path can, but decompresses *every* module with the
-    first config group's scheme. So a checkpoint with quantized embeddings, or
-    a caller that needs dense weights (``dense``), is loaded dequantized when
-    all groups share one weight scheme, and refused with one line otherwise
-    (an int8 table next to int4 Linears would be read as int4: silently wrong).
-    """
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
-    if not qc or qc.get("quant_method", "compressed-tensors") != "compressed-tensors":
-        return {}
-    groups = qc.get("config_groups") or {}
-    tables = any(name.startswith("embeddings") for name in groups)
-    if not (tables or dense):
-        return {}
-    schemes = {json.dumps(g.get("weights"), sort_keys=True) for g in groups.values()}
-    if len(schemes) > 1:
-        raise EcoquantError(
-            f"{path} mixes weight schemes across config groups ({', '.join(sorted(groups))}); transformers can only "
-            "load it by decompressing every group with the first one's scheme, which would be wrong here. "
-            "Evaluate it with --backend vllm, or quantize its tables with the decoder's bits and group size"
-        )
-    from transformers import CompressedTensorsConfig
-
-    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}

@@ -45,6 +45,7 @@ from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.economy import PROMPT_VARIANTS, prompt_variant, suite_requests
 from ecoquant.eval.image_budget import check_max_soft_tokens, processor_kwargs
 from ecoquant.eval.tasks import Suite
+from ecoquant.models.quant_config import quantization_block
 
 CONFIG_FILE = "vllm_config.yaml"
 
@@ -302,7 +303,7 @@ def checkpoint_config(path: Path) -> dict[str, Any]:
 
 def quantization_format(config: Mapping[str, Any]) -> str | None:
     """``compressed-tensors`` (or another quant method) named in ``config.json``, None for a plain model."""
-    qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    qc = quantization_block(config)
     if qc is None:
         return None
     return str(qc.get("quant_method", "compressed-tensors"))

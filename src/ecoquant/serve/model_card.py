@@ -29,6 +29,7 @@ from typing import Any
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.nf4 import NF4_KEEP
 from ecoquant.export.footprint import human_bytes
+from ecoquant.models.quant_config import quantization_block
 from ecoquant.models.selection import module_kind
 from ecoquant.serve.config import CONFIG_FILE, ServeConfig, checkpoint_config, quantization_format
 
@@ -173,7 +174,7 @@ def render_quantized_card(
     ``title`` replaces the folder's name in the heading.
     """
     cfg = checkpoint_config(model_path)
-    qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config") or {}
+    qc = quantization_block(cfg) or {}
     groups = qc.get("config_groups") or {}
     weights = next(iter(groups.values()), {}).get("weights") or {}
     if recipe is None:

@@ -1,0 +1,18 @@
+"""The ``quantization_config`` a checkpoint's ``config.json`` names, wherever it sits.
+
+A text model carries it at the top level; a vision-language model may carry
+it in its ``text_config``. Plain JSON, no transformers: the CLI reads it at
+start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def quantization_block(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``config.json``'s ``quantization_config`` (top level, else the text config's), or None for a plain model."""
+    text = config.get("text_config")
+    qc = config.get("quantization_config") or (text.get("quantization_config") if isinstance(text, Mapping) else None)
+    return dict(qc) if qc else None
