@@ -221,3 +221,27 @@ def test_cli_options_presets_and_errors(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "--embeddings takes bf16, int4 or int8" in bad.output
     odd = runner.invoke(app, ["quantize", str(tiny_vlm_path()), "--out", str(tmp_path / "c"), "--lm-head", "int4", "--group-size", "-1"])
     assert odd.exit_code == 0, odd.output  # per-channel head: allowed
+
+
+def test_a_head_already_untied_in_the_source_is_replaced_by_its_packed_form(tmp_path: Path) -> None:
+    """Writer and footprint share one decision per tensor: the source's own lm_head.weight is not also copied."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = tmp_path / "untied"
+    shutil.copytree(tiny_vlm_path(), src)
+    weights = tensors(tiny_vlm_path())
+    weights["lm_head.weight"] = weights[f"{EMB}.weight"].clone()
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    config["text_config"]["tie_word_embeddings"] = False
+    (src / "config.json").write_text(json.dumps(config))
+    out = quantize(src, tmp_path / "head4", QuantizeConfig(lm_head="int4"), show_progress=False).out
+    written = tensors(out)
+    assert "lm_head.weight" not in written and tuple(written["lm_head.weight_packed"].shape) == (1024, 32)
+    assert f"{EMB}.weight" in written  # the embedding itself stays bf16
+    recipe = json.loads((out / "quant_recipe.json").read_text())
+    assert recipe["token_tables"]["lm_head"]["untied_from"] == "lm_head"
+    assert kl(log_probs(tiny_vlm_path()), log_probs(out)) < 0.2

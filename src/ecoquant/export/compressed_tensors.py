@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -158,6 +158,47 @@ def table_quantize(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight
     )
 
 
+@dataclass(frozen=True)
+class TensorFate:
+    """What becomes of one source tensor in the checkpoint.
+
+    ``kind``: ``linear`` (packed with the main scheme by the method's quantize function), ``table``
+    or ``head`` (packed by RTN with ``scheme``; a ``head`` with no scheme is a bf16 copy under the
+    head's name), or ``copy`` (written as it is, or as its replacement).
+    """
+
+    kind: Literal["linear", "table", "head", "copy"]
+    module: str
+    scheme: QuantScheme | None = None
+
+
+def tensor_fates(
+    name: str,
+    selection: Selection,
+    scheme: QuantScheme,
+    tables: Mapping[str, QuantScheme],
+    head: HeadSpec | None,
+) -> list[TensorFate]:
+    """Where one source tensor goes: shared by the writer and the footprint arithmetic, so the two cannot drift.
+
+    The embedding an untied head is written from yields the head as well as itself; a head that
+    is already untied in the source (``head.source == head.module``) is replaced by its packed form.
+    """
+    fates: list[TensorFate] = []
+    module = name.removesuffix(".weight")
+    if head is not None and name == f"{head.source}.weight":
+        fates.append(TensorFate("head", head.module, head.scheme))
+        if head.source == head.module:
+            return fates
+    if name.endswith(".weight") and module in tables:
+        fates.append(TensorFate("table", module, tables[module]))
+    elif name.endswith(".weight") and module in selection:
+        fates.append(TensorFate("linear", module, scheme))
+    else:
+        fates.append(TensorFate("copy", name))
+    return fates
+
+
 def plan_shard(
     infos: list[TensorInfo],
     selection: Selection,
@@ -169,32 +210,25 @@ def plan_shard(
 ) -> list[PlannedTensor]:
     """What one output shard holds: packed tensors for selected modules and tables, the rest copied or replaced;
     plus the untied head beside the embedding it is written from."""
-    tables = tables or {}
     planned: list[PlannedTensor] = []
     for info in infos:
-        module = info.name.removesuffix(".weight")
-        if head is not None and info.name == f"{head.source}.weight":
-            if head.scheme is None:
-                planned.append(PlannedTensor(f"{head.module}.weight", info.dtype, info.shape, source=info))
+        for fate in tensor_fates(info.name, selection, scheme, tables or {}, head):
+            if fate.kind == "copy":
+                value = replace.get(info.name)
+                if value is None:
+                    planned.append(PlannedTensor(info.name, info.dtype, info.shape, source=info))
+                else:
+                    planned.append(
+                        PlannedTensor(info.name, DTYPE_NAMES[value.dtype], tuple(value.shape), produce=lambda v=value: v)
+                    )
+            elif fate.scheme is None:  # an untied bf16 head: the embedding's bytes under the head's name
+                planned.append(PlannedTensor(f"{fate.module}.weight", info.dtype, info.shape, source=info))
             else:
-                check_group_size(head.module, info.shape[1], head.scheme)
-                planned.extend(_planned_packed(info, head.module, head.scheme, lambda _m, w, s=head.scheme: table_quantize(w, s)))
-        if info.name.endswith(".weight") and module in tables:
-            table_scheme = tables[module]
-            check_group_size(module, info.shape[1], table_scheme)
-            planned.extend(_planned_packed(info, module, table_scheme, lambda _m, w, s=table_scheme: table_quantize(w, s)))
-        elif info.name.endswith(".weight") and module in selection:
-            if len(info.shape) != 2:
-                raise EcoquantError(f"{module} is selected but its weight has shape {list(info.shape)}, not [out, in]")
-            check_group_size(module, info.shape[1], scheme)
-            planned.extend(_planned_packed(info, module, scheme, quantize_fn))
-        elif info.name in replace:
-            value = replace[info.name]
-            planned.append(
-                PlannedTensor(info.name, DTYPE_NAMES[value.dtype], tuple(value.shape), produce=lambda v=value: v)
-            )
-        else:
-            planned.append(PlannedTensor(info.name, info.dtype, info.shape, source=info))
+                if len(info.shape) != 2:
+                    raise EcoquantError(f"{fate.module} is selected but its weight has shape {list(info.shape)}, not [out, in]")
+                check_group_size(fate.module, info.shape[1], fate.scheme)
+                fn = quantize_fn if fate.kind == "linear" else (lambda _m, w, s=fate.scheme: table_quantize(w, s))
+                planned.extend(_planned_packed(info, fate.module, fate.scheme, fn))
     return planned
 
 

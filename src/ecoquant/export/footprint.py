@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ecoquant.export.compressed_tensors import HeadSpec, packed_entries
+from ecoquant.export.compressed_tensors import HeadSpec, packed_entries, tensor_fates
 from ecoquant.export.safetensors_stream import DTYPES
 from ecoquant.models.selection import Selection
 from ecoquant.quantize.scheme import QuantScheme
@@ -63,24 +63,16 @@ def planned_layout(
     head: HeadSpec | None = None,
 ) -> Layout:
     """The tensors the exporter would write for these choices, from the source's alone (nothing is read)."""
-    tables = tables or {}
     out: Layout = []
     for name, dtype, shape in tensors:
-        module = name.removesuffix(".weight")
-        is_weight = name.endswith(".weight") and len(shape) == 2
-        if head is not None and name == f"{head.source}.weight":
-            if head.scheme is None:
-                out.append((f"{head.module}.weight", dtype, shape))
+        for fate in tensor_fates(name, selection, scheme, tables or {}, head):
+            if fate.kind == "copy" or len(shape) != 2:
+                out.append((name, dtype, shape))
+            elif fate.scheme is None:
+                out.append((f"{fate.module}.weight", dtype, shape))
             else:
-                out += [(n, d, s) for n, (d, s) in packed_entries(head.module, (shape[0], shape[1]), dtype, head.scheme).items()]
-        if head is not None and head.source != head.module and name == f"{head.module}.weight":
-            continue  # replaced by the head written above
-        if is_weight and module in tables:
-            out += [(n, d, s) for n, (d, s) in packed_entries(module, (shape[0], shape[1]), dtype, tables[module]).items()]
-        elif is_weight and module in selection:
-            out += [(n, d, s) for n, (d, s) in packed_entries(module, (shape[0], shape[1]), dtype, scheme).items()]
-        elif not (head is not None and head.source == head.module and name == f"{head.module}.weight"):
-            out.append((name, dtype, shape))
+                entries = packed_entries(fate.module, (shape[0], shape[1]), dtype, fate.scheme)
+                out += [(n, d, s) for n, (d, s) in entries.items()]
     return out
 
 
