@@ -38,7 +38,7 @@ from ecoquant.quantize.primitives import (
     minmax_qparams,
     quantize as quantize_codes,
 )
-from ecoquant.quantize.rtn import rtn_quantize
+from ecoquant.quantize.rtn import rtn_quantize, rtn_quantize_counting_grid
 from ecoquant.quantize.scheme import QuantScheme
 
 U = 2.0**-8  # bf16 unit roundoff
@@ -140,6 +140,11 @@ def test_choose_qparams_and_rtn_use_the_grid_observer() -> None:
     assert torch.equal(choose_qparams(w, scheme)[0], scale)
     assert torch.equal(rtn_quantize(w, scheme).scale, scale)
     assert grid_group_counts(w, scheme) == (int(exact.sum()), 16 * 4)
+    # the recipe's count comes from the same detection as the codes: same weight, same counts
+    counted, n_exact, n_total = rtn_quantize_counting_grid(w, scheme)
+    plain = rtn_quantize(w, scheme)
+    assert torch.equal(counted.q, plain.q) and torch.equal(counted.scale, plain.scale)
+    assert (n_exact, n_total) == grid_group_counts(w, scheme)
 
 
 def _slow_grid(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:

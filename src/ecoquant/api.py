@@ -30,12 +30,12 @@ from ecoquant.plan import (  # noqa: F401 - plan_model, plan_footprint: part of 
     require_unquantized,
 )
 from ecoquant.progress import progress_bar
-from ecoquant.quantize.primitives import QuantizedWeight, grid_group_counts
+from ecoquant.quantize.primitives import QuantizedWeight
 from ecoquant.calibrate.data import CORPUS_SOURCE, DEFAULT_SOURCE, CalibrationConfig, calibration_warnings
 from ecoquant.quantize.awq import AWQConfig
 from ecoquant.quantize.gptq import GPTQConfig
 from ecoquant.models.topology import require_awq_mappings, topology_for
-from ecoquant.quantize.rtn import rtn_quantize
+from ecoquant.quantize.rtn import rtn_quantize, rtn_quantize_counting_grid
 from ecoquant.quantize.scheme import QuantScheme
 
 Method = Literal["rtn", "gptq", "awq"]
@@ -144,21 +144,19 @@ class QuantizeResult:
     recipe: dict[str, Any]
 
 
-def _counting_grid_groups(quantize_fn: QuantizeFn, scheme: QuantScheme, counts: dict[str, int]) -> QuantizeFn:
-    """RTN's per-module function, also adding each weight's exact and total grid groups to ``counts``.
+def _counting_grid_groups(scheme: QuantScheme, counts: dict[str, int]) -> QuantizeFn:
+    """RTN's per-module function with the grid observer, adding each weight's exact and total groups to ``counts``.
 
     The recipe says how many groups were found on a grid, because a source that
     is only partly on one (or not a QAT checkpoint at all) is quantized by
-    min-max where it is not, silently otherwise. The detection runs a second
-    time here (``|qmin|`` elementwise passes), which keeps :func:`rtn_quantize`
-    the one definition of RTN; it is small beside reading and packing the weight.
+    min-max where it is not, silently otherwise.
     """
 
     def counted(name: str, weight: Tensor) -> QuantizedWeight:
-        exact, total = grid_group_counts(weight, scheme)
+        qw, exact, total = rtn_quantize_counting_grid(weight, scheme)
         counts["exact_groups"] += exact
         counts["groups"] += total
-        return quantize_fn(name, weight)
+        return qw
 
     return counted
 
@@ -198,7 +196,7 @@ def quantize(
             replaced: Any = None
             calibration_block = method_config = None
             if grid_counts is not None:
-                quantize_fn = _counting_grid_groups(quantize_fn, scheme, grid_counts)
+                quantize_fn = _counting_grid_groups(scheme, grid_counts)
         else:
             t = time.perf_counter()
             calib = _load_calibration(path, config.calibration, console if show_progress else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ecoquant.quantize.primitives import QuantizedWeight, choose_qparams, quantize
+from ecoquant.quantize.primitives import QuantizedWeight, choose_qparams, grid_qparams, quantize
 from ecoquant.quantize.scheme import QuantScheme
 
 
@@ -17,3 +17,18 @@ def rtn_quantize(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     """Quantize one ``[out, in]`` weight by rounding to the nearest code."""
     scale, zp = choose_qparams(w, scheme)
     return QuantizedWeight(q=quantize(w, scale, zp, scheme), scale=scale, zero_point=zp)
+
+
+def rtn_quantize_counting_grid(w: torch.Tensor, scheme: QuantScheme) -> tuple[QuantizedWeight, int, int]:
+    """RTN with the grid observer, plus ``(exact_groups, total_groups)`` from the same detection.
+
+    The same result as :func:`rtn_quantize` with ``observer="grid"`` (whose
+    :func:`~ecoquant.quantize.primitives.choose_qparams` calls the same
+    :func:`~ecoquant.quantize.primitives.grid_qparams`); the detection is the
+    observer's costly part (seconds per E4B-sized weight), so the recipe's
+    count comes from it rather than from a second pass.
+    """
+    if scheme.observer != "grid":
+        raise ValueError(f"the grid count needs observer='grid', not {scheme.observer!r}")
+    scale, zp, exact = grid_qparams(w, scheme)
+    return QuantizedWeight(q=quantize(w, scale, zp, scheme), scale=scale, zero_point=zp), int(exact.sum()), exact.numel()
