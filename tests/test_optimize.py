@@ -259,9 +259,9 @@ def test_unwritable_out_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", ["optimize", "eval"])
 def test_backend_vllm_without_vllm_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
-    import ecoquant.serve.vllm_backend as vb
+    import ecoquant.serve.launch as launch
 
-    monkeypatch.setattr(vb, "find_vllm", lambda python=None: None)
+    monkeypatch.setattr(launch, "find_vllm", lambda python=None: None)
     model = str(tiny_vlm_path())
     args = [command, model, "--out", str(tmp_path / "o")] if command == "optimize" else [command, "--base", model, "--out", str(tmp_path / "o")]
     result = CliRunner().invoke(app, [*args, "--backend", "vllm"])

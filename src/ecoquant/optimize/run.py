@@ -298,7 +298,7 @@ def optimize(
     if config.gpus and not energy_measured:
         raise EcoquantError(f"--gpus {','.join(map(str, config.gpus))} needs NVIDIA GPUs with NVML; none answered here")
     if config.backend == "vllm" and backend_factory is None:
-        from ecoquant.serve.vllm_backend import require_vllm
+        from ecoquant.serve.launch import require_vllm
 
         require_vllm(config.vllm_python)  # before any quantization: one line if vLLM is missing
 

