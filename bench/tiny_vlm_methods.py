@@ -30,7 +30,6 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,17 +134,14 @@ def score_variant(model_dir: Path, suite: Any) -> dict[str, float]:
     from ecoquant.eval.backends.base import generation_settings
     from ecoquant.eval.backends.transformers_backend import TransformersBackend, TransformersOptions
     from ecoquant.eval.economy import prompt_variant, suite_requests
-    from ecoquant.eval.tasks import score, suite_scores
+    from ecoquant.eval.tasks import score_in_order, suite_scores
 
     settings = generation_settings(max_new_tokens=8)
     backend = TransformersBackend.load(model_dir, TransformersOptions(device="cpu", batch_size=8))
     rows = suite_requests(suite, prompt_variant("default"), settings)
     completions = backend.generate([r for _, _, r in rows], settings)
     backend.close()
-    by_task: dict[str, list[str]] = {}
-    for (task, _, _), c in zip(rows, completions, strict=True):
-        by_task.setdefault(task.name, []).append(c.text)
-    task_scores = [score(t, by_task[t.name]) for t in suite.tasks]
+    task_scores = score_in_order([task for task, _, _ in rows], [c.text for c in completions])
     return {**suite_scores(task_scores), **{t.task: t.score for t in task_scores}}
 
 

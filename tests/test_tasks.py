@@ -16,6 +16,7 @@ from ecoquant.eval.tasks import (
     Suite,
     Task,
     score,
+    score_in_order,
     suite_scores,
 )
 
@@ -133,3 +134,13 @@ def test_suite_select_and_kinds() -> None:
     assert [t.name for t in suite.select("image").tasks] == ["i"]
     with pytest.raises(EcoquantError, match="no 'image' tasks"):
         Suite("s", (doc,)).select("image")
+
+
+def test_score_in_order_gathers_each_tasks_predictions_in_request_order() -> None:
+    a = _task("exact_match", [Sample("1", (_png(),), "q", ("x",)), Sample("2", (_png(),), "q", ("y",))], name="a")
+    b = _task("exact_match", [Sample("1", (_png(),), "q", ("z",))], suite="image", name="b")
+    scores = score_in_order([a, a, b], ["x", "nope", "z"])
+    assert [(s.task, s.score) for s in scores] == [("a", 0.5), ("b", 1.0)]
+    assert scores[0].per_sample == {"1": 1.0, "2": 0.0}
+    with pytest.raises(ValueError, match="1 predictions for 2 samples"):
+        score_in_order([a, b], ["x", "z"])  # a task short of predictions is an error, not a prefix score

@@ -19,7 +19,7 @@ from ecoquant.eval.backends.transformers_backend import TransformersBackend, Tra
 from ecoquant.eval.economy import prompt_variant, suite_requests
 from ecoquant.eval.loaders import load_suite
 from ecoquant.eval.runner import EvalConfig, run_eval
-from ecoquant.eval.tasks import Suite, Task, score, suite_scores
+from ecoquant.eval.tasks import Suite, Task, score_in_order, suite_scores
 from ecoquant.fixtures.tiny_vlm import CHECKSUMS, SHIPPED_DIR, tiny_vlm_path, verify_checksums
 from ecoquant.quantize.scheme import QuantScheme
 from ecoquant.report.table import mean_recovery, recovery
@@ -99,10 +99,7 @@ def _scores(model: str, suite: Suite) -> dict[str, float]:
         completions = backend.generate([r for _, _, r in rows], SETTINGS)
     finally:
         backend.close()
-    by_task: dict[str, list[str]] = {}
-    for (task, _, _), c in zip(rows, completions, strict=True):
-        by_task.setdefault(task.name, []).append(c.text)
-    return suite_scores([score(t, by_task[t.name]) for t in suite.tasks])
+    return suite_scores(score_in_order([task for task, _, _ in rows], [c.text for c in completions]))
 
 
 def test_base_model_reaches_the_floor_on_each_half(base_scores: dict[str, float]) -> None:

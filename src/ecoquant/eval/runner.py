@@ -39,7 +39,7 @@ from ecoquant.eval.backends.base import Backend, ChatRequest, Completion, Genera
 from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.economy import describe_variants, prompt_variant, suite_requests
 from ecoquant.eval.loaders import BUILTIN_PART_SPECS, load_suite
-from ecoquant.eval.tasks import Sample, Suite, Task, score, suite_scores
+from ecoquant.eval.tasks import Sample, Suite, Task, score_in_order, suite_scores
 from ecoquant.progress import progress_bar
 
 SCHEMA = "ecoquant.eval/1"
@@ -428,12 +428,7 @@ def _model_run(
     idle: IdleBaseline | None,
 ) -> ModelRun:
     """Score one window's completions and assemble its record."""
-    by_task: dict[str, list[str]] = {}
-    tasks: dict[str, Task] = {}
-    for (task, _, _), completion in zip(items, completions, strict=True):
-        by_task.setdefault(task.name, []).append(completion.text)
-        tasks[task.name] = task
-    scores = [score(tasks[name], predictions) for name, predictions in by_task.items()]
+    scores = score_in_order([task for task, _, _ in items], [c.text for c in completions])
     per_sample = {(s.task, sid): v for s in scores for sid, v in s.per_sample.items()}
     samples = tuple(
         SampleResult(

@@ -231,6 +231,21 @@ def score(task: Task, predictions: Sequence[str]) -> TaskScore:
     return TaskScore(task=task.name, suite=task.suite, metric=task.metric, score=mean, per_sample=per_sample)
 
 
+def score_in_order(tasks: Sequence[Task], predictions: Sequence[str]) -> list[TaskScore]:
+    """Score predictions listed one per request, ``tasks[i]`` the task of ``predictions[i]``.
+
+    Requests come task by task, sample by sample (the order
+    :func:`ecoquant.eval.economy.suite_requests` builds), so each task's
+    predictions are gathered in its samples' order and scored by :func:`score`.
+    """
+    by_task: dict[str, list[str]] = {}
+    named: dict[str, Task] = {}
+    for task, prediction in zip(tasks, predictions, strict=True):
+        by_task.setdefault(task.name, []).append(prediction)
+        named[task.name] = task
+    return [score(named[name], texts) for name, texts in by_task.items()]
+
+
 def suite_scores(scores: Sequence[TaskScore]) -> dict[str, float]:
     """Per-half score: the unweighted mean of the task scores in each half.
 
