@@ -20,7 +20,7 @@ from ecoquant.eval.economy import prompt_variant, suite_requests
 from ecoquant.eval.loaders import load_suite
 from ecoquant.eval.runner import EvalConfig, run_eval
 from ecoquant.eval.tasks import Suite, Task, score_in_order, suite_scores
-from ecoquant.fixtures.tiny_vlm import CHECKSUMS, SHIPPED_DIR, tiny_vlm_path, verify_checksums
+from ecoquant.fixtures.tiny_vlm import CHECKSUMS, SHIPPED_DIR, tiny_vlm_path, verify_checksums, write_checksums
 from ecoquant.quantize.scheme import QuantScheme
 from ecoquant.report.table import mean_recovery, recovery
 
@@ -53,6 +53,9 @@ def test_checksum_mismatch_is_detected(tmp_path: Path) -> None:
     assert verify_checksums(copy) == []
     (copy / "config.json").write_text("{}")
     assert verify_checksums(copy) == ["config.json"]
+    write_checksums(copy)  # the writer the training script uses: its list is what the verifier reads
+    assert verify_checksums(copy) == []
+    assert (copy / CHECKSUMS).read_text() != (SHIPPED_DIR / CHECKSUMS).read_text()
 
 
 def test_cli_prints_the_folder_offline(monkeypatch: pytest.MonkeyPatch) -> None:
