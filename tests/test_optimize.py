@@ -400,3 +400,28 @@ def test_choose_is_the_cheapest_passing_with_ties_to_higher_recovery() -> None:
     assert choose(rows, 0.8, energy_measured=False).metric_note.startswith("energy not measured")
     assert choose(rows[:2], 0.8, energy_measured=True).pick is None
     assert "nothing to ship" in choose(rows[:2], 0.8, energy_measured=True).summary()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["/nope"], "no such folder"),
+        ([""], "MODEL is empty"),
+        (["TINY", "--suite", "nope"], "unknown suite 'nope'"),
+        (["TINY", "--out", ""], "--out is empty"),
+    ],
+)
+def test_bad_input_leaves_no_folder_and_prints_only_the_error(tmp_path: Path, args: list[str], needle: str) -> None:
+    args = [str(tiny_vlm_path()) if a == "TINY" else a for a in args]
+    out = tmp_path / "o"
+    full = ["optimize", *args] + ([] if "--out" in args else ["--out", str(out)])
+    result = CliRunner().invoke(app, full)
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert result.output.strip().startswith("error:") and "optimize:" not in result.output
+    assert not out.exists()
+
+
+def test_eval_checks_the_image_budget_before_any_work(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["eval", "--base", str(tiny_vlm_path()), "--max-soft-tokens", "99", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and result.output.strip().startswith("error: --max-soft-tokens 99")
+    assert not (tmp_path / "e").exists()

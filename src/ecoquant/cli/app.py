@@ -9,6 +9,7 @@ into one red line and exit code 2.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -35,6 +36,13 @@ console = Console(stderr=True)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def folder_arg(text: str, flag: str = "--out") -> Path:
+    """A folder option taken as text, so that an empty value (an unset shell variable) is an error, not the cwd."""
+    if not text.strip():
+        raise EcoquantError(f"{flag} is empty; pass the folder to write into")
+    return Path(text)
 
 
 def guarded(fn: Callable[P, R]) -> Callable[P, R]:

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ecoquant.cli.app import app, console, guarded
+from ecoquant.cli.app import app, console, folder_arg, guarded
 from ecoquant.energy.nvml import NvmlMeter, open_meter
 from ecoquant.energy.replay import save_readings
 from ecoquant.errors import EcoquantError
@@ -44,7 +44,7 @@ def eval_cmd(
     base: Annotated[str, typer.Option("--base", help="Base model: folder or hub id (with --backend openai: its served name).")],
     variant: Annotated[list[str] | None, typer.Option("--variant", help="A variant to compare with the base: a checkpoint folder, nf4:MODEL (bitsandbytes NF4 at load time), or a served name; repeatable.")] = None,
     suite: Annotated[str, typer.Option(help="builtin (offline, generated; builtin-basic or builtin-realistic for one part), doc or image (Hugging Face), or a .jsonl path.")] = "builtin",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and pareto.png.")] = Path("ecoquant-eval"),
+    out_text: Annotated[str, typer.Option("--out", "-o", help="Folder for results.json, report.md and pareto.png.")] = "ecoquant-eval",
     backend: Annotated[str, typer.Option(help="transformers (load models here), openai (an OpenAI-compatible server), or vllm (each model served in turn by its own `vllm serve --config`, as the challenge serves it).")] = "transformers",
     url: Annotated[list[str] | None, typer.Option("--url", help="Server URL for --backend openai: one for all models, or one per model (base first).")] = None,
     prompt_variant: Annotated[list[str] | None, typer.Option("--prompt-variant", help="How to ask (see `ecoquant prompt-variants`); repeatable, each model runs each.")] = None,
@@ -68,6 +68,7 @@ def eval_cmd(
     max_soft_tokens: Annotated[int | None, typer.Option(help="Image-token budget per image (Gemma-4: 70, 140, 280, 560 or 1120; default: the checkpoint's own).")] = None,
 ) -> None:
     """Evaluate a base model and its variants: scores, recovery, tokens, wall time and energy, with a report."""
+    out = folder_arg(out_text)
     config = EvalConfig(
         suite=suite,
         size=size,

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ecoquant.cli.app import app, console, guarded
+from ecoquant.cli.app import app, console, folder_arg, guarded
 from ecoquant.cli.eval import parse_gpus
 from ecoquant.eval.backends.base import GENERATION_PRESETS, generation_settings
 from ecoquant.eval.builtin import DEFAULT_SIZE
@@ -36,7 +36,7 @@ def _stop_on_sigterm() -> None:
 @guarded
 def optimize_cmd(
     model: Annotated[str, typer.Argument(help="The bf16 base model: a folder or hub id.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Working folder: checkpoints, evaluations, results, and submission/ (rerun to resume).")] = Path("ecoquant-optimize"),
+    out_text: Annotated[str, typer.Option("--out", "-o", help="Working folder: checkpoints, evaluations, results, and submission/ (rerun to resume).")] = "ecoquant-optimize",
     grid: Annotated[Path | None, typer.Option(help="A grid YAML (grid: lists, candidates: one by one, calibration:); default: RTN, GPTQ, AWQ x presets x responses.")] = None,
     gate: Annotated[float, typer.Option(help="Minimum mean recovery in (0, 1] a candidate must keep.")] = GATE_RECOVERY,
     backend: Annotated[str, typer.Option(help="transformers (load models here) or vllm (each model served by its own `vllm serve --config`).")] = "transformers",
@@ -61,6 +61,7 @@ def optimize_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (candidates, what is cached, disk needed) and stop.")] = False,
 ) -> None:
     """Quantize a grid of W4A16 candidates, evaluate base and candidates, pick the cheapest that keeps the gate, write DIR/submission."""
+    out = folder_arg(out_text)
     from ecoquant.export.footprint import human_bytes  # these pull in torch: only when the command runs
     from ecoquant.optimize import OptimizeConfig, load_grid, optimize, plan_optimize
 

@@ -147,11 +147,13 @@ def model_refs(base: str, variants: Sequence[str]) -> list[ModelRef]:
 
 
 def check_sources(refs: Sequence[ModelRef], config: EvalConfig) -> None:
-    """Fail with one line before any work when a local model folder is missing or is not a model.
+    """Fail with one line before any work when a local model folder is missing or is not a model, or its image
+    processor does not take the configured image-token budget.
 
-    Only for the transformers backend (an OpenAI backend's names are served
-    names, not paths); hub ids are left for the backend to download.
+    Not for the OpenAI backend (its names are served names, not paths); hub ids
+    are left for the backend to download.
     """
+    from ecoquant.eval.image_budget import check_max_soft_tokens
     from ecoquant.eval.nf4 import underlying_model
     from ecoquant.models.loading import is_hub_id, resolve_model
 
@@ -160,7 +162,7 @@ def check_sources(refs: Sequence[ModelRef], config: EvalConfig) -> None:
     for ref in refs:
         source = underlying_model(ref.source)
         if Path(source).expanduser().exists() or not is_hub_id(source):
-            resolve_model(source)
+            check_max_soft_tokens(resolve_model(source), config.max_soft_tokens)
 
 
 def read_recipe(source: str) -> dict[str, Any] | None:

@@ -193,7 +193,6 @@ def plan_optimize(
 
     from ecoquant.plan import require_unquantized
 
-    store = Store(config.out)
     path = resolve_model(model)
     require_unquantized(path)  # the base must be the bf16 source the candidates are made from
     model_type = _model_type(path)
@@ -204,8 +203,9 @@ def plan_optimize(
             check_max_soft_tokens(path, c.max_soft_tokens)
         except EcoquantError as exc:
             raise EcoquantError(f"candidate {c.name}: {exc}") from None
-    source_hash = store.source_hash(path)
     prepared = prepared or prepare_suite(config.eval)
+    store = Store(config.out)  # only once the inputs are known good: a bad one leaves no empty folder behind
+    source_hash = store.source_hash(path)
     if energy_measured is None:
         energy_measured = _meter_available(config)
     base_key = digest({"v": KEY_VERSION, "base": source_hash["sha256"]})

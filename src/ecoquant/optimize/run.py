@@ -302,8 +302,8 @@ def optimize(
 
         require_vllm(config.vllm_python)  # before any quantization: one line if vLLM is missing
 
-    with stages.stage("plan", "grid, keys and what the folder already holds"):
-        plan, store, prepared, _ = plan_optimize(model, config, energy_measured=energy_measured)
+    # not a stage: a bad input here is one error line, with no progress lines around it
+    plan, store, prepared, _ = plan_optimize(model, config, energy_measured=energy_measured)
     cached = len(plan.cached_evals)
     stages.line(
         f"optimize: {len(plan.jobs) - 1} candidates + base; {cached} evaluations and "
