@@ -11,13 +11,20 @@ perplexity, mean KL(base || variant) and top-1 agreement.
 Usage::
 
     uv run python bench/gemma3_methods.py --work /tmp/g3-bench \\
-        --methods rtn-minmax,rtn-mse,llmc-rtn [--windows 32]
+        --methods rtn-minmax,rtn-mse,llmc-rtn [--windows 32] [--texts austen,sqlite]
 
-Methods: rtn-minmax, rtn-mse, gptq, gptq-actorder (static groups), awq
-(ecoquant; gptq and awq calibrated on the shipped corpus), llmc-rtn (llmcompressor 0.14 QuantizationModifier), llmc-gptq-basic, llmc-gptq-seq (per decoder
+Methods: rtn-minmax, rtn-mse, rtn-hessian (the activation-aware search; it
+calibrates), gptq (column order), gptq-actorder (static groups, the default),
+gptq-hessian, gptq-refine (hessian + ``--refine-steps``), awq, awq-hessian,
+awq-gptq (ecoquant; calibrated on the shipped corpus), llmc-rtn (llmcompressor
+0.14 QuantizationModifier), llmc-gptq-basic, llmc-gptq-seq (per decoder
 layer), llmc-gptq-stack (the whole text model as one sequential target)
 (llmcompressor 0.14 GPTQModifier), autoround (PyPI auto-round, defaults).
 Every calibrated method sees the same 128 windows of the shipped corpus.
+Each variant is scored on every ``--texts`` evaluation text: ``austen``
+(*Persuasion*, the calibration novel's author) and ``sqlite`` (SQLite's
+documentation, another genre). A variant already made by an earlier run with
+the same command is reused, with the cost that run measured.
 """
 
 from __future__ import annotations
@@ -75,6 +82,13 @@ def commands(base: Path, work: Path, args: argparse.Namespace) -> dict[str, Call
         "gptq": lambda out: [*ours, "--out", str(out), "--method", "gptq", "--no-act-order", *calib],
         "gptq-actorder": lambda out: [*ours, "--out", str(out), "--method", "gptq", "--act-order", *calib],
         "awq": lambda out: [*ours, "--out", str(out), "--method", "awq", *calib],
+        # Issue 14: the activation-aware scale search (hessian observer), refinement, AWQ then GPTQ.
+        "rtn-hessian": lambda out: [*ours, "--out", str(out), "--observer", "hessian", *calib],
+        "gptq-hessian": lambda out: [*ours, "--out", str(out), "--method", "gptq", "--observer", "hessian", *calib],
+        "gptq-refine": lambda out: [*ours, "--out", str(out), "--method", "gptq", "--observer", "hessian",
+                                    "--refine-steps", str(args.refine_steps), *calib],
+        "awq-hessian": lambda out: [*ours, "--out", str(out), "--method", "awq", "--observer", "hessian", *calib],
+        "awq-gptq": lambda out: [*ours, "--out", str(out), "--method", "awq-gptq", "--observer", "hessian", *calib],
         "llmc-rtn": lambda out: uv_isolated(LLMC, ext, str(base), str(out), "--ignore", "lm_head"),
         "llmc-gptq-basic": lambda out: uv_isolated(
             LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--method", "gptq", "--pipeline", "basic",
@@ -118,6 +132,9 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=32, help="512-token evaluation windows (56 = the whole text)")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--make-only", action="store_true", help="make the variants (or reuse them), score nothing")
+    p.add_argument("--texts", default="austen,sqlite", help="evaluation texts (in domain: austen; out of domain: sqlite)")
+    p.add_argument("--refine-steps", type=int, default=4, help="for gptq-refine")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
@@ -131,27 +148,45 @@ def main() -> None:
     for method in args.methods.split(","):
         out = args.work / method
         cmd = table[method](out)
-        print(f"$ {' '.join(cmd)}", flush=True)
-        cost[method] = run_measured(cmd)
+        record = args.work / f"{method}.cost.json"
+        if record.is_file() and (out / "config.json").is_file() and json.loads(record.read_text())["cmd"] == cmd:
+            # Made by an earlier run of this bench with the very same command: reuse it (and its cost).
+            cost[method] = tuple(json.loads(record.read_text())["cost"])  # type: ignore[assignment]
+            print(f"  {method}: reused from {record} ({cost[method][0]:.0f} s)", flush=True)
+        else:
+            print(f"$ {' '.join(cmd)}", flush=True)
+            cost[method] = run_measured(cmd)
+            record.write_text(json.dumps({"cmd": cmd, "cost": cost[method], "finished": time.time()}))
+            print(f"  {method}: {cost[method][0]:.0f} s, peak RSS {cost[method][1]:.2f} GiB", flush=True)
         made[method] = out
-        print(f"  {method}: {cost[method][0]:.0f} s, peak RSS {cost[method][1]:.2f} GiB", flush=True)
+    if args.make_only:
+        return
 
-    t = time.perf_counter()
-    report = compare(base, list(made.values()), QualityConfig(max_windows=args.windows, device="cpu"))
-    print(f"scored in {time.perf_counter() - t:.0f} s", flush=True)
-    rows = report.to_dict()
-    (args.work / "quality.json").write_text(json.dumps(rows, indent=2))
-    text = next(part for part in rows["parts"] if part["name"] == "text")
-    print(f"\nGemma-3 270M, W4A16 g128, {text['n_tokens']} evaluation tokens "
-          f"({args.windows} x 512-token windows of the shipped corpus)\n")
-    print("| variant | perplexity | ppl / bf16 | mean KL (nats) | top-1 agreement | quantize wall | peak RSS |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    names = ["bf16", *made]
-    for name, m in zip(names, [text["base"], *text["variants"]], strict=True):
+    scores: dict[str, dict[str, dict[str, float]]] = {}  # text -> row -> metric
+    n_tokens: dict[str, int] = {}
+    for text_name in args.texts.split(","):
+        t = time.perf_counter()
+        report = compare(base, list(made.values()),
+                         QualityConfig(max_windows=args.windows, device="cpu", text=text_name))
+        print(f"scored on {text_name} in {time.perf_counter() - t:.0f} s", flush=True)
+        rows = report.to_dict()
+        (args.work / f"quality-{text_name}.json").write_text(json.dumps(rows, indent=2))
+        part = next(part for part in rows["parts"] if part["name"] == "text")
+        n_tokens[text_name] = part["n_tokens"]
+        scores[text_name] = dict(zip(["bf16", *made], [part["base"], *part["variants"]], strict=True))
+    texts = list(scores)
+    print("\nGemma-3 270M, W4A16 g128; evaluation tokens: "
+          + ", ".join(f"{t} {n_tokens[t]} ({args.windows} x 512-token windows)" for t in texts) + "\n")
+    head = " | ".join([*(f"KL {t}" for t in texts), *(f"ppl {t}" for t in texts), *(f"top-1 {t}" for t in texts)])
+    print(f"| variant | {head} | quantize wall | peak RSS |")
+    print("|---|" + "---:|" * (3 * len(texts) + 2))
+    for name in ["bf16", *made]:
         wall, rss = cost.get(name, (float("nan"), float("nan")))
-        extra = "| — | — |" if name == "bf16" else f"| {wall:.0f} s | {rss:.2f} GiB |"
-        print(f"| {name} | {m['perplexity']:.3f} | {m['perplexity_ratio']:.4f} | {m['kl_mean']:.4f} | "
-              f"{m['top1_agreement']:.4f} {extra}")
+        extra = "— | —" if name == "bf16" else f"{wall:.0f} s | {rss:.2f} GiB"
+        cells = [*(f"{scores[t][name]['kl_mean']:.4f}" for t in texts),
+                 *(f"{scores[t][name]['perplexity']:.2f}" for t in texts),
+                 *(f"{scores[t][name]['top1_agreement']:.4f}" for t in texts)]
+        print(f"| {name} | {' | '.join(cells)} | {extra} |")
     if "rtn-minmax" in made and "llmc-rtn" in made:
         print("\necoquant rtn-minmax vs llmcompressor RTN:", flush=True)
         subprocess.run([sys.executable, str(REPO / "bench/compare_checkpoints.py"), str(made["rtn-minmax"]),

@@ -213,7 +213,7 @@ def test_scheme_and_config_refuse_what_the_grid_observer_cannot_do() -> None:
     with pytest.raises(EcoquantError, match="symmetric") as exc:
         QuantScheme(observer="grid", symmetric=False)
     assert "\n" not in str(exc.value)
-    with pytest.raises(EcoquantError, match="unknown observer 'percentile'; use 'minmax', 'mse' or 'grid'"):
+    with pytest.raises(EcoquantError, match="unknown observer 'percentile'; use 'minmax', 'mse', 'hessian' or 'grid'"):
         QuantScheme(observer="percentile")  # type: ignore[arg-type]
     for method in ("gptq", "awq"):
         with pytest.raises(EcoquantError, match="--method rtn only") as exc:

@@ -88,6 +88,8 @@ def test_config_rejects_nonsense() -> None:
         QualityConfig(window_tokens=1)
     with pytest.raises(EcoquantError, match="nothing to measure"):
         QualityConfig(max_windows=0)
+    with pytest.raises(EcoquantError, match="evaluation text 'shakespeare' is not one of austen, sqlite"):
+        QualityConfig(text="shakespeare")
 
 
 # --- whole runs on the tiny Gemma-4 (text and image+text) -----------------------------------------------------
@@ -170,6 +172,10 @@ def test_cli_table_and_json(tiny_gemma4: Path, tmp_path: Path) -> None:
     assert missing.exit_code == 2
     assert "nope" in missing.output and "Traceback" not in missing.output
 
+    unknown = CliRunner().invoke(app, ["quality", str(tiny_gemma4), "--text", "klingon", "--no-progress"])
+    assert unknown.exit_code == 2
+    assert "'klingon' is not one of austen, sqlite" in unknown.output and "Traceback" not in unknown.output
+
 
 # --- the real Gemma-3 270M ------------------------------------------------------------------------------------
 
@@ -180,6 +186,20 @@ def test_gemma3_270m_perplexity_is_sane_on_a_short_window(gemma3_270m: Path) -> 
     ppl = report.part("text").base.perplexity
     # Uniform guessing over 262k tokens would be 262144; a working 270M model is in the tens on Austen.
     assert 5.0 < ppl < 100.0, ppl
+
+
+def test_gemma3_270m_on_the_sqlite_text(gemma3_270m: Path) -> None:
+    from ecoquant.data.corpus import SQLITE_DOCS
+
+    report = compare(gemma3_270m, [], QualityConfig(window_tokens=128, max_windows=1, device="cpu", text="sqlite"))
+    part = report.part("text")
+    assert part.n_tokens == 128
+    assert 1.5 < part.base.perplexity < 100.0, part.base.perplexity  # a working model on technical English
+    # The report names the text it measured on: title and file in the description and source, and its hash.
+    assert SQLITE_DOCS.title in part.description and SQLITE_DOCS.file in part.description
+    assert f"evaluation: {SQLITE_DOCS.title}" in report.corpus_source
+    data = report.to_dict()
+    assert data["corpus_sha256"]["evaluation"] == SQLITE_DOCS.sha256 and data["config"]["text"] == "sqlite"
 
 
 @pytest.mark.slow

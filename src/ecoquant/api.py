@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,9 +36,10 @@ from ecoquant.quantize.awq import AWQConfig
 from ecoquant.quantize.gptq import GPTQConfig
 from ecoquant.models.topology import require_awq_mappings, topology_for
 from ecoquant.quantize.rtn import rtn_quantize, rtn_quantize_counting_grid
-from ecoquant.quantize.scheme import QuantScheme
+from ecoquant.quantize.scheme import ACTIVATION_AWARE, QuantScheme
 
-Method = Literal["rtn", "gptq", "awq"]
+Method = Literal["rtn", "gptq", "awq", "awq-gptq"]
+METHODS: tuple[str, ...] = ("rtn", "gptq", "awq", "awq-gptq")
 
 
 def _existing_parent(out: Path) -> Path:
@@ -119,9 +120,9 @@ class QuantizeConfig:
     lm_head: TableBits | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in ("rtn", "gptq", "awq"):
-            raise EcoquantError(f"unknown method {self.method!r}; use rtn, gptq or awq")
-        if self.method != "rtn":
+        if self.method not in METHODS:
+            raise EcoquantError(f"unknown method {self.method!r}; use rtn, gptq, awq or awq-gptq")
+        if self.calibrated:
             from ecoquant.calibrate.run import calibration_device
 
             calibration_device(self.device)  # a bad --device fails before any work, not after hashing
@@ -130,6 +131,13 @@ class QuantizeConfig:
                 f"the grid observer keeps weights already on an int4 grid and works with --method rtn only, "
                 f"not {self.method} (which would move them off it)"
             )
+        if self.gptq.refine_steps and self.method not in ("gptq", "awq-gptq"):
+            raise EcoquantError(f"--refine-steps refines GPTQ's result; use it with --method gptq or awq-gptq, not {self.method}")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method reads calibration data (RTN does with an activation-aware observer)."""
+        return self.method != "rtn" or self.scheme.observer in ACTIVATION_AWARE
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,47 @@ def _counting_grid_groups(scheme: QuantScheme, counts: dict[str, int]) -> Quanti
     return counted
 
 
+def _calibrate_resumable(
+    path: Path, plan: ModelPlan, config: QuantizeConfig, batches: Any, work: Path, console: Console, show_progress: bool
+) -> Any:
+    """Calibrate in ``work``, resuming a killed run of the same calibration found there.
+
+    A folder left by a different calibration (another method, scheme, data or
+    source) is ecoquant's own scratch for this output: it is replaced, with a line saying so.
+    """
+    from ecoquant.calibrate.run import calibrate
+    from ecoquant.calibrate.sequential import WALK_FILE, StaleWorkError
+
+    def run() -> Any:
+        return calibrate(
+            path,
+            method=config.method,  # type: ignore[arg-type]
+            selection=plan.selection,
+            batches=batches,
+            work_dir=work,
+            scheme=config.scheme,
+            gptq=config.gptq,
+            awq=config.awq,
+            device=config.device,
+            seed=config.calibration.seed,
+            show_progress=show_progress,
+            resume=True,
+        )
+
+    if work.exists() and not (work / WALK_FILE).is_file():
+        shutil.rmtree(work)  # killed before it recorded anything: nothing to resume
+    elif work.exists() and show_progress:
+        done = len(list((work / "units").glob("*.json"))) if (work / "units").is_dir() else 0
+        console.print(f"resuming the calibration in {work} ({done} units already done)", highlight=False)
+    try:
+        return run()
+    except StaleWorkError as exc:
+        if show_progress:
+            console.print(f"[yellow]warning:[/] {exc}; starting it afresh", highlight=False)
+        shutil.rmtree(work)
+        return run()
+
+
 def quantize(
     model: str | Path, out: str | Path, config: QuantizeConfig = QuantizeConfig(), show_progress: bool = True
 ) -> QuantizeResult:
@@ -176,7 +225,7 @@ def quantize(
     tables = plan_tables(
         plan, config.scheme, config.embeddings or plan.preset.embeddings, config.lm_head or plan.preset.lm_head
     )
-    if config.method == "awq":  # before hashing the source and loading calibration data
+    if config.method in ("awq", "awq-gptq"):  # before hashing the source and loading calibration data
         require_awq_mappings(topology_for(plan.config), plan.config)
     console = Console(stderr=True)
     if show_progress:
@@ -190,8 +239,11 @@ def quantize(
 
     scheme = config.scheme
     grid_counts = {"groups": 0, "exact_groups": 0} if scheme.observer == "grid" else None
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.calib-", dir=_existing_parent(out)) as work:
-        if config.method == "rtn":
+    # Calibration keeps its finished layers here (beside the output, same disk) until the
+    # checkpoint is written: a killed run, rerun with the same command, resumes from them.
+    work = _existing_parent(out) / f".{out.name}.calib"
+    try:
+        if not config.calibrated:
             quantize_fn: Any = lambda name, weight: rtn_quantize(weight, scheme)  # noqa: E731
             replaced: Any = None
             calibration_block = method_config = None
@@ -206,27 +258,16 @@ def quantize(
                 if show_progress:
                     console.print(f"[yellow]warning:[/] {w}", highlight=False)
             t = time.perf_counter()
-            from ecoquant.calibrate.run import calibrate
-
-            result = calibrate(
-                path,
-                method=config.method,
-                selection=plan.selection,
-                batches=calib.batches,
-                work_dir=Path(work) / "calibration",
-                scheme=scheme,
-                gptq=config.gptq,
-                awq=config.awq,
-                device=config.device,
-                seed=config.calibration.seed,
-                show_progress=show_progress,
-            )
+            result = _calibrate_resumable(path, plan, config, calib.batches, work, console, show_progress)
             timings["calibrate"] = time.perf_counter() - t
             quantize_fn, replaced = result.quantize_fn, result.replace
             calibration_block = calib.describe()
-            settings = config.gptq if config.method == "gptq" else config.awq
-            method_config = {"settings": asdict(settings), "device": config.device, "stats": result.stats}
-
+            settings: dict[str, Any] = {}
+            if config.method in ("gptq", "awq-gptq"):
+                settings.update(asdict(config.gptq))
+            if config.method in ("awq", "awq-gptq"):
+                settings.update(asdict(config.awq))
+            method_config = {"settings": settings, "device": config.device, "stats": result.stats}
         recipe_holder: dict[str, Any] = {}
 
         def recipe(sizes: dict[str, int]) -> dict[str, Any]:
@@ -278,6 +319,11 @@ def quantize(
                 tables=tables.tables,
                 head=tables.head,
             )
+    except BaseException:
+        if (work / "units").is_dir() and any((work / "units").iterdir()):
+            console.print(f"calibration so far kept in {work}: rerun the same command to resume", highlight=False)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     return QuantizeResult(
         out=out,
         modules=sizes["quantized_modules"],

@@ -36,8 +36,9 @@ from ecoquant.quantize.awq import (
 )
 from ecoquant.quantize.gptq import GPTQConfig, accumulate_hessian, gptq_quantize
 from ecoquant.quantize.primitives import QuantizedWeight
+from ecoquant.quantize.refine import dampened, refine
 from ecoquant.quantize.rtn import rtn_quantize
-from ecoquant.quantize.scheme import QuantScheme
+from ecoquant.quantize.scheme import ACTIVATION_AWARE, QuantScheme
 
 
 @dataclass
@@ -122,7 +123,75 @@ def _relative_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     return float(num / den) if float(den) > 0 else 0.0
 
 
+# --- RTN with the hessian observer -----------------------------------------------------
+
+
+class RTNCalibrator:
+    """Round to nearest, with scales chosen by each input channel's calibration energy (the ``hessian`` observer).
+
+    Only ``diag(H)`` is needed (one mean square per input channel), so this is
+    the cheapest calibrated method: the walk's forwards and nothing else.
+    """
+
+    name = "rtn"
+
+    def __init__(self, scheme: QuantScheme) -> None:
+        if scheme.observer not in ACTIVATION_AWARE:
+            raise EcoquantError(f"calibrated RTN is for the activation-aware observers, not {scheme.observer!r}")
+        self.scheme = scheme
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "observer": self.scheme.observer}
+
+    def begin(self, unit: Unit) -> Session:
+        return _RTNSession(unit, self.scheme)
+
+
+class _RTNSession:
+    def __init__(self, unit: Unit, scheme: QuantScheme) -> None:
+        self.unit = unit
+        self.scheme = scheme
+        self.energy: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
+
+    def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        total, n = self.energy.get(names, (torch.zeros(x.shape[-1], device=x.device), 0))
+        self.energy[names] = (total + x.square().sum(dim=0), n + x.shape[0])
+
+    def finish(self) -> Outcome:
+        out = Outcome()
+        for names, (total, n) in self.energy.items():
+            for name in names:
+                out.quantized[name] = rtn_quantize(_weight(self.unit, name), self.scheme, total / max(n, 1))
+                out.stats[name] = {"tokens": n}
+        _require_all_seen(self.unit, out, "RTN's hessian observer has no input energies")
+        return out
+
+
+def _require_all_seen(unit: Unit, out: Outcome, what: str) -> None:
+    missing = set(unit.modules) - set(out.quantized)
+    if missing:
+        raise EcoquantError(
+            f"{sorted(missing)[0]} never ran on the calibration data, so {what} for it; "
+            "add it to --ignore (or calibrate with inputs that reach it, e.g. --calib-multimodal)"
+        )
+
+
 # --- GPTQ ----------------------------------------------------------------------------------
+
+
+def gptq_module(
+    W: torch.Tensor, H: torch.Tensor, n: int, scheme: QuantScheme, cfg: GPTQConfig
+) -> tuple[QuantizedWeight, dict[str, Any]]:
+    """GPTQ (then refinement, when ``cfg.refine_steps``) for one weight, with the recipe's statistics."""
+    qw = gptq_quantize(W, H, scheme, cfg)
+    stats: dict[str, Any] = {"tokens": n, "loss": _relative_loss(W, qw.dequantize(scheme), H)}
+    if cfg.refine_steps:
+        qw, refined = refine(W, dampened(H, cfg.dampening_frac), qw, scheme, cfg.refine_steps)
+        stats["refine"] = refined.to_dict()
+        stats["loss"] = _relative_loss(W, qw.dequantize(scheme), H)
+    stats["rtn_loss"] = _relative_loss(W, rtn_quantize(W, scheme, torch.diag(H)).dequantize(scheme), H)
+    return qw, stats
 
 
 class GPTQCalibrator:
@@ -157,22 +226,8 @@ class _GPTQSession:
         for names, (H, n) in self.hessians.items():
             assert H is not None
             for name in names:
-                W = _weight(self.unit, name)
-                qw = gptq_quantize(W, H, self.scheme, self.cfg)
-                Wq = qw.dequantize(self.scheme)
-                rtn = rtn_quantize(W, self.scheme).dequantize(self.scheme)
-                out.quantized[name] = qw
-                out.stats[name] = {
-                    "tokens": n,
-                    "loss": _relative_loss(W, Wq, H),
-                    "rtn_loss": _relative_loss(W, rtn, H),
-                }
-        missing = set(self.unit.modules) - set(out.quantized)
-        if missing:
-            raise EcoquantError(
-                f"{sorted(missing)[0]} never ran on the calibration data, so GPTQ has no statistics for it; "
-                "add it to --ignore (or calibrate with inputs that reach it, e.g. --calib-multimodal)"
-            )
+                out.quantized[name], out.stats[name] = gptq_module(_weight(self.unit, name), H, n, self.scheme, self.cfg)
+        _require_all_seen(self.unit, out, "GPTQ has no statistics")
         return out
 
 
@@ -188,22 +243,37 @@ class AWQCalibrator:
         max_tokens: activations kept per input stream (evenly spaced over every
             batch); the scale search only needs their statistics, and a wide
             MLP input at 500k tokens would not fit in memory.
+        then_gptq: ``awq-gptq``: after smoothing, quantize each Linear by GPTQ
+            against the Hessian of its smoothed inputs (``H / (s s^T)``, from
+            every calibration token) instead of clipping and rounding to
+            nearest. AWQ's clipping is skipped then: GPTQ's error is measured
+            against the weight it is given, and a clipped weight is not the
+            layer; the scheme's observer (``hessian``) does the clipping.
     """
 
-    name = "awq"
-
-    def __init__(self, scheme: QuantScheme, cfg: AWQConfig = AWQConfig(), max_tokens: int = 16384) -> None:
+    def __init__(
+        self,
+        scheme: QuantScheme,
+        cfg: AWQConfig = AWQConfig(),
+        max_tokens: int = 16384,
+        then_gptq: GPTQConfig | None = None,
+    ) -> None:
         if max_tokens < 1:
             raise EcoquantError(f"AWQ max_tokens={max_tokens} must be positive")
         self.scheme = scheme
         self.cfg = cfg
         self.max_tokens = max_tokens
+        self.then_gptq = then_gptq
+        self.name = "awq" if then_gptq is None else "awq-gptq"
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "awq": asdict(self.cfg), "awq_max_tokens": self.max_tokens}
+        doc: dict[str, Any] = {"method": self.name, "awq": asdict(self.cfg), "awq_max_tokens": self.max_tokens}
+        if self.then_gptq is not None:
+            doc["gptq"] = asdict(self.then_gptq)
+        return doc
 
     def begin(self, unit: Unit) -> Session:
-        return _AWQSession(unit, self.scheme, self.cfg, self.max_tokens)
+        return _AWQSession(unit, self.scheme, self.cfg, self.max_tokens, self.then_gptq)
 
 
 def _evenly(x: torch.Tensor, keep: int) -> torch.Tensor:
@@ -215,18 +285,32 @@ def _evenly(x: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 class _AWQSession:
-    def __init__(self, unit: Unit, scheme: QuantScheme, cfg: AWQConfig, max_tokens: int) -> None:
+    def __init__(
+        self, unit: Unit, scheme: QuantScheme, cfg: AWQConfig, max_tokens: int, then_gptq: GPTQConfig | None
+    ) -> None:
         self.unit = unit
         self.scheme = scheme
         self.cfg = cfg
         self.max_tokens = max_tokens
+        self.then_gptq = then_gptq
         self.acts: dict[tuple[str, ...], list[torch.Tensor]] = {}
+        self.hessians: dict[tuple[str, ...], tuple[torch.Tensor | None, int]] = {}
 
     def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
         total = max(self.unit.total_tokens, x.shape[0])
         keep = max(1, math.ceil(x.shape[0] * self.max_tokens / total))
         self.acts.setdefault(names, []).append(_evenly(x, keep).clone())
+        if self.then_gptq is not None:
+            H, n = self.hessians.get(names, (None, 0))
+            self.hessians[names] = accumulate_hessian(H, n, x)
+
+    def _importance(self, stream: tuple[str, ...]) -> torch.Tensor | None:
+        """Mean square per input channel of a stream's kept activations, for the ``hessian`` observer."""
+        if self.scheme.observer not in ACTIVATION_AWARE:
+            return None
+        x = torch.cat(self.acts[stream]).to(torch.float32)
+        return x.square().mean(dim=0)
 
     def _stream(self, name: str) -> tuple[str, ...] | None:
         return next((k for k in self.acts if name in k), None)
@@ -254,6 +338,11 @@ class _AWQSession:
                     "add it to --ignore (or calibrate with inputs that reach it, e.g. --calib-multimodal)"
                 )
             W = _weight(unit, name)
+            if self.then_gptq is not None:
+                H, n = self.hessians[stream]
+                assert H is not None
+                out.quantized[name], out.stats[name] = gptq_module(W, H, n, self.scheme, self.then_gptq)
+                continue
             entry: dict[str, Any] = {}
             if self.cfg.clip_search and name not in unit.no_clip:
                 x = torch.cat(self.acts[stream])
@@ -261,7 +350,7 @@ class _AWQSession:
                 clipped = apply_clip(W, max_val)
                 entry["clipped_fraction"] = float((clipped != W).float().mean())
                 W = clipped
-            out.quantized[name] = rtn_quantize(W, self.scheme)
+            out.quantized[name] = rtn_quantize(W, self.scheme, self._importance(stream))
             out.stats[name] = entry
         return out
 
@@ -322,5 +411,10 @@ class _AWQSession:
             module.weight.data = scale_balance_weight(_weight(unit, b), s).to(module.weight.dtype)
         # The balance layers now read x / s.
         self.acts[stream] = [a / s.to(a.dtype) for a in self.acts[stream]]
+        if stream in self.hessians:
+            H, n = self.hessians[stream]
+            assert H is not None
+            inv = (1.0 / s).to(H.dtype)
+            self.hessians[stream] = (H * inv.unsqueeze(1) * inv.unsqueeze(0), n)
         info["applied"] = True
         return info

@@ -16,6 +16,7 @@ again without recalibrating).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,17 +35,31 @@ RESULT_FILE = "result.json"
 
 
 class ResultStore:
-    """Writes each unit's outcome to ``work_dir`` and keeps the index."""
+    """Writes each unit's outcome to ``work_dir``, keeps the index, and reads finished units back.
+
+    A unit counts as finished once its marker ``units/KEY.json`` exists; the
+    marker is written last and every file is written to a temporary name and
+    renamed, so a run killed at any moment leaves either a whole unit or none.
+    That is what lets a killed calibration resume from its last finished layer.
+    """
 
     def __init__(self, work_dir: Path) -> None:
         self.work_dir = work_dir
-        (work_dir / "quantized").mkdir(parents=True, exist_ok=True)
-        (work_dir / "replaced").mkdir(parents=True, exist_ok=True)
+        for sub in ("quantized", "replaced", "units"):
+            (work_dir / sub).mkdir(parents=True, exist_ok=True)
         self.quantized: dict[str, str] = {}
         self.replaced: dict[str, str] = {}
 
+    def _save(self, tensors: dict[str, torch.Tensor], rel: str) -> None:
+        path = self.work_dir / rel
+        tmp = path.with_name(f".{path.name}.partial")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+
     def write(self, key: str, outcome: Outcome) -> None:
-        """Save one unit's codes, scales and replaced tensors (on CPU, contiguous)."""
+        """Save one unit's codes, scales and replaced tensors (on CPU, contiguous), then its marker."""
+        marker: dict[str, Any] = {"quantized": sorted(outcome.quantized), "replaced": sorted(outcome.replaced),
+                                  "stats": outcome.stats}
         if outcome.quantized:
             rel = f"quantized/{key}.safetensors"
             tensors: dict[str, torch.Tensor] = {}
@@ -53,12 +68,39 @@ class ResultStore:
                 tensors[f"{name}.scale"] = qw.scale
                 if qw.zero_point is not None:
                     tensors[f"{name}.zero_point"] = qw.zero_point
-                self.quantized[name] = rel
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(self.work_dir / rel))
+            self._save(tensors, rel)
+            self.quantized.update({name: rel for name in outcome.quantized})
         if outcome.replaced:
             rel = f"replaced/{key}.safetensors"
-            save_file({k: v.detach().cpu().contiguous() for k, v in outcome.replaced.items()}, str(self.work_dir / rel))
+            self._save(dict(outcome.replaced), rel)
             self.replaced.update({name: rel for name in outcome.replaced})
+        path = self.work_dir / "units" / f"{key}.json"
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps(marker, sort_keys=True))
+        os.replace(tmp, path)
+
+    def read(self, key: str) -> Outcome | None:
+        """A finished unit's outcome as :meth:`write` saved it, or None when the unit did not finish."""
+        path = self.work_dir / "units" / f"{key}.json"
+        if not path.is_file():
+            return None
+        marker = json.loads(path.read_text())
+        out = Outcome(stats=marker["stats"])
+        if marker["quantized"]:
+            rel = f"quantized/{key}.safetensors"
+            with safe_open(str(self.work_dir / rel), framework="pt") as f:
+                keys = set(f.keys())
+                for name in marker["quantized"]:
+                    zp = f.get_tensor(f"{name}.zero_point") if f"{name}.zero_point" in keys else None
+                    out.quantized[name] = QuantizedWeight(f.get_tensor(f"{name}.q"), f.get_tensor(f"{name}.scale"), zp)
+            self.quantized.update({name: rel for name in marker["quantized"]})
+        if marker["replaced"]:
+            rel = f"replaced/{key}.safetensors"
+            with safe_open(str(self.work_dir / rel), framework="pt") as f:
+                for name in marker["replaced"]:
+                    out.replaced[name] = f.get_tensor(name)
+            self.replaced.update({name: rel for name in marker["replaced"]})
+        return out
 
 
 class _LazyTensors(Mapping[str, torch.Tensor]):

@@ -17,9 +17,9 @@ from typing import Literal
 import torch
 
 from ecoquant.calibrate.capture import Batch
-from ecoquant.calibrate.methods import AWQCalibrator, Calibrator, GPTQCalibrator
+from ecoquant.calibrate.methods import AWQCalibrator, Calibrator, GPTQCalibrator, RTNCalibrator
 from ecoquant.calibrate.result import CalibrationResult
-from ecoquant.calibrate.sequential import LayerObserver, LayerWalk, build_meta_model
+from ecoquant.calibrate.sequential import WALK_FILE, LayerObserver, LayerWalk, build_meta_model
 from ecoquant.errors import EcoquantError
 from ecoquant.models.loading import load_config, resolve_model
 from ecoquant.models.selection import Selection
@@ -28,7 +28,10 @@ from ecoquant.quantize.awq import AWQConfig
 from ecoquant.quantize.gptq import GPTQConfig
 from ecoquant.quantize.scheme import QuantScheme
 
-CalibratedMethod = Literal["gptq", "awq"]
+CalibratedMethod = Literal["rtn", "gptq", "awq", "awq-gptq"]
+
+#: Methods that smooth by the family's AWQ mappings (and so need them).
+AWQ_METHODS = frozenset({"awq", "awq-gptq"})
 
 
 def calibration_device(device: str) -> torch.device:
@@ -59,12 +62,16 @@ def make_calibrator(
     awq: AWQConfig | None = None,
     awq_max_tokens: int = 16384,
 ) -> Calibrator:
-    """The calibrator for a method name."""
+    """The calibrator for a method name (``rtn`` here is RTN with an activation-aware observer)."""
+    if method == "rtn":
+        return RTNCalibrator(scheme)
     if method == "gptq":
         return GPTQCalibrator(scheme, gptq or GPTQConfig())
     if method == "awq":
         return AWQCalibrator(scheme, awq or AWQConfig(), max_tokens=awq_max_tokens)
-    raise EcoquantError(f"unknown calibrated method {method!r}; use gptq or awq")
+    if method == "awq-gptq":
+        return AWQCalibrator(scheme, awq or AWQConfig(), max_tokens=awq_max_tokens, then_gptq=gptq or GPTQConfig())
+    raise EcoquantError(f"unknown calibrated method {method!r}; use rtn, gptq, awq or awq-gptq")
 
 
 def calibrate(
@@ -83,6 +90,7 @@ def calibrate(
     seed: int = 42,
     show_progress: bool = False,
     on_layer_output: LayerObserver | None = None,
+    resume: bool = False,
 ) -> CalibrationResult:
     """Quantize the selected Linears of ``model`` with GPTQ or AWQ on calibration ``batches``.
 
@@ -104,6 +112,9 @@ def calibrate(
         show_progress: draw a progress bar on stderr.
         on_layer_output: called with ``(layer, batch, args, kwargs, output)`` for every
             layer run whose output feeds the next layer (for inspection and tests).
+        resume: ``work_dir`` may hold a killed run of this same calibration:
+            its finished layers are reused (byte for byte the same result as an
+            uninterrupted run). A folder holding a different calibration is refused.
 
     Returns:
         A :class:`CalibrationResult`: ``quantize_fn`` and ``replace`` for
@@ -119,7 +130,7 @@ def calibrate(
     compute = dtype or default_dtype(config, dev)
     topology = topology_for(config)
     if isinstance(method, str):
-        if method == "awq":
+        if method in AWQ_METHODS:
             require_awq_mappings(topology, config)
         calibrator = make_calibrator(method, scheme, gptq, awq, awq_max_tokens)
     else:
@@ -127,7 +138,7 @@ def calibrate(
     names = list(selection.modules if isinstance(selection, Selection) else selection)
 
     work = Path(work_dir).expanduser()
-    if work.exists() and any(work.iterdir()):
+    if work.exists() and any(work.iterdir()) and not (resume and (work / WALK_FILE).is_file()):
         raise EcoquantError(f"calibration work folder {work} is not empty; pass a new or empty folder")
     work.mkdir(parents=True, exist_ok=True)
 

@@ -18,11 +18,17 @@
 Memory at any time: the current layer, the activations of all batches, the
 per-layer arguments shared by all layers, and the donors' K/V. Per-layer
 arguments (PLE slices) are spooled to disk. Quantized weights go to the work
-folder as soon as a layer is done.
+folder as soon as a layer is done, so a killed run resumes: rerun with the
+same work folder and the finished layers are read back and re-run once (with
+their quantized weights, to produce the next layer's input) instead of being
+calibrated again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import resource
 import sys
 import time
@@ -44,6 +50,14 @@ from ecoquant.models.topology import Topology, decoder_layers, resolve_mappings
 from ecoquant.progress import progress_bar
 from ecoquant.quantize.primitives import dequantize
 from ecoquant.quantize.scheme import QuantScheme
+
+
+class StaleWorkError(EcoquantError):
+    """The work folder holds another calibration than the one asked for (so it cannot be resumed)."""
+
+
+#: The walk's fingerprint in its work folder: a rerun with the same one resumes.
+WALK_FILE = "walk.json"
 
 #: ``(layer, batch, args, kwargs, output)`` for each layer run that produces the next layer's input.
 LayerObserver = Callable[[int, int, tuple[Any, ...], dict[str, Any], torch.Tensor], None]
@@ -164,6 +178,8 @@ class LayerWalk:
         self.source_dtype = {n: DTYPES[i.dtype] for n, i in self.reader.infos.items() if i.dtype in DTYPES}
         self.store = ResultStore(work_dir)
         self.stats: dict[str, Any] = {"units": {}, "timings_s": {}}
+        self.selection = sorted(selection)
+        self.resume = False
 
     # --- running things -----------------------------------------------------------------
 
@@ -185,6 +201,31 @@ class LayerWalk:
         self.store.write(key, outcome)
         self.stats["units"][unit.name] = dict(outcome.stats)
 
+    def _resume(self, key: str, unit: Unit) -> bool:
+        """Install a unit finished by an earlier, killed run of the same calibration; False if it did not finish.
+
+        Its codes are read back and installed (and tensors it changed, AWQ's
+        folded norms, put back into their modules), so the layers after it see
+        exactly the inputs the uninterrupted run saw.
+        """
+        if not self.resume:
+            return False
+        outcome = self.store.read(key)
+        if outcome is None:
+            return False
+        # Outside the layers, modules load on first use; these are written before that use.
+        touched = {*unit.modules, *(full.rsplit(".", 1)[0] for full in outcome.replaced)}
+        for name in touched:
+            self.mat.materialize(self.modules[name], recurse=False)
+        for full, value in outcome.replaced.items():
+            module_name, attr = full.rsplit(".", 1)
+            tensor = getattr(self.modules[module_name], attr)
+            tensor.data = value.to(device=tensor.device, dtype=tensor.dtype)
+        self._install(unit, outcome)
+        self.stats["units"][unit.name] = dict(outcome.stats)
+        self.stats.setdefault("resumed_units", []).append(unit.name)
+        return True
+
     def _run_layer(self, i: int, inputs: LayerInputs, b: int) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
         args, kwargs = inputs.batches[b].layer_call(i, self.device)
         # Shared-state reads and writes count only while the layer itself runs.
@@ -204,9 +245,15 @@ class LayerWalk:
         show_progress: bool = False,
         on_layer_output: LayerObserver | None = None,
     ) -> CalibrationResult:
-        """Calibrate every selected Linear; return where the results are."""
+        """Calibrate every selected Linear; return where the results are.
+
+        When the work folder holds an earlier run of this very calibration
+        (same :meth:`fingerprint`), its finished units are reused and the walk
+        goes on from the first unit that did not finish.
+        """
         if not batches:
             raise EcoquantError("calibration needs at least one sample")
+        self._claim_work_dir(batches)
         t0 = time.perf_counter()
         n_layers = len(self.layers)
         total_tokens = sum(int(b["input_ids"].numel()) for b in batches)
@@ -236,6 +283,47 @@ class LayerWalk:
         result.save()
         return result
 
+    def fingerprint(self, batches: Sequence[Batch]) -> dict[str, Any]:
+        """What decides every byte a walk writes: source tensors, selection, method, scheme, data, dtype, device."""
+        data = hashlib.sha256()
+        for batch in batches:
+            for key in sorted(batch):
+                value = batch[key]
+                if isinstance(value, torch.Tensor):
+                    data.update(key.encode())
+                    data.update(str((value.dtype, tuple(value.shape))).encode())
+                    data.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        files = sorted({i.shard for i in self.reader.infos.values()})
+        source = [(Path(f).name, Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
+        return {
+            "source": source,
+            "tensors": sorted((n, i.dtype, list(i.shape)) for n, i in self.reader.infos.items()),
+            "selection": self.selection,
+            "method": self.calibrator.describe(),
+            "scheme": self.scheme.to_dict(),
+            "data_sha256": data.hexdigest(),
+            "dtype": str(self.dtype),
+            "device": self.device.type,
+        }
+
+    def _claim_work_dir(self, batches: Sequence[Batch]) -> None:
+        """Record this walk's fingerprint, or find the same one and resume from it."""
+        path = self.work_dir / WALK_FILE
+        mine = json.loads(json.dumps(self.fingerprint(batches)))  # as JSON reads it back
+        if path.is_file():
+            theirs = json.loads(path.read_text())
+            if theirs != mine:
+                differs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                raise StaleWorkError(
+                    f"{self.work_dir} holds a different calibration (its {', '.join(differs)} differ); "
+                    "pass a new or empty work folder"
+                )
+            self.resume = True
+            return
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps(mine, indent=1))
+        os.replace(tmp, path)
+
     def _capture(self, batches: Sequence[Batch], total_tokens: int) -> LayerInputs:
         """Calibrate the Linears before the layers, then record every layer's arguments."""
         with lazy_outside(self.model, self.layers, lambda m: self.mat.materialize(m, recurse=False)):
@@ -249,13 +337,14 @@ class LayerWalk:
                     total_tokens=total_tokens,
                 )
 
-                session = self.calibrator.begin(unit)
-                # The session sees each batch as it goes; inputs are not kept.
-                with _InputTap(unit.modules) as tap:
-                    run_until_first_layer(
-                        self.model, self.layers, batches, self.device, on_batch=lambda b: tap.flush(session)
-                    )
-                self._finish("before_layers", unit, session)
+                if not self._resume("before_layers", unit):
+                    session = self.calibrator.begin(unit)
+                    # The session sees each batch as it goes; inputs are not kept.
+                    with _InputTap(unit.modules) as tap:
+                        run_until_first_layer(
+                            self.model, self.layers, batches, self.device, on_batch=lambda b: tap.flush(session)
+                        )
+                    self._finish("before_layers", unit, session)
             inputs = record_layer_calls(self.model, self.layers, batches, self.device, self.work_dir / "spool")
         # Everything outside the layers is done with: drop it (layers are still on meta).
         self.model.to("meta")
@@ -283,12 +372,16 @@ class LayerWalk:
                 run_batch=lambda b: self._run_layer(i, inputs, b)[2],
             )
 
-            session = self.calibrator.begin(unit)
-            with _InputTap(unit.modules) as tap:
-                for b in range(n_batches):
-                    self._run_layer(i, inputs, b)
-                    tap.flush(session)
-            self._finish(f"layer_{i:04d}", unit, session)
+            if not self._resume(f"layer_{i:04d}", unit):
+                session = self.calibrator.begin(unit)
+                with _InputTap(unit.modules) as tap:
+                    for b in range(n_batches):
+                        self._run_layer(i, inputs, b)
+                        tap.flush(session)
+                t_quant = time.perf_counter()
+                self._finish(f"layer_{i:04d}", unit, session)
+                # The part of the layer's time that does not grow with calibration tokens.
+                self.stats.setdefault("quantize_s", {})[f"layer {i}"] = round(time.perf_counter() - t_quant, 3)
         for b in range(n_batches):
             args, kwargs, out = self._run_layer(i, inputs, b)
             if on_layer_output is not None:

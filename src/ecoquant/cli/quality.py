@@ -11,11 +11,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ecoquant.cli.app import app, console, guarded
+from ecoquant.data.corpus import EVALUATION_TEXTS  # plain data, no torch: --help stays fast
 
 if TYPE_CHECKING:  # torch is imported inside the command, so ``--help`` stays fast
     from ecoquant.quality.run import QualityReport
 
 out_console = Console()
+
+#: The --text help, from the corpus table, so it names exactly the texts there are.
+TEXT_CHOICES = "; ".join(f"{name} = {part.title}" for name, part in EVALUATION_TEXTS.items())
 
 
 def short_name(model: str) -> str:
@@ -58,6 +62,7 @@ def quality_cmd(
     max_windows: Annotated[
         int | None, typer.Option(help="Use only the first N windows of the evaluation text (default: all; 0: skip text).")
     ] = None,
+    text: Annotated[str, typer.Option(help=f"The evaluation text, by name: {TEXT_CHOICES}.")] = "austen",
     image: Annotated[
         list[Path] | None, typer.Option(help="An image to ask about (image-text models only); repeatable.")
     ] = None,
@@ -84,6 +89,7 @@ def quality_cmd(
         answer_tokens=answer_tokens,
         dtype=dtype,
         device=device,
+        text=text,
     )
     with Progress(
         TextColumn("{task.description}"),

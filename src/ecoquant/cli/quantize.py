@@ -34,8 +34,8 @@ def scheme_from_options(group_size: int, observer: str, asymmetric: bool) -> Qua
 def quantize_cmd(
     model: Annotated[str, typer.Argument(help="Model folder (with config.json and safetensors) or hub id.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to create.")],
-    method: Annotated[str, typer.Option(help="rtn (data-free), gptq or awq (calibrated layer by layer).")] = "rtn",
-    observer: Annotated[str, typer.Option(help="Scale choice: minmax, mse (per-group clipping search), or grid (keep weights already on a symmetric int4 grid, e.g. QAT q4_0 with --group-size 32; rtn only).")] = "minmax",
+    method: Annotated[str, typer.Option(help="rtn (data-free unless --observer hessian), gptq, awq, or awq-gptq (AWQ smoothing, then GPTQ); calibrated ones run layer by layer and resume a killed run when rerun.")] = "rtn",
+    observer: Annotated[str, typer.Option(help="Scale choice: minmax, mse (per-group clipping search), hessian (that search weighted by each input's calibration energy: output error, not weight error; calibrates, also with rtn), or grid (keep weights already on a symmetric int4 grid, e.g. QAT q4_0 with --group-size 32; rtn only).")] = "minmax",
     group_size: Annotated[int, typer.Option(help="Input channels per scale: 32, 64, 128, or -1 per channel.")] = 128,
     asymmetric: Annotated[bool, typer.Option(help="Store a zero point per group (default: symmetric).")] = False,
     preset: Annotated[str, typer.Option(help="Module selection: auto, gemma4-e, gemma4-e-mlpo, gemma4-e-int4-head, gemma4-e-int4-tables, text-decoder (see `ecoquant presets`).")] = "auto",
@@ -50,6 +50,7 @@ def quantize_cmd(
     calib_multimodal: Annotated[bool, typer.Option(help="gptq/awq: make half the samples image+question pairs through the processor.")] = False,
     act_order: Annotated[bool, typer.Option(help="gptq: process columns by Hessian diagonal (static groups: no g_idx, Marlin-friendly); --no-act-order for column order.")] = True,
     dampening: Annotated[float, typer.Option(help="gptq: dampening as a fraction of the mean Hessian diagonal.")] = 0.01,
+    refine_steps: Annotated[int, typer.Option(help="gptq/awq-gptq: rounds of code and scale refinement against each Linear's output error after GPTQ (0: off; e.g. 4).")] = 0,
     device: Annotated[str, typer.Option(help="gptq/awq: where layers run during calibration (cpu, cuda).")] = "cpu",
     seed: Annotated[int, typer.Option(help="gptq/awq: seed for sample selection.")] = 42,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -70,7 +71,7 @@ def quantize_cmd(
         calibration=CalibrationConfig(
             source=calib, num_samples=calib_samples, max_length=calib_length, seed=seed, multimodal=calib_multimodal
         ),
-        gptq=GPTQConfig(dampening_frac=dampening, act_order=act_order),
+        gptq=GPTQConfig(dampening_frac=dampening, act_order=act_order, refine_steps=refine_steps),
         device=device,
         embeddings=embeddings,  # type: ignore[arg-type]
         lm_head=lm_head,  # type: ignore[arg-type]

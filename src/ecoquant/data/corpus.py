@@ -1,4 +1,4 @@
-"""The text every ecoquant method is calibrated and measured on: two Jane Austen novels shipped in the wheel.
+"""The text every ecoquant method is calibrated and measured on: Austen novels and SQLite's docs, in the wheel.
 
 Why these: quality numbers are only comparable if every run sees the same
 text, and tests and offline machines cannot download a data set. No PyPI
@@ -11,7 +11,13 @@ Debian's ``r-cran-janeaustenr`` package (see ``austen/PROVENANCE.md``).
   room for 128 samples of 512 tokens drawn from different chapters);
 * **evaluation**: *Persuasion*, chapters 1-8 (~29k Gemma tokens).
 
-Different novels, so the parts cannot share a passage; the sha256 of each
+Calibrating and evaluating on the same author flatters methods that fit their
+calibration, so a second, out-of-domain evaluation text ships too: five pages
+of SQLite's public-domain documentation (technical English), taken from
+Debian's ``sqlite3-doc`` package (see ``sqlite/PROVENANCE.md``). The
+evaluation texts are listed by name in :data:`EVALUATION_TEXTS`.
+
+Different works, so the parts cannot share a passage; the sha256 of each
 part is pinned below and checked on every load, so a changed file or a
 changed split cannot go unnoticed.
 """
@@ -26,19 +32,35 @@ from importlib.resources import files
 from ecoquant.errors import EcoquantError
 
 
+def page_heading(name: str) -> str:
+    """The line that starts a page in a shipped file made of web pages (``bench/make_sqlite_text.py`` writes it)."""
+    return f"=== page {name} ==="
+
+
+#: How each kind of shipped file marks where a "chapter" starts: a book's chapter headings, or the
+#: page lines of a text made of documentation pages. The heading lines themselves are never part of the text.
+HEADINGS: dict[str, re.Pattern[str]] = {
+    "chapter": re.compile(r"^chapter\s+([0-9]+|[ivxlc]+)\.?$", re.IGNORECASE),
+    "page": re.compile(r"^=== page (\S+) ===$"),
+}
+
+
 @dataclass(frozen=True)
 class CorpusPart:
-    """Which chapters of which shipped file make up one part."""
+    """Which chapters (or pages, for ``unit="page"``) of which shipped file make up one part."""
 
     file: str
     title: str
     first_chapter: int
     last_chapter: int | None  # None: to the end of the book
     sha256: str  # of the part's text, "\n\n".join(chapters), UTF-8
+    unit: str = "chapter"  # a key of HEADINGS: how the file marks its chapters
 
     def __post_init__(self) -> None:
         if self.first_chapter < 1 or (self.last_chapter is not None and self.last_chapter < self.first_chapter):
             raise ValueError(f"bad chapter range {self.first_chapter}..{self.last_chapter}")
+        if self.unit not in HEADINGS:
+            raise ValueError(f"unit {self.unit!r} is not one of {', '.join(HEADINGS)}")
 
 
 CALIBRATION = CorpusPart(
@@ -58,7 +80,20 @@ EVALUATION = CorpusPart(
     sha256="a1666a418693f8b936d83828ad0050d1b902a6ecf0d9340be6c53dc0fb9ef652",
 )
 
-_CHAPTER_HEADING = re.compile(r"^chapter\s+([0-9]+|[ivxlc]+)\.?$", re.IGNORECASE)
+SQLITE_DOCS = CorpusPart(
+    file="sqlite/sqlite_docs.txt",
+    title="SQLite documentation, 5 pages (Debian sqlite3-doc 3.40.1-2+deb12u2)",
+    first_chapter=1,
+    # All 5 pages (when to use SQLite, how to corrupt a database, atomic commit, isolation, WAL):
+    # ~29k Gemma tokens, the size of EVALUATION, by another author and in another genre than the calibration novel.
+    last_chapter=None,
+    sha256="04efdcc65da1d257831161e517e9fa265fd9e82305c70dc23215940d3dea3b55",
+    unit="page",
+)
+
+#: The evaluation texts a quality run can choose by name. "austen" is the default everywhere.
+EVALUATION_TEXTS: dict[str, CorpusPart] = {"austen": EVALUATION, "sqlite": SQLITE_DOCS}
+
 #: Lines that are book furniture, not prose: dropped from the end of a chapter.
 _END_MARKS = frozenset({"finis", "the end"})
 
@@ -83,8 +118,10 @@ class Corpus:
         return "\n\n".join(self.calibration)
 
 
-def split_chapters(text: str) -> list[str]:
+def split_chapters(text: str, heading: re.Pattern[str] = HEADINGS["chapter"]) -> list[str]:
     """Chapters of a Gutenberg-style book: front matter and headings dropped, hard-wrapped lines joined.
+
+    ``heading`` matches the lines that start a chapter (:data:`HEADINGS`).
 
     Paragraphs (blank-line separated) stay separated by one blank line; the
     lines inside a paragraph are joined with single spaces, because the line
@@ -101,7 +138,7 @@ def split_chapters(text: str) -> list[str]:
 
     for raw in text.splitlines():
         line = raw.strip()
-        if _CHAPTER_HEADING.match(line):
+        if heading.match(line):
             flush()
             chapters.append([])
         elif not line:
@@ -124,15 +161,17 @@ def read_part(part: CorpusPart) -> list[str]:
         text = resource.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise EcoquantError(f"corpus file ecoquant/data/{part.file} is missing; reinstall ecoquant") from None
-    chapters = split_chapters(text)
+    chapters = split_chapters(text, HEADINGS[part.unit])
     end = len(chapters) if part.last_chapter is None else part.last_chapter
     if end > len(chapters):
-        raise EcoquantError(f"{part.file} has {len(chapters)} chapters, fewer than the {end} the corpus needs")
+        raise EcoquantError(f"{part.file} has {len(chapters)} {part.unit}s, fewer than the {end} the corpus needs")
     return chapters[part.first_chapter - 1 : end]
 
 
 def load_corpus(calibration: CorpusPart = CALIBRATION, evaluation: CorpusPart = EVALUATION) -> Corpus:
     """The calibration and evaluation parts, checked against their pinned hashes.
+
+    ``evaluation`` is *Persuasion* 1-8 unless another of :data:`EVALUATION_TEXTS` is passed.
 
     Raises:
         EcoquantError: a shipped file is missing, or a part's text no longer has its recorded hash.
@@ -152,4 +191,4 @@ def load_corpus(calibration: CorpusPart = CALIBRATION, evaluation: CorpusPart = 
 
 def _describe(part: CorpusPart) -> str:
     last = "end" if part.last_chapter is None else str(part.last_chapter)
-    return f"{part.title}, chapters {part.first_chapter}-{last} (ecoquant/data/{part.file})"
+    return f"{part.title}, {part.unit}s {part.first_chapter}-{last} (ecoquant/data/{part.file})"

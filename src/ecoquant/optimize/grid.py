@@ -33,7 +33,7 @@ from ecoquant.calibrate.data import CalibrationConfig
 from ecoquant.errors import EcoquantError
 from ecoquant.quantize.scheme import QuantScheme
 
-Method = Literal["rtn", "gptq", "awq"]
+Method = Literal["rtn", "gptq", "awq", "awq-gptq"]
 Response = Literal["default", "short"]
 
 RESPONSES: Mapping[str, str] = MappingProxyType(
@@ -60,7 +60,7 @@ class Candidate:
 
     Attributes:
         name: unique in the grid; the report's row label and the checkpoint folder's name.
-        method: ``rtn``, ``gptq`` or ``awq``.
+        method: ``rtn``, ``gptq``, ``awq`` or ``awq-gptq`` (see ``ecoquant quantize --help``).
         preset: a module preset (``auto``, ``gemma4-e-mlpo``...; see ``ecoquant presets``).
         group_size, observer: the int4 scheme (W4A16, symmetric).
         response: ``default`` or ``short`` (see :data:`RESPONSES`).
@@ -82,8 +82,8 @@ class Candidate:
         object.__setattr__(self, "serving", MappingProxyType(dict(self.serving)))
         if not self.name or any(c in self.name for c in "/\\ \t\n") or self.name.startswith("."):
             raise EcoquantError(f"candidate name {self.name!r} must be a plain folder name (no spaces, slashes or leading dot)")
-        if self.method not in ("rtn", "gptq", "awq"):
-            raise EcoquantError(f"candidate {self.name}: unknown method {self.method!r}; use rtn, gptq or awq")
+        if self.method not in ("rtn", "gptq", "awq", "awq-gptq"):
+            raise EcoquantError(f"candidate {self.name}: unknown method {self.method!r}; use rtn, gptq, awq or awq-gptq")
         if self.response not in RESPONSES:
             raise EcoquantError(f"candidate {self.name}: unknown response {self.response!r}; use {' or '.join(RESPONSES)}")
         self.scheme  # a bad group size or observer fails here, before any work

@@ -19,6 +19,7 @@ from ecoquant.eval.image_budget import check_max_soft_tokens
 from ecoquant.eval.runner import EvalConfig, PreparedSuite, prepare_suite
 from ecoquant.optimize.grid import Candidate, Grid, default_grid
 from ecoquant.optimize.store import Store, digest
+from ecoquant.quantize.scheme import ACTIVATION_AWARE
 from ecoquant.report.table import GATE_RECOVERY, check_threshold
 
 KEY_VERSION = 1
@@ -139,7 +140,7 @@ def _model_type(path: Path) -> str | None:
 
 def quant_material(source_sha: str, candidate: Candidate, grid: Grid) -> dict[str, Any]:
     """What decides a candidate's checkpoint."""
-    calibrated = candidate.method != "rtn"
+    calibrated = candidate.method != "rtn" or candidate.scheme.observer in ACTIVATION_AWARE
     return {
         "v": KEY_VERSION,
         "source": source_sha,

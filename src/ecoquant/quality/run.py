@@ -4,8 +4,10 @@
 compressed-tensors checkpoints, which transformers decompresses on load) and
 measures, on the same inputs:
 
-* **text**: the evaluation part of the shipped corpus
-  (:func:`ecoquant.data.corpus.load_corpus`), cut into whole, non-overlapping
+* **text**: an evaluation text of the shipped corpus, chosen by name
+  (``QualityConfig.text``: ``"austen"``, *Persuasion* 1-8, the default, or
+  ``"sqlite"``, SQLite's documentation, out of the calibration novel's domain;
+  see :data:`ecoquant.data.corpus.EVALUATION_TEXTS`), cut into whole, non-overlapping
   windows of ``window_tokens`` tokens, each fed as ``<bos>`` + text and every
   text token scored once (see :func:`~ecoquant.quality.perplexity.window_inputs`);
 * **image_text** (when images are given): each image with its prompt in the
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ecoquant.data.corpus import load_corpus
+from ecoquant.data.corpus import EVALUATION_TEXTS, load_corpus
 from ecoquant.errors import EcoquantError
 from ecoquant.quality.divergence import kl_divergence, top1_agreement
 from ecoquant.quality.perplexity import IGNORE, perplexity, token_nll, window_inputs, window_starts
@@ -68,6 +70,7 @@ class QualityConfig:
     answer_tokens: int = 32  # length of the base's greedy answer appended to each image prompt
     dtype: str = "bfloat16"
     device: str = "auto"  # "auto": cuda when available, else cpu
+    text: str = "austen"  # the evaluation text, a key of EVALUATION_TEXTS
 
     def __post_init__(self) -> None:
         if self.window_tokens < 2:
@@ -78,6 +81,8 @@ class QualityConfig:
             raise EcoquantError(f"answer_tokens must be >= 0, got {self.answer_tokens}")
         if self.dtype not in DTYPES:
             raise EcoquantError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.text not in EVALUATION_TEXTS:
+            raise EcoquantError(f"evaluation text {self.text!r} is not one of {', '.join(EVALUATION_TEXTS)}")
         if self.max_windows == 0 and not self.images:
             raise EcoquantError("nothing to measure: max_windows is 0 and no images were given")
 
@@ -323,7 +328,7 @@ def load_for_eval(path: Path, dtype: str, device: torch.device) -> nn.Module:
 def compare(
     base: Path, variants: Sequence[Path], cfg: QualityConfig, progress: Progress | None = None
 ) -> QualityReport:
-    """Measure ``variants`` against ``base`` on the evaluation text (and images, if any).
+    """Measure ``variants`` against ``base`` on the evaluation text ``cfg.text`` (and images, if any).
 
     Raises:
         EcoquantError: a model folder is missing or unreadable, a variant's vocabulary differs, or
@@ -332,7 +337,7 @@ def compare(
     from ecoquant.models.loading import resolve_model
 
     device = cfg.resolved_device()
-    corpus = load_corpus()
+    corpus = load_corpus(evaluation=EVALUATION_TEXTS[cfg.text])
     base_dir = resolve_model(base)
     base_model = load_for_eval(base_dir, cfg.dtype, device)
     if cfg.images and not placeholder_ids(base_model.config):

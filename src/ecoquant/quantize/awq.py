@@ -39,7 +39,7 @@ import torch
 
 from ecoquant.errors import EcoquantError
 from ecoquant.quantize.primitives import check_group_size, choose_qparams, fake_quantize
-from ecoquant.quantize.scheme import QuantScheme
+from ecoquant.quantize.scheme import ACTIVATION_AWARE, QuantScheme
 
 #: What a norm multiplies its normalised input by, as ``offset + weight``.
 #: Folding ``1/s`` into the norm must respect the convention of its class.
@@ -149,13 +149,17 @@ def _weight_magnitude(weights: Sequence[torch.Tensor], scheme: QuantScheme) -> t
     return torch.cat(rel, dim=0).mean(dim=0)
 
 
-def _scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+def _scaled_fake_quant(
+    w: torch.Tensor, s: torch.Tensor, scheme: QuantScheme, energy: torch.Tensor | None = None
+) -> torch.Tensor:
     """``Q(W diag(s)) diag(s)^-1`` in float32: the weight the smoothed, quantized model computes with.
 
     ``W diag(s)`` is rounded to ``w``'s dtype first, as the exported checkpoint stores it.
+    ``energy`` (mean square of the unscaled inputs) feeds the ``hessian`` observer;
+    the scaled weight reads ``x / s``, whose energy is ``energy / s^2``.
     """
     ws = (w.float() * s).to(w.dtype)
-    scale, zp = choose_qparams(ws, scheme)
+    scale, zp = choose_qparams(ws, scheme, None if energy is None else energy / s.square())
     return fake_quantize(ws, scale, zp, scheme).float() / s
 
 
@@ -232,11 +236,12 @@ def search_scales(
         check_group_size(f"balance layer {i}", in_f, scheme)
     x32 = x.reshape(-1, in_f).to(device=weights[0].device, dtype=torch.float32)
     x_mag = x32.abs().mean(dim=0)
+    energy = x32.square().mean(dim=0) if scheme.observer in ACTIVATION_AWARE else None
     w_mag = _weight_magnitude(weights, scheme).clamp(min=_MIN_SCALE)
     error = _linear_error(x32, weights) if output_fn is None else _module_error(weights, output_fn)
 
     ones = torch.ones(in_f, dtype=torch.float32, device=x32.device)
-    rtn_error = error([_scaled_fake_quant(w, ones, scheme) for w in weights])
+    rtn_error = error([_scaled_fake_quant(w, ones, scheme, energy) for w in weights])
     best_error, best_scales, best_ratio = rtn_error, ones, None
     ratios = tuple(k / cfg.grid for k in range(cfg.grid))
     errors = []
@@ -244,7 +249,7 @@ def search_scales(
         s = x_mag.pow(a) / w_mag.pow(1.0 - a) if cfg.duo_scaling else x_mag.pow(a)
         s = s.clamp(min=_MIN_SCALE)
         s = s / (s.max() * s.min()).sqrt()
-        err = error([_scaled_fake_quant(w, s, scheme) for w in weights])
+        err = error([_scaled_fake_quant(w, s, scheme, energy) for w in weights])
         errors.append(err)
         if err < best_error:
             best_error, best_scales, best_ratio = err, s, a
@@ -293,13 +298,14 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, cfg: AWQC
     xg = xs.reshape(-1, ng, gs).transpose(0, 1)  # [groups, tokens, gs]
     gram = xg.transpose(1, 2) @ xg  # [groups, gs, gs]
     w32 = w.float().reshape(out_f, ng, gs)
+    energy = xs.square().mean(dim=0) if scheme.observer in ACTIVATION_AWARE else None
     org_max = w32.abs().amax(dim=-1)
     best_err = torch.full((out_f, ng), float("inf"), device=w.device)
     best_max = org_max.to(w.dtype)
     for k in range(max(1, int(cfg.clip_maxshrink * cfg.clip_grid))):
         max_val = (org_max * (1.0 - k / cfg.clip_grid)).to(w.dtype)
         clipped = apply_clip(w, max_val)
-        scale, zp = choose_qparams(clipped, scheme)
+        scale, zp = choose_qparams(clipped, scheme, energy)
         d = w32 - fake_quantize(clipped, scale, zp, scheme).float().reshape(out_f, ng, gs)
         dg = d.transpose(0, 1)  # [groups, out, gs]
         err = ((dg @ gram) * dg).sum(dim=-1).t()  # [out, groups]

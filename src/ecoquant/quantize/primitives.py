@@ -2,8 +2,10 @@
 
 RTN, GPTQ and AWQ all end in the same three steps, so they live here once:
 
-* :func:`minmax_qparams` / :func:`mse_qparams` / :func:`grid_qparams` choose a
-  scale (and zero point) per group of ``group_size`` input channels;
+* :func:`minmax_qparams` / :func:`mse_qparams` (plain, or weighted by each
+  input channel's calibration energy: the ``hessian`` observer) /
+  :func:`grid_qparams` choose a scale (and zero point) per group of
+  ``group_size`` input channels;
 * :func:`quantize` maps weights to integer codes;
 * :func:`dequantize` maps codes back.
 
@@ -134,21 +136,39 @@ def fake_quantize(
     return dequantize(quantize(w, scale, zero_point, scheme), scale, zero_point, scheme)
 
 
-def mse_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+def mse_qparams(
+    w: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-group clipping search: try shrinking each group's range, keep the best.
 
     Min-max scales waste most of the 16 levels on a single outlier; clipping
     the range to ``p * [min, max]`` for ``p`` from 1 down to ``1 - maxshrink``
     trades a large error on that one weight for a finer grid on all others.
-    Each group keeps the ``p`` with the lowest ``sum |w - fq(w)| ** norm``
+    Each group keeps the ``p`` with the lowest ``sum_j a_j |w_j - fq(w_j)| ** norm``
     (ties keep the larger ``p``, so ``p = 1`` wins when nothing helps and the
     result is never worse than min-max). Candidate scales are computed in
     ``w``'s dtype (what will be stored); the search itself runs in float32,
     which is exact for the error and several times faster than bf16 on CPUs.
+
+    ``importance`` (``[in]``, one non-negative weight ``a_j`` per input
+    channel; all ones when None) is what makes the search activation-aware:
+    with ``a = diag(H)``, the mean squared input of each channel on
+    calibration data, the sum is the layer's output error ``E||x (w - fq(w))||^2``
+    without the cross terms between channels. Plain weight MSE treats an
+    outlier weight on a silent input like one on a loud input; clipping the
+    latter is what made the unweighted search *raise* perplexity on Gemma-3
+    270M (bench/RESULTS.md). The full quadratic form within a group would add
+    the cross terms at ``group_size`` times the cost; the diagonal keeps the
+    search as cheap as the unweighted one.
     """
     g = _grouped(w, scheme)
     gmin, gmax = g.amin(dim=-1), g.amax(dim=-1)
     g32 = g.float()
+    weight = None
+    if importance is not None:
+        if importance.shape != (w.shape[1],):
+            raise EcoquantError(f"importance has shape {tuple(importance.shape)}, expected ({w.shape[1]},)")
+        weight = importance.to(device=w.device, dtype=torch.float32).reshape(1, *g.shape[1:])
     best_err = torch.full(gmin.shape, float("inf"), device=w.device)
     best_scale, best_zp = qparams_from_range(gmin, gmax, scheme)
     for i in range(scheme.mse_grid):
@@ -162,7 +182,10 @@ def mse_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, tor
         else:
             x.round_().clamp_(scheme.qmin, scheme.qmax)
         x.mul_(s32).sub_(g32)
-        err = (x.square_() if scheme.mse_norm == 2.0 else x.abs_().pow_(scheme.mse_norm)).sum(dim=-1)
+        x = x.square_() if scheme.mse_norm == 2.0 else x.abs_().pow_(scheme.mse_norm)
+        if weight is not None:
+            x.mul_(weight)
+        err = x.sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -284,8 +307,22 @@ def grid_group_counts(w: torch.Tensor, scheme: QuantScheme) -> tuple[int, int]:
     return int(exact.sum()), exact.numel()
 
 
-def choose_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales by the scheme's observer."""
+def choose_qparams(
+    w: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales by the scheme's observer.
+
+    ``importance`` (``[in]``: each input channel's mean squared activation,
+    ``diag(H)``) is read by the ``hessian`` observer only, which cannot run
+    without it; the other observers are data-free and ignore it.
+    """
+    if scheme.observer == "hessian":
+        if importance is None:
+            raise EcoquantError(
+                "the hessian observer weighs weights by their inputs and needs calibration data; "
+                "use --method gptq or awq, or --method rtn with --calib"
+            )
+        return mse_qparams(w, scheme, importance)
     if scheme.observer == "mse":
         return mse_qparams(w, scheme)
     if scheme.observer == "grid":

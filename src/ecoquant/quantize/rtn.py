@@ -1,7 +1,7 @@
 """Round-to-nearest (RTN): the data-free baseline every other method must beat.
 
-``W -> (q, scale)`` with scales from the scheme's observer (min-max or the MSE
-clipping search) and plain rounding. With the min-max observer this is
+``W -> (q, scale)`` with scales from the scheme's observer (min-max, the MSE
+clipping search, or that search weighted by calibration inputs) and plain rounding. With the min-max observer this is
 exactly what llmcompressor's ``QuantizationModifier(scheme="W4A16")`` writes.
 """
 
@@ -13,9 +13,14 @@ from ecoquant.quantize.primitives import QuantizedWeight, choose_qparams, grid_q
 from ecoquant.quantize.scheme import QuantScheme
 
 
-def rtn_quantize(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
-    """Quantize one ``[out, in]`` weight by rounding to the nearest code."""
-    scale, zp = choose_qparams(w, scheme)
+def rtn_quantize(w: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None = None) -> QuantizedWeight:
+    """Quantize one ``[out, in]`` weight by rounding to the nearest code.
+
+    ``importance`` (``diag(H)`` of the layer's inputs) feeds the ``hessian``
+    observer; RTN with it is still round-to-nearest, only its scales are chosen
+    by output error instead of weight error.
+    """
+    scale, zp = choose_qparams(w, scheme, importance)
     return QuantizedWeight(q=quantize(w, scale, zp, scheme), scale=scale, zero_point=zp)
 
 

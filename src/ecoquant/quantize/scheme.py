@@ -13,7 +13,10 @@ from typing import Any, Literal
 
 from ecoquant.errors import EcoquantError
 
-Observer = Literal["minmax", "mse", "grid"]
+Observer = Literal["minmax", "mse", "hessian", "grid"]
+
+#: Observers that weigh each input channel by its calibration energy and so need calibration inputs.
+ACTIVATION_AWARE: frozenset[str] = frozenset({"hessian"})
 
 #: Group sizes that vLLM's Marlin int4 kernels accept (None = one scale per output channel).
 MARLIN_GROUP_SIZES: tuple[int | None, ...] = (32, 64, 128, None)
@@ -31,7 +34,10 @@ class QuantScheme:
             what the seed checkpoint used; asymmetric stores a zero point per group.
         observer: how scales are chosen: ``minmax`` (absolute max, identical to
             llmcompressor's W4A16 preset) or ``mse`` (per-group search over
-            clipping ratios that minimises reconstruction error) or ``grid``
+            clipping ratios that minimises reconstruction error) or ``hessian``
+            (the same search, each weight's error weighted by its input's
+            energy on calibration data, ``diag(H)``: it minimises the layer's
+            output error, not the weight error; needs calibration) or ``grid``
             (weights already on a symmetric integer grid, as QAT ``q4_0``
             checkpoints are: each group's own step is recovered so the
             checkpoint reproduces them; groups on no grid get min-max; symmetric only).
@@ -56,8 +62,8 @@ class QuantScheme:
                 f"group size {self.group_size} is invalid; use a positive multiple of 8 "
                 "(32, 64 or 128 for vLLM Marlin) or -1 for one scale per output channel"
             )
-        if self.observer not in ("minmax", "mse", "grid"):
-            raise EcoquantError(f"unknown observer {self.observer!r}; use 'minmax', 'mse' or 'grid'")
+        if self.observer not in ("minmax", "mse", "hessian", "grid"):
+            raise EcoquantError(f"unknown observer {self.observer!r}; use 'minmax', 'mse', 'hessian' or 'grid'")
         if self.observer == "grid" and not self.symmetric:
             raise EcoquantError(
                 "the grid observer recovers symmetric grids (w = step * q, as q4_0 stores them); drop --asymmetric"
@@ -98,7 +104,7 @@ class QuantScheme:
             symmetric=self.symmetric,
             strategy=self.strategy,
             group_size=self.group_size,
-            # compressed-tensors has no grid observer and does not use the name when loading.
-            observer="mse" if self.observer == "mse" else "minmax",
+            # compressed-tensors has no grid or hessian observer and does not use the name when loading.
+            observer="mse" if self.observer in ("mse", "hessian") else "minmax",
             dynamic=False,
         )
