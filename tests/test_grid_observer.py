@@ -224,7 +224,7 @@ def test_scheme_and_config_refuse_what_the_grid_observer_cannot_do() -> None:
 def test_cli_lists_and_accepts_the_grid_observer(tmp_path: Path) -> None:
     runner = CliRunner()
     help_text = " ".join(runner.invoke(app, ["quantize", "--help"]).output.replace("│", " ").split())
-    assert "Scale choice: minmax, mse (per-group clipping search), or grid" in help_text
+    assert "Scale choice: minmax, mse (per-group clipping search), hessian" in help_text and "or grid (keep" in help_text
     result = runner.invoke(app, ["quantize", str(tmp_path / "m"), "--out", str(tmp_path / "o"),
                                  "--observer", "grid", "--method", "gptq"])
     assert result.exit_code == 2 and "--method rtn only" in " ".join(result.output.split()), result.output
