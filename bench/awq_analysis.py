@@ -4,8 +4,10 @@ For each checkpoint made with ``--method awq`` or ``awq-gptq``: per mapping kind
 (norm -> q/k/v, norm -> gate/up, up -> down), how often smoothing beat plain
 rounding, the chosen ratios, how much it lowered the searched error, and how far
 folding the scales into bf16 tensors moved the layer's output before any
-quantization (``smoothing_rel_diff``: Gemma-3's ``(1 + w)`` norms lose
-precision there, see ``fold_scales_into_norm``); then per module kind the
+quantization (``smoothing_rel_diff``), and how far the stored norm's rounding
+moved the scales asked for (``scale_moved_max``: Gemma-3's ``(1 + w)`` norms
+near ``w = -1``, see ``fold_scales_into_norm``; the balance layers use the
+moved ones); then per module kind the
 relative output error the recipe records (``loss``, GPTQ-based methods only)
 and the share of weights AWQ's clip search clipped.
 
@@ -41,15 +43,18 @@ def main() -> None:
             for name, entry in unit.items():
                 if isinstance(entry, dict) and name not in ("smoothing",):
                     per_module[kind(name)].append(entry)
-        print("| mapping | layers | smoothed | ratio (median) | searched error / RTN's (median) |")
-        print("|---|---:|---:|---:|---:|")
+        print("| mapping | layers | smoothed | ratio (median) | searched error / RTN's (median) | "
+              "scale moved by the norm's rounding (median of max) |")
+        print("|---|---:|---:|---:|---:|---:|")
         for mapping, entries in smooth.items():
             applied = [e for e in entries if e.get("applied")]
             ratios = [e["ratio"] for e in applied if e.get("ratio") is not None]
             gains = [e["best_error"] / e["rtn_error"] for e in entries if e.get("rtn_error")]
             med_ratio = f"{statistics.median(ratios):.2f}" if ratios else "—"
             med_gain = f"{statistics.median(gains):.3f}" if gains else "—"
-            print(f"| {mapping} | {len(entries)} | {len(applied)} | {med_ratio} | {med_gain} |")
+            moved = [e["scale_moved_max"] for e in applied if "scale_moved_max" in e]
+            med_moved = f"{statistics.median(moved):.2%}" if moved else "—"
+            print(f"| {mapping} | {len(entries)} | {len(applied)} | {med_ratio} | {med_gain} | {med_moved} |")
         if rel_diff:
             print(f"\nfolding into bf16, output change before quantization: median {statistics.median(rel_diff):.2e}, "
                   f"max {max(rel_diff):.2e} (relative to the layer output's max)")

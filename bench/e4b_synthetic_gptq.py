@@ -37,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,21 +66,49 @@ def source(work: Path) -> Path:
     return src
 
 
+PEAK: dict[str, float] = {"RssAnon": 0.0, "RssFile": 0.0}
+
+
+def _sample(pid: int, stop: threading.Event) -> None:
+    """Peak anonymous and file-backed resident memory of ``pid`` (GiB), from /proc once a second.
+
+    ru_maxrss counts the pages of memory-mapped safetensors the child has read,
+    which the kernel may drop at any time; the anonymous part is what the run
+    really holds.
+    """
+    while not stop.wait(1.0):
+        try:
+            text = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return
+        for key, peak in PEAK.items():
+            m = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
+            if m:
+                PEAK[key] = max(peak, int(m.group(1)) / 2**20)
+
+
 def run_child(cmd: list[str], stop_after_s: float | None, log: Path) -> tuple[int, float, float]:
     """(return code, wall seconds, peak RSS GiB) of a child, killed with SIGKILL after ``stop_after_s``.
 
     Its stderr (ecoquant's progress lines: one per finished layer, with the elapsed time) goes to ``log``.
+    The peak anonymous / file-backed split is left in :data:`PEAK`.
     """
     print("$ " + " ".join(cmd), flush=True)
     t = time.perf_counter()
     with log.open("a") as err:
         proc = subprocess.Popen(cmd, stderr=err)
+        stop = threading.Event()
+        sampler = threading.Thread(target=_sample, args=(proc.pid, stop), daemon=True)
+        sampler.start()
         try:
             rc = proc.wait(timeout=stop_after_s)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             rc = proc.wait()
+        stop.set()
     wall = time.perf_counter() - t
+    print(f"peak resident memory sampled from /proc: anonymous {PEAK['RssAnon']:.2f} GiB, "
+          f"file-backed (mapped checkpoint pages) {PEAK['RssFile']:.2f} GiB", flush=True)
     return rc, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
 
 
@@ -114,11 +143,12 @@ def report(out: Path, samples: int, seq_len: int, wall: float, rss: float, targe
     projected = scale * (token_part * target_tokens / tokens + solve_part)
     print(f"\nE4B synthetic, {recipe['method']}, {samples} x {seq_len} calibration ({tokens} tokens)")
     print(f"layers calibrated in this invocation: {len(fresh)} of {len(layers)} (resumed: {len(resumed)})")
-    print("| wall (this invocation) | peak RSS | time per layer (mean / max) | solve part per layer | "
-          f"projected for {target_tokens} tokens |")
+    print("| wall (this invocation) | peak RSS (anonymous / file-backed) | time per layer (mean / max) | "
+          f"solve part per layer | projected for {target_tokens} tokens |")
     print("|---|---|---|---|---|")
     mean = sum(per_layer) / max(len(per_layer), 1)
-    print(f"| {wall:.0f} s | {rss:.2f} GiB | {mean:.1f} s / {max(per_layer, default=0):.1f} s | "
+    print(f"| {wall:.0f} s | {rss:.2f} GiB ({PEAK['RssAnon']:.2f} / {PEAK['RssFile']:.2f}) | "
+          f"{mean:.1f} s / {max(per_layer, default=0):.1f} s | "
           f"{solve_part / max(len(fresh), 1):.1f} s | {projected / 3600:.1f} h |")
 
 
@@ -144,7 +174,7 @@ def main() -> None:
                           "--calib-json", str(cj), "--max-length", str(args.seq_len))
         # A cap, so a tool that loads the whole model cannot take the machine down with it.
         limit = "import resource,os,sys;resource.setrlimit(resource.RLIMIT_AS,(22<<30,22<<30));os.execvp(sys.argv[1],sys.argv[1:])"
-        rc, wall, rss = run_child([sys.executable, "-c", limit, *cmd], args.stop_after_s)
+        rc, wall, rss = run_child([sys.executable, "-c", limit, *cmd], args.stop_after_s, args.work / f"{out.name}.log")
         print(f"\nllmcompressor GPTQ on E4B synthetic: exit {rc}, {wall:.0f} s, peak RSS {rss:.2f} GiB")
         return
     out = args.work / f"e4b-synthetic-{args.method}"

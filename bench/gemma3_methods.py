@@ -15,7 +15,7 @@ Usage::
 
 Methods: rtn-minmax, rtn-mse, rtn-hessian (the activation-aware search; it
 calibrates), gptq (column order), gptq-actorder (static groups, the default),
-gptq-hessian, gptq-refine (hessian + ``--refine-steps``), awq, awq-hessian,
+gptq-hessian, gptq-refine (hessian + ``--refine-steps``), gptq-minmax-refine, awq, awq-hessian,
 awq-gptq (ecoquant; calibrated on the shipped corpus), llmc-rtn (llmcompressor
 0.14 QuantizationModifier), llmc-gptq-basic, llmc-gptq-seq (per decoder
 layer), llmc-gptq-stack (the whole text model as one sequential target)
@@ -87,6 +87,8 @@ def commands(base: Path, work: Path, args: argparse.Namespace) -> dict[str, Call
         "gptq-hessian": lambda out: [*ours, "--out", str(out), "--method", "gptq", "--observer", "hessian", *calib],
         "gptq-refine": lambda out: [*ours, "--out", str(out), "--method", "gptq", "--observer", "hessian",
                                     "--refine-steps", str(args.refine_steps), *calib],
+        "gptq-minmax-refine": lambda out: [*ours, "--out", str(out), "--method", "gptq", "--act-order",
+                                           "--refine-steps", str(args.refine_steps), *calib],
         "awq-hessian": lambda out: [*ours, "--out", str(out), "--method", "awq", "--observer", "hessian", *calib],
         "awq-gptq": lambda out: [*ours, "--out", str(out), "--method", "awq-gptq", "--observer", "hessian", *calib],
         "llmc-rtn": lambda out: uv_isolated(LLMC, ext, str(base), str(out), "--ignore", "lm_head"),

@@ -173,11 +173,31 @@ def test_folding_into_a_norm_leaves_the_float_function_unchanged(norm_cls: type[
     before = [lin(norm(x)) for lin in qkv]
     s = torch.rand(64) * 4 + 0.25
     with torch.no_grad():
-        weight.copy_(fold_scales_into_norm(weight, s, offset=NORM_WEIGHT_OFFSET[norm_cls.__name__]))
+        folded, s = fold_scales_into_norm(weight, s, offset=NORM_WEIGHT_OFFSET[norm_cls.__name__])
+        weight.copy_(folded)
         for lin in qkv:
             lin.weight.copy_(scale_balance_weight(lin.weight, s))
     for lin, ref in zip(qkv, before, strict=True):
         assert torch.allclose(lin(norm(x)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_folding_into_a_bf16_gemma3_norm_returns_the_scales_it_realises() -> None:
+    """Gemma-3's ``(1 + w)`` in bf16 cannot hold a small factor: the balance side must use the realised scales."""
+    torch.manual_seed(4)
+    w = (torch.rand(256) * 3).to(torch.bfloat16)  # factors 1 + w in [1, 4]
+    s = torch.rand(256) * 60 + 20  # factor / s in ~[0.016, 0.2]: w' sits near -1, on a grid of step 2^-8
+    s[0] = 1e6  # rounds to w' = -1 exactly: must be moved off zero
+    w[1] = -1.0  # a dead channel (factor 0) keeps its scale
+    folded, realised = fold_scales_into_norm(w, s, offset=1.0)
+    factor = 1 + w.float()
+    assert folded.dtype == torch.bfloat16 and realised.dtype == torch.float32
+    assert torch.isfinite(realised).all() and (realised > 0).all()
+    assert realised[1] == s[1] and float(1 + folded[0].float()) > 0
+    # With the realised scales the fold is exact in float32 ...
+    assert torch.allclose((1 + folded.float()) * realised, factor, rtol=1e-6, atol=0)
+    # ... with the scales asked for it would be off by several percent on some channels.
+    asked = ((1 + folded.float()) * s - factor).abs()[2:] / factor[2:]
+    assert asked.max() > 0.05
 
 
 def test_folding_up_into_down_leaves_the_gated_mlp_unchanged() -> None:
@@ -227,8 +247,8 @@ def test_bf16_tensors_and_tiny_shapes() -> None:
     assert res.scales.dtype == torch.float32 and res.best_error <= res.rtn_error
     mv = search_clip(x, scale_balance_weight(w, res.scales), scheme, AWQConfig(clip_grid=4))
     assert mv.shape == (6, 1) and mv.dtype == torch.bfloat16
-    folded = fold_scales_into_norm(torch.ones(8, dtype=torch.bfloat16), res.scales, offset=0.0)
-    assert folded.dtype == torch.bfloat16
+    folded, realised = fold_scales_into_norm(torch.ones(8, dtype=torch.bfloat16), res.scales, offset=0.0)
+    assert folded.dtype == torch.bfloat16 and realised.dtype == torch.float32
 
 
 def test_bad_inputs_raise_one_line_errors() -> None:

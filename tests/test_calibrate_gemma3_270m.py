@@ -77,6 +77,12 @@ def test_gptq_and_awq_beat_rtn_on_gemma3_270m(model_path: Path, calib: Any, tmp_
         result = calibrate(model_path, method=method, selection=plan.selection, batches=list(calib.batches),
                            work_dir=tmp_path / f"work-{method}", scheme=SCHEME, awq=AWQConfig(grid=10))
         fns[method], replace[method] = result.quantize_fn, result.replace
+        if method == "awq":
+            # Smoothing must leave the bf16 model's function alone before quantization. Folding into
+            # Gemma-3's (1 + w) norms with the scales asked for, not the ones the stored norm realises,
+            # moved layer outputs by a median 1.1% of their maximum (up to 8%) on this model.
+            drift = [u["smoothing_rel_diff"] for u in result.stats["units"].values() if "smoothing_rel_diff" in u]
+            assert drift and max(drift) < 5e-3, drift
     for method, fn in fns.items():
         out = tmp_path / f"out-{method}"
         export_checkpoint(model_path, out, selection=plan.selection, scheme=SCHEME, quantize_fn=fn,

@@ -62,7 +62,8 @@ def _fold(m: ResolvedMapping, s: torch.Tensor) -> None:
                 m.smooth.bias.copy_(b)
         else:
             offset = NORM_WEIGHT_OFFSET[type(m.smooth).__name__]
-            m.smooth.weight.copy_(fold_scales_into_norm(m.smooth.weight, s, offset=offset))
+            folded, s = fold_scales_into_norm(m.smooth.weight, s, offset=offset)
+            m.smooth.weight.copy_(folded)
         for lin in m.balance:
             lin.weight.copy_(scale_balance_weight(lin.weight, s))
 

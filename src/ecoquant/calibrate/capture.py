@@ -243,21 +243,19 @@ def _call_model(model: nn.Module, batch: Batch, device: torch.device) -> None:
 
 
 @contextmanager
-def lazy_outside(model: nn.Module, skip: nn.Module, materialize: Callable[[nn.Module], Any]) -> Any:
-    """While active, any module outside ``skip`` gets its own weights just before it first runs.
+def lazy_outside(
+    model: nn.Module, skip: nn.Module, before_call: Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...] | None]
+) -> Any:
+    """While active, every call of a module outside ``skip`` goes through ``before_call`` first.
 
-    Only what the forward actually calls is loaded: a text-only capture never
-    touches the vision or audio tower, and ``lm_head`` is never reached.
+    ``before_call(module, args)`` gives the module its weights (on its first
+    call, or rows it lacks on any call) and may return replaced arguments, as
+    a forward pre-hook does. Only what the forward actually calls is loaded: a
+    text-only capture never touches the vision or audio tower, and ``lm_head``
+    is never reached.
     """
     inside = {id(m) for m in skip.modules()}
-    done: set[int] = set()
-
-    def hook(module: nn.Module, args: Any) -> None:
-        if id(module) not in done:
-            done.add(id(module))
-            materialize(module)
-
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if id(m) not in inside]
+    handles = [m.register_forward_pre_hook(before_call) for m in model.modules() if id(m) not in inside]
     try:
         yield
     finally:

@@ -6,6 +6,13 @@ embeddings for the capture pass, then one decoder layer at a time. Each
 tensor is read with a plain file read (no memory map, so untouched pages of a
 5 GB shard never count towards RSS) and dropped again by :func:`release`.
 
+Embedding tables are the exception to "whole module": the capture pass only
+looks rows up, and E4B's tables are 3.4 GB (``embed_tokens``) and 11.3 GB
+(``embed_tokens_per_layer``) once cast to float32, which alone came to a
+20 GB peak on a 24 GiB machine. :meth:`Materializer.before_call` serves them
+from the rows the calls actually read (:class:`RowTable`): the same values,
+so the same outputs bit for bit.
+
 Two kinds of tensors are not in a checkpoint and need the model's own code:
 non-persistent buffers (rotary ``inv_freq``, Gemma's ``embed_scale``) are
 computed by the owning ``PreTrainedModel._init_weights``, exactly as
@@ -18,15 +25,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ecoquant.errors import EcoquantError
-from ecoquant.export.safetensors_stream import read_tensor
+from ecoquant.export.safetensors_stream import read_rows, read_tensor
 from ecoquant.models.loading import TensorInfo, tensor_infos
 
 
@@ -85,6 +93,50 @@ def _owners(model: nn.Module) -> dict[int, nn.Module]:
     return owners
 
 
+class RowTable:
+    """An ``nn.Embedding`` holding only the rows its calls have read so far.
+
+    Its weight becomes those rows (sorted by token id) and each call's ids
+    are mapped to their positions, in a forward pre-hook: the lookup returns
+    exactly the rows the full table would. Rows ``0 .. padding_idx`` are
+    always kept, in place, because some forwards read ``weight[pad_token_id]``
+    directly (Gemma-4's image-text model does, for its per-layer inputs at
+    image positions). ``padding_idx`` itself is dropped: no gradient flows
+    here, and the compact table may be shorter than it.
+    """
+
+    def __init__(self, module: nn.Embedding, info: TensorInfo, cast: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.module = module
+        self.info = info
+        self.cast = cast
+        keep = module.padding_idx if module.padding_idx is not None and module.padding_idx >= 0 else -1
+        self.ids = torch.empty(0, dtype=torch.long)
+        module.padding_idx = None
+        self._add(torch.arange(keep + 1))
+
+    def _add(self, wanted: torch.Tensor) -> None:
+        missing = wanted[~torch.isin(wanted, self.ids)]
+        if not missing.numel():
+            return
+        rows = self.cast(read_rows(self.info, missing))
+        weight = self.module.weight
+        old = weight if weight.device.type != "meta" else rows[:0]
+        ids = torch.cat([self.ids, missing])
+        order = torch.argsort(ids)
+        self.ids = ids[order]
+        self.module.weight = nn.Parameter(torch.cat([old, rows])[order.to(rows.device)], requires_grad=False)
+
+    def remap(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids`` as positions in the compact table (reading rows it lacks first)."""
+        self._add(torch.unique(input_ids.detach().flatten().cpu().long()))
+        return torch.searchsorted(self.ids.to(input_ids.device), input_ids)
+
+    @property
+    def rows(self) -> int:
+        """How many rows are held."""
+        return int(self.ids.numel())
+
+
 class Materializer:
     """Materialise and release parts of a meta-device model.
 
@@ -102,9 +154,30 @@ class Materializer:
         self.dtype = dtype
         self.names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         self.owners = _owners(model)
+        self.tables: dict[int, RowTable] = {}
 
-    def materialize(self, module: nn.Module, recurse: bool = True) -> int:
-        """Load ``module``'s meta tensors (and its descendants' when ``recurse``); return bytes loaded."""
+    def before_call(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """Ready ``module`` (not its children) for a call with positional ``args``; a forward pre-hook.
+
+        An embedding table called with its ids is served by a :class:`RowTable`
+        (its ids come back remapped); anything else is materialised whole.
+        """
+        table = self.tables.get(id(module))
+        if table is None and isinstance(module, nn.Embedding) and module.weight.device.type == "meta":
+            info = self.reader.info(f"{self.names[id(module)]}.weight")
+            if info is not None and args and isinstance(args[0], torch.Tensor):
+                self.materialize(module, recurse=False, params=False)  # buffers (Gemma's embed_scale)
+                table = self.tables[id(module)] = RowTable(module, info, self._cast)
+        if table is not None:
+            return (table.remap(args[0]), *args[1:])
+        self.materialize(module, recurse=False)
+        return None
+
+    def materialize(self, module: nn.Module, recurse: bool = True, params: bool = True) -> int:
+        """Load ``module``'s meta tensors (and its descendants' when ``recurse``); return bytes loaded.
+
+        ``params=False`` loads buffers only.
+        """
         from transformers import initialization as init
 
         loaded = 0
@@ -112,7 +185,7 @@ class Materializer:
         for sub in self._modules(module, recurse):
             prefix = self.names[id(sub)]
             prefix = f"{prefix}." if prefix else ""
-            for name, param in list(sub.named_parameters(recurse=False)):
+            for name, param in list(sub.named_parameters(recurse=False)) if params else ():
                 if param.device.type != "meta":
                     continue
                 value = self._cast(self.reader.read(prefix + name))
@@ -146,6 +219,8 @@ class Materializer:
     def release(self, module: nn.Module) -> None:
         """Send ``module``'s tensors back to the meta device, freeing their memory."""
         module.to("meta")
+        for sub in module.modules():
+            self.tables.pop(id(sub), None)
         trim_heap()
 
     def _modules(self, module: nn.Module, recurse: bool) -> Iterator[nn.Module]:

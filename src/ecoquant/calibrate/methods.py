@@ -403,7 +403,12 @@ class _AWQSession:
                     "is unknown; add the class to ecoquant.quantize.awq.NORM_WEIGHT_OFFSET"
                 )
             w_src = weight.detach().to(src.get(f"{smooth_full}.weight", weight.dtype))
-            self._set(smooth, "weight", fold_scales_into_norm(w_src, s, offset=offset), f"{smooth_full}.weight", out)
+            new_w, realised = fold_scales_into_norm(w_src, s, offset=offset)
+            # The stored norm's rounding moves some scales (a lot, for Gemma-3's (1 + w)
+            # near -1): the balance side must use the ones it really divides by.
+            info["scale_moved_max"] = float((realised / s - 1).abs().max())
+            s = realised
+            self._set(smooth, "weight", new_w, f"{smooth_full}.weight", out)
             if getattr(smooth, "bias", None) is not None:
                 b_src = smooth.bias.detach().to(src.get(f"{smooth_full}.bias", smooth.bias.dtype))
                 self._set(smooth, "bias", (b_src.float() / s).to(b_src.dtype), f"{smooth_full}.bias", out)

@@ -326,7 +326,7 @@ class LayerWalk:
 
     def _capture(self, batches: Sequence[Batch], total_tokens: int) -> LayerInputs:
         """Calibrate the Linears before the layers, then record every layer's arguments."""
-        with lazy_outside(self.model, self.layers, lambda m: self.mat.materialize(m, recurse=False)):
+        with lazy_outside(self.model, self.layers, self.mat.before_call):
             if self.outside:
                 unit = Unit(
                     name="before layers",
@@ -347,7 +347,8 @@ class LayerWalk:
                     self._finish("before_layers", unit, session)
             inputs = record_layer_calls(self.model, self.layers, batches, self.device, self.work_dir / "spool")
         # Everything outside the layers is done with: drop it (layers are still on meta).
-        self.model.to("meta")
+        self.stats["embedding_rows"] = {self.mat.names[k]: t.rows for k, t in self.mat.tables.items()}
+        self.mat.release(self.model)
         return inputs
 
     def _layer(

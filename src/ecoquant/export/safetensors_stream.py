@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 import torch
 
+from ecoquant.errors import EcoquantError
 from ecoquant.models.loading import TensorInfo
 
 DTYPES: dict[str, torch.dtype] = {
@@ -46,6 +47,40 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     if not buf:
         return torch.empty(info.shape, dtype=DTYPES[info.dtype])
     return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+
+
+def read_rows(info: TensorInfo, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (sorted, unique) of a stored tensor along its first dimension, one read per run of neighbours.
+
+    For lookups into a table far larger than what a pass reads: E4B's
+    per-layer embedding is 262,144 rows of 21 KiB, and a calibration set
+    touches a few thousand of them.
+
+    Raises:
+        EcoquantError: an index is outside the table.
+    """
+    if not info.shape:
+        raise EcoquantError(f"{info.name} is a scalar; it has no rows to read")
+    n = info.shape[0]
+    ids = rows.tolist()
+    if ids and (ids[0] < 0 or ids[-1] >= n):
+        bad = ids[0] if ids[0] < 0 else ids[-1]
+        raise EcoquantError(f"token id {bad} is outside {info.name} ({n} rows); the data and the model's vocabulary differ")
+    row_bytes = info.nbytes // n if n else 0
+    buf = bytearray(len(ids) * row_bytes)
+    view = memoryview(buf)
+    with info.shard.open("rb") as f:
+        i = 0
+        while i < len(ids):
+            j = i
+            while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+                j += 1
+            f.seek(info.start + ids[i] * row_bytes)
+            f.readinto(view[i * row_bytes : (j + 1) * row_bytes])
+            i = j + 1
+    if not buf:
+        return torch.empty((len(ids), *info.shape[1:]), dtype=DTYPES[info.dtype])
+    return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(len(ids), *info.shape[1:])
 
 
 @dataclass(frozen=True)
