@@ -227,7 +227,7 @@ def quantize(
     )
     if config.method in ("awq", "awq-gptq"):  # before hashing the source and loading calibration data
         require_awq_mappings(topology_for(plan.config), plan.config)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # log lines stay whole off a terminal
     if show_progress:
         for w in warnings:
             console.print(f"[yellow]warning:[/] {w}", highlight=False)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 # torch and transformers are imported inside the commands, so ``--help`` stays fast.
 
-out_console = Console()
+out_console = Console(soft_wrap=True)  # one line per result, also when piped
 
 
 def scheme_from_options(group_size: int, observer: str, asymmetric: bool) -> QuantScheme:
