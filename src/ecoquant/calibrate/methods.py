@@ -185,11 +185,11 @@ def gptq_module(
 ) -> tuple[QuantizedWeight, dict[str, Any]]:
     """GPTQ (then refinement, when ``cfg.refine_steps``) for one weight, with the recipe's statistics."""
     qw = gptq_quantize(W, H, scheme, cfg)
-    stats: dict[str, Any] = {"tokens": n, "loss": _relative_loss(W, qw.dequantize(scheme), H)}
+    stats: dict[str, Any] = {"tokens": n}
     if cfg.refine_steps:
         qw, refined = refine(W, dampened(H, cfg.dampening_frac), qw, scheme, cfg.refine_steps)
         stats["refine"] = refined.to_dict()
-        stats["loss"] = _relative_loss(W, qw.dequantize(scheme), H)
+    stats["loss"] = _relative_loss(W, qw.dequantize(scheme), H)
     stats["rtn_loss"] = _relative_loss(W, rtn_quantize(W, scheme, torch.diag(H)).dequantize(scheme), H)
     return qw, stats
 

@@ -262,12 +262,18 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GP
     return QuantizedWeight(q=Q, scale=scale, zero_point=zp)
 
 
+def dampen_(H: torch.Tensor, dampening_frac: float) -> torch.Tensor:
+    """``H += dampening_frac * mean(diag H) * I``, in place (and returned): the Hessian GPTQ's objective uses."""
+    H.diagonal().add_(dampening_frac * torch.mean(torch.diag(H)))
+    return H
+
+
 def _upper_inverse_factor(H: torch.Tensor, dampening_frac: float) -> torch.Tensor:
     """Sec. 3, "Step 3": dampen ``H`` (in place), then the upper Cholesky factor of ``H^-1``.
 
     Its row i holds exactly the ``Hinv`` entries OBS needs once columns < i are gone.
     """
-    H.diagonal().add_(dampening_frac * torch.mean(torch.diag(H)))
+    dampen_(H, dampening_frac)
     L, info = torch.linalg.cholesky_ex(H)
     Hinv, info_inv = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
     if info.item() != 0 or info_inv.item() != 0 or not bool(torch.isfinite(Hinv).all()):

@@ -34,11 +34,12 @@ trade keeps it at a few seconds per layer on a CPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from ecoquant.errors import EcoquantError
+from ecoquant.quantize.gptq import dampen_
 from ecoquant.quantize.primitives import QuantizedWeight, dequantize
 from ecoquant.quantize.scheme import QuantScheme
 
@@ -56,19 +57,12 @@ class RefineStats:
     rows_rescaled: int
 
     def to_dict(self) -> dict[str, float | int]:
-        return {
-            "start_loss": self.start_loss,
-            "loss": self.loss,
-            "codes_changed": self.codes_changed,
-            "rows_rescaled": self.rows_rescaled,
-        }
+        return asdict(self)
 
 
 def dampened(H: torch.Tensor, dampening_frac: float) -> torch.Tensor:
     """``H + dampening_frac * mean(diag H) * I`` in float32: the objective GPTQ itself minimises."""
-    Hd = H.to(torch.float32).clone()
-    Hd.diagonal().add_(dampening_frac * torch.mean(torch.diag(Hd)))
-    return Hd
+    return dampen_(H.to(torch.float32).clone(), dampening_frac)
 
 
 def output_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
