@@ -14,9 +14,13 @@ Usage::
         --methods rtn-minmax,rtn-mse,llmc-rtn [--windows 32] [--texts austen,sqlite]
 
 Methods: rtn-minmax, rtn-mse, rtn-hessian (the activation-aware search; it
-calibrates), gptq (column order), gptq-actorder (static groups, the default),
+calibrates), gptq (column order), gptq-actorder (static groups, min-max: the default before issue 14),
 gptq-hessian, gptq-refine (hessian + ``--refine-steps``), gptq-minmax-refine, awq, awq-hessian,
-awq-gptq (ecoquant; calibrated on the shipped corpus), llmc-rtn (llmcompressor
+awq-gptq (hessian observer), awq-gptq-minmax, awq-gptq-refine, gptq-hessian-2pass, awq-gptq-2pass
+(``--scale-passes 2``), gptq-bf16 (``--calib-dtype bfloat16``),
+gptq-defaults (hessian, two passes, bf16: ``--method gptq``'s defaults
+on a CPU with native bf16), gptq-2pass-refine-bf16, awq-gptq-2pass-refine-bf16 (the same plus
+refinement) (ecoquant; calibrated on the shipped corpus), llmc-rtn (llmcompressor
 0.14 QuantizationModifier), llmc-gptq-basic, llmc-gptq-seq (per decoder
 layer), llmc-gptq-stack (the whole text model as one sequential target)
 (llmcompressor 0.14 GPTQModifier), autoround (PyPI auto-round, defaults).
@@ -73,24 +77,39 @@ def calib_json(base: Path, work: Path, samples: int, seq_len: int) -> Path:
 def commands(base: Path, work: Path, args: argparse.Namespace) -> dict[str, Callable[[Path], list[str]]]:
     """method -> (output folder -> command that makes it)."""
     ours = ["ecoquant", "quantize", str(base), "--no-progress", "--overwrite", "--preset", "text-decoder"]
-    calib = ["--calib", "corpus", "--calib-samples", str(args.samples), "--calib-length", str(args.seq_len)]
+    # Every flag a row depends on is spelled out, so that a change of CLI defaults never changes a row:
+    # min-max and one scale pass unless the row says otherwise, float32 forwards unless it says bf16.
+    data = ["--calib", "corpus", "--calib-samples", str(args.samples), "--calib-length", str(args.seq_len)]
+    calib = [*data, "--calib-dtype", "float32"]
+    calib_bf16 = [*data, "--calib-dtype", "bfloat16"]
+    mm, hess, one, two = ["--observer", "minmax"], ["--observer", "hessian"], ["--scale-passes", "1"], ["--scale-passes", "2"]
+    refine = ["--refine-steps", str(args.refine_steps)]
     ext = str(REPO / "bench/external/llmcompressor_oneshot.py")
     cj = lambda: str(calib_json(base, work, args.samples, args.seq_len))  # noqa: E731
+    gptq = [*ours, "--method", "gptq"]
+    awq_gptq = [*ours, "--method", "awq-gptq"]
     return {
         "rtn-minmax": lambda out: [*ours, "--out", str(out)],
         "rtn-mse": lambda out: [*ours, "--out", str(out), "--observer", "mse"],
-        "gptq": lambda out: [*ours, "--out", str(out), "--method", "gptq", "--no-act-order", *calib],
-        "gptq-actorder": lambda out: [*ours, "--out", str(out), "--method", "gptq", "--act-order", *calib],
-        "awq": lambda out: [*ours, "--out", str(out), "--method", "awq", *calib],
+        "gptq": lambda out: [*gptq, "--out", str(out), "--no-act-order", *mm, *calib],
+        "gptq-actorder": lambda out: [*gptq, "--out", str(out), "--act-order", *mm, *one, *calib],
+        "awq": lambda out: [*ours, "--out", str(out), "--method", "awq", *mm, *calib],
         # Issue 14: the activation-aware scale search (hessian observer), refinement, AWQ then GPTQ.
-        "rtn-hessian": lambda out: [*ours, "--out", str(out), "--observer", "hessian", *calib],
-        "gptq-hessian": lambda out: [*ours, "--out", str(out), "--method", "gptq", "--observer", "hessian", *calib],
-        "gptq-refine": lambda out: [*ours, "--out", str(out), "--method", "gptq", "--observer", "hessian",
-                                    "--refine-steps", str(args.refine_steps), *calib],
-        "gptq-minmax-refine": lambda out: [*ours, "--out", str(out), "--method", "gptq", "--act-order",
-                                           "--refine-steps", str(args.refine_steps), *calib],
-        "awq-hessian": lambda out: [*ours, "--out", str(out), "--method", "awq", "--observer", "hessian", *calib],
-        "awq-gptq": lambda out: [*ours, "--out", str(out), "--method", "awq-gptq", "--observer", "hessian", *calib],
+        "rtn-hessian": lambda out: [*ours, "--out", str(out), *hess, *calib],
+        "gptq-hessian": lambda out: [*gptq, "--out", str(out), *hess, *one, *calib],
+        "gptq-refine": lambda out: [*gptq, "--out", str(out), *hess, *one, *refine, *calib],
+        "gptq-minmax-refine": lambda out: [*gptq, "--out", str(out), "--act-order", *mm, *one, *refine, *calib],
+        "awq-hessian": lambda out: [*ours, "--out", str(out), "--method", "awq", *hess, *calib],
+        "awq-gptq": lambda out: [*awq_gptq, "--out", str(out), *hess, *one, *calib],
+        "awq-gptq-minmax": lambda out: [*awq_gptq, "--out", str(out), *mm, *one, *calib],
+        "awq-gptq-refine": lambda out: [*awq_gptq, "--out", str(out), *hess, *one, *refine, *calib],
+        # Two scale passes (what `--method gptq` / `awq-gptq` now do by default), bf16 forwards.
+        "gptq-hessian-2pass": lambda out: [*gptq, "--out", str(out), *hess, *two, *calib],
+        "awq-gptq-2pass": lambda out: [*awq_gptq, "--out", str(out), *hess, *two, *calib],
+        "gptq-bf16": lambda out: [*gptq, "--out", str(out), "--act-order", *mm, *one, *calib_bf16],
+        "gptq-defaults": lambda out: [*gptq, "--out", str(out), *hess, *two, *calib_bf16],  # `--method gptq` here
+        "gptq-2pass-refine-bf16": lambda out: [*gptq, "--out", str(out), *hess, *two, *refine, *calib_bf16],
+        "awq-gptq-2pass-refine-bf16": lambda out: [*awq_gptq, "--out", str(out), *hess, *two, *refine, *calib_bf16],
         "llmc-rtn": lambda out: uv_isolated(LLMC, ext, str(base), str(out), "--ignore", "lm_head"),
         "llmc-gptq-basic": lambda out: uv_isolated(
             LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--method", "gptq", "--pipeline", "basic",

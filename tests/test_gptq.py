@@ -43,8 +43,18 @@ def _out_err(x: torch.Tensor, w: torch.Tensor, qw: QuantizedWeight, scheme: Quan
     return float(torch.linalg.norm(x.double() @ (w.double() - wq.double()).t()))
 
 
-def _reference_gptq(w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig) -> QuantizedWeight:
+def _reference_gptq(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    scheme: QuantScheme,
+    cfg: GPTQConfig,
+    scales: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    rounded: torch.Tensor | None = None,
+) -> QuantizedWeight:
     """GPTQ as the paper's Eq. (2)-(3), one column at a time, in float64.
+
+    ``scales`` replaces the static scales (a later scale pass); ``rounded``,
+    when given, receives each column's value at the moment it was rounded.
 
     No Cholesky trick, no blocks: after each column the remaining columns get
     the OBS update ``-err / Hinv[c, c] * Hinv[:, c]`` and column ``c`` is
@@ -63,7 +73,7 @@ def _reference_gptq(w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: 
     scale = torch.empty(out_f, scheme.groups_for(in_f), dtype=w.dtype)
     zp = None if scheme.symmetric else torch.empty(scale.shape, dtype=torch.int8)
     if static:
-        s0, z0 = choose_qparams(w, scheme)
+        s0, z0 = scales if scales is not None else choose_qparams(w, scheme, torch.diag(H).float())
         scale[:], zp = s0, z0
     order = torch.argsort(torch.diag(H), descending=True, stable=True).tolist() if cfg.act_order else list(range(in_f))
     H += cfg.dampening_frac * torch.diag(H).mean() * torch.eye(in_f, dtype=torch.float64)
@@ -80,6 +90,8 @@ def _reference_gptq(w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: 
         q = quantize(W[:, c : c + 1].to(w.dtype), scale[:, g : g + 1], z_g, col_scheme)
         dq = dequantize(q, scale[:, g : g + 1], z_g, col_scheme).double()[:, 0]
         Q[:, c] = q[:, 0]
+        if rounded is not None:
+            rounded[:, c] = W[:, c]
         err = W[:, c] - dq
         W -= torch.outer(err / Hinv[c, c], Hinv[:, c])
         Hinv -= torch.outer(Hinv[:, c], Hinv[c, :]) / Hinv[c, c]
@@ -259,7 +271,60 @@ def test_tiny_linear_shapes_run_in_milliseconds() -> None:
     assert got.q.shape == (6, 8)
 
 
+def _objective(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor, scheme: QuantScheme, damp: float) -> float:
+    """GPTQ's own layer objective ``tr(D H_damp D^T)``, in float64."""
+    Hd = H.double() + damp * torch.diag(H).double().mean() * torch.eye(H.shape[0], dtype=torch.float64)
+    D = w.double() - qw.dequantize(scheme).double()
+    return float(((D @ Hd) * D).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_passes_with_identity_hessian_still_give_rtn(dtype: torch.dtype) -> None:
+    w = _weight(16, 64, seed=2, dtype=dtype)
+    scheme = QuantScheme(group_size=16)
+    got = gptq_quantize(w, torch.eye(64), scheme, GPTQConfig(block_size=16, scale_passes=2))
+    rtn = rtn_quantize(w, scheme)
+    assert torch.equal(got.q, rtn.q) and torch.equal(got.scale, rtn.scale)
+
+
+def test_second_pass_takes_its_scales_from_what_pass_one_rounded() -> None:
+    # Seed 1 of this problem is one where pass 2 lowers the layer error (so it is the pass kept).
+    x = _inputs(512, 128, seed=1)
+    w = _weight(32, 128, seed=11)
+    H = _hessian(x)
+    scheme = QuantScheme(group_size=16)
+    cfg = GPTQConfig(block_size=32, act_order=True)
+    rounded = torch.empty(w.shape, dtype=torch.float64)
+    one = _reference_gptq(w, H, scheme, cfg, rounded=rounded)
+    s2 = choose_qparams(rounded.float(), scheme)
+    two = _reference_gptq(w, H, scheme, cfg, scales=s2)
+    assert _objective(w, two, H, scheme, 0.01) < _objective(w, one, H, scheme, 0.01)
+    got = gptq_quantize(w, H, scheme, replace(cfg, scale_passes=2))
+    torch.testing.assert_close(got.scale, s2[0], rtol=1e-5, atol=0.0)
+    same = (got.q == two.q).float().mean().item()
+    assert same >= 0.99, f"only {same:.3%} of the integers agree with the two-pass reference"
+    # The pass-1 values are not the original weights: the error feedback moved them past the min-max range.
+    assert float(rounded.abs().amax()) > float(w.abs().amax())
+
+
+@pytest.mark.parametrize("observer", ["minmax", "mse", "hessian"])
+def test_scale_passes_never_raise_gptq_s_objective(observer: str) -> None:
+    scheme = QuantScheme(group_size=16, observer=observer, mse_grid=20)  # type: ignore[arg-type]
+    lower = 0
+    for seed in range(4):
+        x = _inputs(512, 128, seed=seed)
+        w = _weight(32, 128, seed=seed + 10)
+        H = _hessian(x)
+        errs = [_objective(w, gptq_quantize(w, H, scheme, GPTQConfig(block_size=32, scale_passes=p)), H, scheme, 0.01)
+                for p in (1, 2, 3)]
+        assert errs[1] <= errs[0] * (1 + 1e-6) and errs[2] <= errs[1] * (1 + 1e-6), errs
+        lower += errs[2] < errs[0] * 0.999
+    assert lower >= 2  # and on most of these problems a later pass is really kept
+
+
 def test_bad_inputs_raise_one_line_errors() -> None:
+    with pytest.raises(EcoquantError, match="scale_passes"):
+        GPTQConfig(scale_passes=0)
     with pytest.raises(EcoquantError, match="block_size"):
         GPTQConfig(block_size=0)
     with pytest.raises(EcoquantError, match="dampening"):

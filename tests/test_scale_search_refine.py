@@ -230,3 +230,79 @@ def test_cli_awq_gptq_and_refine_steps_run_and_refuse_what_does_not_fit(tiny_gem
     bad = runner.invoke(app, ["quantize", str(tiny_gemma4), "--out", str(tmp_path / "x"), "--refine-steps", "2",
                               "--no-progress"])
     assert bad.exit_code == 2 and "--refine-steps refines GPTQ" in bad.output and "Traceback" not in bad.output
+    two = tmp_path / "g2"
+    result = runner.invoke(app, ["quantize", str(tiny_gemma4), "--out", str(two), "--method", "gptq", "--observer",
+                                 "hessian", "--scale-passes", "2", *CALIB])
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((two / "quant_recipe.json").read_text())
+    assert recipe["method_config"]["settings"]["scale_passes"] == 2
+    kept = [s["rescaled"] for u in recipe["method_config"]["stats"]["units"].values() for s in u.values()
+            if isinstance(s, dict) and "rescaled" in s]
+    assert kept and all(isinstance(k, bool) for k in kept)
+    for extra, says in ((["--scale-passes", "2"], "--scale-passes re-runs GPTQ"),
+                        (["--method", "gptq", "--no-act-order", "--scale-passes", "2"], "static groups")):
+        bad = runner.invoke(app, ["quantize", str(tiny_gemma4), "--out", str(tmp_path / "x"), *extra, "--no-progress"])
+        assert bad.exit_code == 2 and says in bad.output and "Traceback" not in bad.output, bad.output
+
+
+def test_cli_calib_dtype_runs_the_walk_in_bf16_and_refuses_unknown_names(tiny_gemma4, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from typer.testing import CliRunner
+
+    from ecoquant.cli import app
+
+    runner = CliRunner()
+    outs = {}
+    for dtype in ("bfloat16", "float32", "auto"):
+        out = tmp_path / dtype
+        result = runner.invoke(app, ["quantize", str(tiny_gemma4), "--out", str(out), "--method", "gptq",
+                                     "--calib-dtype", dtype, *CALIB])
+        assert result.exit_code == 0, result.output
+        outs[dtype] = out
+    stats = {d: json.loads((o / "quant_recipe.json").read_text())["method_config"]["stats"] for d, o in outs.items()}
+    assert stats["bfloat16"]["compute_dtype"] == "bfloat16" and stats["float32"]["compute_dtype"] == "float32"
+    # auto: bf16 where this CPU multiplies bf16 natively (the fixture is a bf16 checkpoint), else float32.
+    from ecoquant.calibrate.run import cpu_has_native_bf16
+
+    assert stats["auto"]["compute_dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    # The forwards' rounding reaches the Hessians, so the codes differ.
+    assert (outs["bfloat16"] / "model.safetensors").read_bytes() != (outs["float32"] / "model.safetensors").read_bytes()
+    bad = runner.invoke(app, ["quantize", str(tiny_gemma4), "--out", str(tmp_path / "x"), "--method", "gptq",
+                              "--calib-dtype", "fp8", *CALIB])
+    assert bad.exit_code == 2 and "unknown compute dtype 'fp8'" in bad.output and "Traceback" not in bad.output
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ecoquant.calibrate.run import cpu_has_native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert not cpu_has_native_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_native_bf16(info)
+    info.write_text("flags : amx_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(info)
+    assert not cpu_has_native_bf16(tmp_path / "missing")
+
+
+def test_gptq_methods_default_to_the_hessian_observer_and_two_scale_passes(tiny_gemma4, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from typer.testing import CliRunner
+
+    from ecoquant.api import default_observer, default_scale_passes
+    from ecoquant.cli import app
+
+    assert [default_observer(m) for m in ("rtn", "gptq", "awq", "awq-gptq")] == ["minmax", "hessian", "minmax", "hessian"]
+    assert default_scale_passes("gptq", act_order=True) == 2 and default_scale_passes("gptq", act_order=False) == 1
+    assert default_scale_passes("awq", act_order=True) == 1
+    runner = CliRunner()
+    seen = {}
+    for name, extra in (("default", []), ("explicit", ["--observer", "minmax", "--scale-passes", "1"])):
+        out = tmp_path / name
+        result = runner.invoke(app, ["quantize", str(tiny_gemma4), "--out", str(out), "--method", "gptq", *extra, *CALIB])
+        assert result.exit_code == 0, result.output
+        recipe = json.loads((out / "quant_recipe.json").read_text())
+        seen[name] = (recipe["scheme"]["observer"], recipe["method_config"]["settings"]["scale_passes"])
+    assert seen == {"default": ("hessian", 2), "explicit": ("minmax", 1)}

@@ -186,11 +186,16 @@ def gptq_module(
     """GPTQ (then refinement, when ``cfg.refine_steps``) for one weight, with the recipe's statistics."""
     qw = gptq_quantize(W, H, scheme, cfg)
     stats: dict[str, Any] = {"tokens": n}
+    # RTN by the same observer: the recipe's baseline, and (its scales are pass 1's static scales)
+    # what tells whether a later scale pass was kept.
+    rtn = rtn_quantize(W, scheme, torch.diag(H))
+    if cfg.scale_passes > 1 and cfg.act_order:
+        stats["rescaled"] = not torch.equal(qw.scale, rtn.scale.to(qw.scale.dtype))
     if cfg.refine_steps:
         qw, refined = refine(W, dampened(H, cfg.dampening_frac), qw, scheme, cfg.refine_steps)
         stats["refine"] = refined.to_dict()
     stats["loss"] = _relative_loss(W, qw.dequantize(scheme), H)
-    stats["rtn_loss"] = _relative_loss(W, rtn_quantize(W, scheme, torch.diag(H)).dequantize(scheme), H)
+    stats["rtn_loss"] = _relative_loss(W, rtn.dequantize(scheme), H)
     return qw, stats
 
 
