@@ -19,7 +19,8 @@ gptq-hessian, gptq-refine (hessian + ``--refine-steps``), gptq-minmax-refine, aw
 awq-gptq (hessian observer), awq-gptq-minmax, awq-gptq-refine, gptq-hessian-2pass, awq-gptq-2pass
 (``--scale-passes 2``), gptq-bf16 (``--calib-dtype bfloat16``),
 gptq-defaults (hessian, two passes, bf16: ``--method gptq``'s defaults
-on a CPU with native bf16), gptq-2pass-refine-bf16, awq-gptq-2pass-refine-bf16 (the same plus
+on a CPU with native bf16), gptq-defaults-damp0.05, gptq-defaults-damp0.1,
+gptq-defaults-no-actorder (its neighbours), gptq-2pass-refine-bf16, awq-gptq-2pass-refine-bf16 (the same plus
 refinement) (ecoquant; calibrated on the shipped corpus), llmc-rtn (llmcompressor
 0.14 QuantizationModifier), llmc-gptq-basic, llmc-gptq-seq (per decoder
 layer), llmc-gptq-stack (the whole text model as one sequential target)
@@ -108,6 +109,10 @@ def commands(base: Path, work: Path, args: argparse.Namespace) -> dict[str, Call
         "awq-gptq-2pass": lambda out: [*awq_gptq, "--out", str(out), *hess, *two, *calib],
         "gptq-bf16": lambda out: [*gptq, "--out", str(out), "--act-order", *mm, *one, *calib_bf16],
         "gptq-defaults": lambda out: [*gptq, "--out", str(out), *hess, *two, *calib_bf16],  # `--method gptq` here
+        # The defaults' neighbours, for choosing them by the out-of-domain figure.
+        "gptq-defaults-damp0.05": lambda out: [*gptq, "--out", str(out), *hess, *two, "--dampening", "0.05", *calib_bf16],
+        "gptq-defaults-damp0.1": lambda out: [*gptq, "--out", str(out), *hess, *two, "--dampening", "0.1", *calib_bf16],
+        "gptq-defaults-no-actorder": lambda out: [*gptq, "--out", str(out), *hess, *one, "--no-act-order", *calib_bf16],
         "gptq-2pass-refine-bf16": lambda out: [*gptq, "--out", str(out), *hess, *two, *refine, *calib_bf16],
         "awq-gptq-2pass-refine-bf16": lambda out: [*awq_gptq, "--out", str(out), *hess, *two, *refine, *calib_bf16],
         "llmc-rtn": lambda out: uv_isolated(LLMC, ext, str(base), str(out), "--ignore", "lm_head"),
