@@ -241,7 +241,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GP
         if Hd is not None:
             # The pass kept is the one with the lowest error under GPTQ's own (dampened) objective,
             # so a later pass can never make a Linear worse than pass 1 on it.
-            err = _pass_error(W0, Q, scale, zp, group_of, Hd, scheme)
+            err = _pass_error(W0, Q, scale, zp, group_of, Hd)
             if best is None or err < best[0]:
                 best = (err, Q, scale, zp)
     if best is not None:
@@ -259,7 +259,6 @@ def _pass_error(
     zp: torch.Tensor | None,
     group_of: torch.Tensor,
     H: torch.Tensor,
-    scheme: QuantScheme,
 ) -> float:
     """``tr(D H D^T)`` for ``D = W - dequant(Q)``, all in processing order (the layer-wise objective)."""
     S = scale[:, group_of].to(torch.float32)
