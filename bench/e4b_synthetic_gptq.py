@@ -33,6 +33,7 @@ import argparse
 import json
 import re
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -161,6 +162,9 @@ def main() -> None:
     p.add_argument("--stop-after-s", type=float, default=None, help="SIGKILL the run after this long (resume by rerunning)")
     p.add_argument("--llmcompressor", action="store_true", help="run llmcompressor's GPTQ on the same source instead")
     p.add_argument("--target-tokens", type=int, default=256 * 2048)
+    p.add_argument("--quantize-args", default="",
+                   help="more ecoquant quantize options, e.g. '--observer minmax --scale-passes 1 --calib-dtype float32' "
+                        "(the defaults before issue 14's last change); none: the CLI's defaults")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     src = source(args.work)
@@ -179,7 +183,8 @@ def main() -> None:
         return
     out = args.work / f"e4b-synthetic-{args.method}"
     cmd = ["ecoquant", "quantize", str(src), "--out", str(out), "--method", args.method, "--calib", "corpus",
-           "--calib-samples", str(args.samples), "--calib-length", str(args.seq_len), "--overwrite"]
+           "--calib-samples", str(args.samples), "--calib-length", str(args.seq_len), "--overwrite",
+           *shlex.split(args.quantize_args)]
     log = args.work / f"{out.name}.log"
     rc, wall, rss = run_child(cmd, args.stop_after_s, log)
     if rc != 0:

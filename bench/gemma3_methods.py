@@ -20,7 +20,8 @@ awq-gptq (hessian observer), awq-gptq-minmax, awq-gptq-refine, gptq-hessian-2pas
 (``--scale-passes 2``), gptq-bf16 (``--calib-dtype bfloat16``),
 gptq-defaults (hessian, two passes, bf16: ``--method gptq``'s defaults
 on a CPU with native bf16), gptq-defaults-damp0.05, gptq-defaults-damp0.1,
-gptq-defaults-no-actorder (its neighbours), gptq-2pass-refine-bf16, awq-gptq-2pass-refine-bf16 (the same plus
+gptq-defaults-damp0.2, gptq-defaults-no-actorder (its neighbours),
+awq-gptq-defaults, awq-gptq-defaults-damp0.1 (``--method awq-gptq``'s, at two dampenings), gptq-2pass-refine-bf16, awq-gptq-2pass-refine-bf16 (the same plus
 refinement) (ecoquant; calibrated on the shipped corpus), llmc-rtn (llmcompressor
 0.14 QuantizationModifier), llmc-gptq-basic, llmc-gptq-seq (per decoder
 layer), llmc-gptq-stack (the whole text model as one sequential target)
@@ -87,8 +88,11 @@ def commands(base: Path, work: Path, args: argparse.Namespace) -> dict[str, Call
     refine = ["--refine-steps", str(args.refine_steps)]
     ext = str(REPO / "bench/external/llmcompressor_oneshot.py")
     cj = lambda: str(calib_json(base, work, args.samples, args.seq_len))  # noqa: E731
-    gptq = [*ours, "--method", "gptq"]
-    awq_gptq = [*ours, "--method", "awq-gptq"]
+    # Dampening spelled out too (0.01 unless the row says otherwise): the CLI's default changed to 0.1.
+    gptq_any = [*ours, "--method", "gptq"]
+    awq_gptq_any = [*ours, "--method", "awq-gptq"]
+    gptq = [*gptq_any, "--dampening", "0.01"]
+    awq_gptq = [*awq_gptq_any, "--dampening", "0.01"]
     return {
         "rtn-minmax": lambda out: [*ours, "--out", str(out)],
         "rtn-mse": lambda out: [*ours, "--out", str(out), "--observer", "mse"],
@@ -110,8 +114,11 @@ def commands(base: Path, work: Path, args: argparse.Namespace) -> dict[str, Call
         "gptq-bf16": lambda out: [*gptq, "--out", str(out), "--act-order", *mm, *one, *calib_bf16],
         "gptq-defaults": lambda out: [*gptq, "--out", str(out), *hess, *two, *calib_bf16],  # `--method gptq` here
         # The defaults' neighbours, for choosing them by the out-of-domain figure.
-        "gptq-defaults-damp0.05": lambda out: [*gptq, "--out", str(out), *hess, *two, "--dampening", "0.05", *calib_bf16],
-        "gptq-defaults-damp0.1": lambda out: [*gptq, "--out", str(out), *hess, *two, "--dampening", "0.1", *calib_bf16],
+        "gptq-defaults-damp0.05": lambda out: [*gptq_any, "--out", str(out), "--dampening", "0.05", *hess, *two, *calib_bf16],
+        "gptq-defaults-damp0.1": lambda out: [*gptq_any, "--out", str(out), "--dampening", "0.1", *hess, *two, *calib_bf16],
+        "gptq-defaults-damp0.2": lambda out: [*gptq_any, "--out", str(out), "--dampening", "0.2", *hess, *two, *calib_bf16],
+        "awq-gptq-defaults": lambda out: [*awq_gptq, "--out", str(out), *hess, *two, *calib_bf16],
+        "awq-gptq-defaults-damp0.1": lambda out: [*awq_gptq_any, "--out", str(out), "--dampening", "0.1", *hess, *two, *calib_bf16],
         "gptq-defaults-no-actorder": lambda out: [*gptq, "--out", str(out), *hess, *one, "--no-act-order", *calib_bf16],
         "gptq-2pass-refine-bf16": lambda out: [*gptq, "--out", str(out), *hess, *two, *refine, *calib_bf16],
         "awq-gptq-2pass-refine-bf16": lambda out: [*awq_gptq, "--out", str(out), *hess, *two, *refine, *calib_bf16],

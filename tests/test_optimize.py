@@ -283,6 +283,37 @@ def test_dry_run_lists_candidates_cache_and_disk(finished: Path) -> None:
     assert not any("g64" in p.name for p in (finished / "checkpoints").iterdir())  # a dry run writes nothing
 
 
+def test_gptq_candidates_are_quantized_as_ecoquant_quantize_would(finished: Path) -> None:
+    (folder,) = [p for p in (finished / "checkpoints").iterdir() if p.name.startswith("gptq-auto-g32")]
+    recipe = json.loads((folder / "quant_recipe.json").read_text())
+    assert recipe["scheme"]["observer"] == "hessian"
+    assert recipe["method_config"]["settings"]["scale_passes"] == 2
+    assert recipe["method_config"]["settings"]["dampening_frac"] == 0.1
+
+
+def test_candidates_default_to_the_method_s_observer_and_scale_passes() -> None:
+    gptq, rtn, awq = Candidate("a", method="gptq"), Candidate("b"), Candidate("c", method="awq")
+    assert (gptq.scheme.observer, gptq.passes) == ("hessian", 2)
+    assert (rtn.scheme.observer, rtn.passes) == ("minmax", 1) and (awq.scheme.observer, awq.passes) == ("minmax", 1)
+    # The checkpoint's key holds the resolved choice, so a default that changes re-quantizes it.
+    assert gptq.quant_record()["scale_passes"] == 2 and gptq.quant_record()["scheme"]["observer"] == "hessian"
+    assert gptq.quant_record()["dampening"] == 0.1 == gptq.damp
+    assert "scale_passes" not in rtn.quant_record()
+    explicit = Candidate("d", method="gptq", observer="minmax", scale_passes=1)
+    assert (explicit.scheme.observer, explicit.passes) == ("minmax", 1) and explicit.quant_record() != gptq.quant_record()
+    grid = grid_from_mapping({"candidates": [{"method": "gptq"}, {"method": "gptq", "observer": "minmax", "scale_passes": 1},
+                                             {"method": "rtn", "observer": "hessian"}, {"method": "gptq", "dampening": 0.01}]})
+    assert [c.name for c in grid.candidates] == ["gptq-auto", "gptq-auto-minmax-1pass", "rtn-auto-hessian", "gptq-auto-damp0.01"]
+    with pytest.raises(EcoquantError, match="candidate x: dampening is GPTQ's"):
+        Candidate("x", method="rtn", dampening=0.1)
+    with pytest.raises(EcoquantError, match="candidate x: dampening must be a fraction"):
+        Candidate("x", method="gptq", dampening=1.5)
+    with pytest.raises(EcoquantError, match="candidate x: scale_passes re-runs GPTQ"):
+        Candidate("x", method="awq", scale_passes=2)
+    with pytest.raises(EcoquantError, match="candidate x: scale_passes must be 1 or more"):
+        Candidate("x", method="gptq", scale_passes=0)
+
+
 def test_candidate_validation() -> None:
     with pytest.raises(EcoquantError, match="plain folder name"):
         Candidate("a/b")

@@ -42,6 +42,22 @@ def test_weighted_search_with_unit_importance_is_the_plain_search() -> None:
     assert torch.equal(plain[0], ones[0])
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_search_in_row_slices_is_the_search_on_the_whole_weight(symmetric: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import ecoquant.quantize.primitives as primitives
+
+    W, H = _problem(40, 64, seed=3)
+    scheme = replace(HESSIAN, symmetric=symmetric)
+    whole = mse_qparams(W, scheme, torch.diag(H))
+    monkeypatch.setattr(primitives, "_SEARCH_CHUNK", 64 * 7)  # slices of 7 rows, the last one short
+    sliced = mse_qparams(W, scheme, torch.diag(H))
+    assert torch.equal(whole[0], sliced[0]) and whole[0].shape == (40, scheme.groups_for(64))
+    if symmetric:
+        assert whole[1] is None and sliced[1] is None
+    else:
+        assert whole[1] is not None and sliced[1] is not None and torch.equal(whole[1], sliced[1])
+
+
 def test_each_group_keeps_the_ratio_with_the_lowest_weighted_error() -> None:
     """Brute force: every clipping ratio tried, per group, with the weighted error summed by hand."""
     W, H = _problem(6, 64, seed=1)
@@ -291,18 +307,20 @@ def test_gptq_methods_default_to_the_hessian_observer_and_two_scale_passes(tiny_
 
     from typer.testing import CliRunner
 
-    from ecoquant.api import default_observer, default_scale_passes
+    from ecoquant.api import default_dampening, default_observer, default_scale_passes
     from ecoquant.cli import app
 
     assert [default_observer(m) for m in ("rtn", "gptq", "awq", "awq-gptq")] == ["minmax", "hessian", "minmax", "hessian"]
     assert default_scale_passes("gptq", act_order=True) == 2 and default_scale_passes("gptq", act_order=False) == 1
     assert default_scale_passes("awq", act_order=True) == 1
+    assert default_dampening("gptq") == default_dampening("awq-gptq") == 0.1
     runner = CliRunner()
     seen = {}
-    for name, extra in (("default", []), ("explicit", ["--observer", "minmax", "--scale-passes", "1"])):
+    for name, extra in (("default", []), ("explicit", ["--observer", "minmax", "--scale-passes", "1", "--dampening", "0.01"])):
         out = tmp_path / name
         result = runner.invoke(app, ["quantize", str(tiny_gemma4), "--out", str(out), "--method", "gptq", *extra, *CALIB])
         assert result.exit_code == 0, result.output
         recipe = json.loads((out / "quant_recipe.json").read_text())
-        seen[name] = (recipe["scheme"]["observer"], recipe["method_config"]["settings"]["scale_passes"])
-    assert seen == {"default": ("hessian", 2), "explicit": ("minmax", 1)}
+        settings = recipe["method_config"]["settings"]
+        seen[name] = (recipe["scheme"]["observer"], settings["scale_passes"], settings["dampening_frac"])
+    assert seen == {"default": ("hessian", 2, 0.1), "explicit": ("minmax", 1, 0.01)}

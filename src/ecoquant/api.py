@@ -33,6 +33,12 @@ from ecoquant.progress import progress_bar
 from ecoquant.quantize.primitives import QuantizedWeight
 from ecoquant.calibrate.data import CORPUS_SOURCE, DEFAULT_SOURCE, CalibrationConfig, calibration_warnings
 from ecoquant.quantize.awq import AWQConfig
+from ecoquant.quantize.defaults import (  # noqa: F401 - part of this API
+    GPTQ_METHODS,
+    default_dampening,
+    default_observer,
+    default_scale_passes,
+)
 from ecoquant.quantize.gptq import GPTQConfig
 from ecoquant.models.topology import require_awq_mappings, topology_for
 from ecoquant.quantize.rtn import rtn_quantize, rtn_quantize_counting_grid
@@ -70,30 +76,6 @@ def _load_calibration(path: Path, config: CalibrationConfig, console: Console | 
         if console is not None:
             console.print(f"[yellow]warning:[/] {exc}; calibrating on the shipped corpus instead", highlight=False)
         return load_calibration(path, replace(config, source=CORPUS_SOURCE))
-
-
-#: Methods that end in GPTQ: ``ecoquant quantize`` gives them the hessian observer and two scale
-#: passes unless told otherwise. Chosen by the out-of-domain figure (bench/RESULTS.md, issue 14:
-#: on Gemma-3 270M, KL to bf16 on SQLite's documentation 0.352 -> 0.261 for GPTQ, 0.258 -> 0.217
-#: for AWQ + GPTQ, against min-max scales, with in-domain KL within 2% of min-max's).
-GPTQ_METHODS = ("gptq", "awq-gptq")
-
-
-def default_observer(method: str) -> str:
-    """The observer ``ecoquant quantize`` uses when none is given: hessian for GPTQ methods, else minmax.
-
-    RTN keeps min-max because it is data-free by default (the hessian observer
-    calibrates); AWQ keeps it because its own scale and clip searches already
-    weigh by activations, and the hessian observer on top raised its KL
-    (0.206 -> 0.256 in domain, level out of domain).
-    """
-    return "hessian" if method in GPTQ_METHODS else "minmax"
-
-
-def default_scale_passes(method: str, act_order: bool) -> int:
-    """Two scale passes for GPTQ methods with act-order's static groups (the second pass took GPTQ with
-    the hessian observer from KL 0.150 to 0.125 in domain); one otherwise."""
-    return 2 if method in GPTQ_METHODS and act_order else 1
 
 
 @dataclass(frozen=True)

@@ -114,13 +114,19 @@ def _weight(unit: Unit, name: str) -> torch.Tensor:
     return module.weight.detach().to(unit.source_dtype.get(f"{name}.weight", module.weight.dtype))
 
 
-def _relative_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
-    """``tr(D H D^T) / tr(W H W^T)``, ``D = W - Wq``: output error relative to output energy on calibration inputs."""
+def _relative_losses(W: torch.Tensor, H: torch.Tensor, *Wqs: torch.Tensor) -> tuple[float, ...]:
+    """``tr(D H D^T) / tr(W H W^T)`` for each ``Wq`` (``D = W - Wq``): output error relative to output energy.
+
+    The energy is computed once for all of them (a matmul per wide Linear).
+    """
     W32 = W.float()
-    D = W32 - Wq.float()
-    num = ((D @ H) * D).sum()
-    den = ((W32 @ H) * W32).sum()
-    return float(num / den) if float(den) > 0 else 0.0
+    H = H.float()
+    den = float(((W32 @ H) * W32).sum())
+    out = []
+    for Wq in Wqs:
+        D = W32 - Wq.float()
+        out.append(float(((D @ H) * D).sum()) / den if den > 0 else 0.0)
+    return tuple(out)
 
 
 # --- RTN with the hessian observer -----------------------------------------------------
@@ -184,18 +190,18 @@ def gptq_module(
     W: torch.Tensor, H: torch.Tensor, n: int, scheme: QuantScheme, cfg: GPTQConfig
 ) -> tuple[QuantizedWeight, dict[str, Any]]:
     """GPTQ (then refinement, when ``cfg.refine_steps``) for one weight, with the recipe's statistics."""
-    qw = gptq_quantize(W, H, scheme, cfg)
-    stats: dict[str, Any] = {"tokens": n}
-    # RTN by the same observer: the recipe's baseline, and (its scales are pass 1's static scales)
-    # what tells whether a later scale pass was kept.
+    # RTN by the same observer: the recipe's baseline; its scales are also act-order's static
+    # scales (chosen once: the hessian observer's search is the costly part), and what tells
+    # whether a later scale pass was kept.
     rtn = rtn_quantize(W, scheme, torch.diag(H))
+    qw = gptq_quantize(W, H, scheme, cfg, static_qparams=(rtn.scale, rtn.zero_point))
+    stats: dict[str, Any] = {"tokens": n}
     if cfg.scale_passes > 1 and cfg.act_order:
         stats["rescaled"] = not torch.equal(qw.scale, rtn.scale.to(qw.scale.dtype))
     if cfg.refine_steps:
         qw, refined = refine(W, dampened(H, cfg.dampening_frac), qw, scheme, cfg.refine_steps)
         stats["refine"] = refined.to_dict()
-    stats["loss"] = _relative_loss(W, qw.dequantize(scheme), H)
-    stats["rtn_loss"] = _relative_loss(W, rtn.dequantize(scheme), H)
+    stats["loss"], stats["rtn_loss"] = _relative_losses(W, H, qw.dequantize(scheme), rtn.dequantize(scheme))
     return qw, stats
 
 

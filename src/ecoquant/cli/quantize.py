@@ -49,7 +49,7 @@ def quantize_cmd(
     calib_length: Annotated[int, typer.Option(help="gptq/awq: tokens per calibration sample at most.")] = 2048,
     calib_multimodal: Annotated[bool, typer.Option(help="gptq/awq: make half the samples image+question pairs through the processor.")] = False,
     act_order: Annotated[bool, typer.Option(help="gptq: process columns by Hessian diagonal (static groups: no g_idx, Marlin-friendly); --no-act-order for column order.")] = True,
-    dampening: Annotated[float, typer.Option(help="gptq: dampening as a fraction of the mean Hessian diagonal.")] = 0.01,
+    dampening: Annotated[float | None, typer.Option(help="gptq/awq-gptq: dampening as a fraction of the mean Hessian diagonal. Default: 0.1 (closer to bf16 outside the calibration text's domain than the reference's 0.01).")] = None,
     refine_steps: Annotated[int, typer.Option(help="gptq/awq-gptq: rounds of code and scale refinement against each Linear's output error after GPTQ (0: off; e.g. 4).")] = 0,
     scale_passes: Annotated[int | None, typer.Option(help="gptq/awq-gptq with act-order: 2 re-chooses each group's scale from the weights GPTQ's first pass rounded and keeps the pass with the lower layer error (1: scales from the original weights). Default: 2 for gptq and awq-gptq with act-order, else 1.")] = None,
     device: Annotated[str, typer.Option(help="gptq/awq: where layers run during calibration (cpu, cuda).")] = "cpu",
@@ -58,7 +58,7 @@ def quantize_cmd(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Quantize a model's language stack to int4 (W4A16) as a compressed-tensors pack-quantized checkpoint."""
-    from ecoquant.api import QuantizeConfig, default_observer, default_scale_passes, quantize
+    from ecoquant.api import QuantizeConfig, default_dampening, default_observer, default_scale_passes, quantize
     from ecoquant.calibrate.data import CalibrationConfig
     from ecoquant.export.footprint import human_bytes
     from ecoquant.quantize.gptq import GPTQConfig
@@ -73,7 +73,7 @@ def quantize_cmd(
         calibration=CalibrationConfig(
             source=calib, num_samples=calib_samples, max_length=calib_length, seed=seed, multimodal=calib_multimodal
         ),
-        gptq=GPTQConfig(dampening_frac=dampening, act_order=act_order, refine_steps=refine_steps,
+        gptq=GPTQConfig(dampening_frac=default_dampening(method) if dampening is None else dampening, act_order=act_order, refine_steps=refine_steps,
                         scale_passes=default_scale_passes(method, act_order) if scale_passes is None else scale_passes),
         device=device,
         compute_dtype=calib_dtype,  # type: ignore[arg-type]

@@ -1,7 +1,10 @@
 """The candidates ``ecoquant optimize`` compares: how each is quantized, how it answers, how it is served.
 
 A :class:`Candidate` is everything that decides what the organizers would
-run: the quantization (method, module preset, group size, observer), the
+run: the quantization (method, module preset, group size, observer, GPTQ's
+scale passes and dampening; the last three default to what ``ecoquant
+quantize`` gives the method, so ``method: gptq`` is the checkpoint
+``--method gptq`` writes), the
 response policy it ships (``default``: the model's own chat template;
 ``short``: the response-economy template of
 :mod:`ecoquant.serve.chat_template`), and vLLM serving options (any engine
@@ -31,6 +34,7 @@ from typing import Any, Literal
 
 from ecoquant.calibrate.data import CalibrationConfig
 from ecoquant.errors import EcoquantError
+from ecoquant.quantize.defaults import GPTQ_METHODS, default_dampening, default_observer, default_scale_passes
 from ecoquant.quantize.scheme import QuantScheme
 
 Method = Literal["rtn", "gptq", "awq", "awq-gptq"]
@@ -62,7 +66,13 @@ class Candidate:
         name: unique in the grid; the report's row label and the checkpoint folder's name.
         method: ``rtn``, ``gptq``, ``awq`` or ``awq-gptq`` (see ``ecoquant quantize --help``).
         preset: a module preset (``auto``, ``gemma4-e-mlpo``...; see ``ecoquant presets``).
-        group_size, observer: the int4 scheme (W4A16, symmetric).
+        group_size, observer: the int4 scheme (W4A16, symmetric); observer None is the method's
+            default (:func:`~ecoquant.quantize.defaults.default_observer`: hessian for gptq and
+            awq-gptq, min-max for rtn and awq).
+        scale_passes: GPTQ's scale passes (gptq and awq-gptq only); None is the method's default
+            (:func:`~ecoquant.quantize.defaults.default_scale_passes`: 2, act-order being on).
+        dampening: GPTQ's dampening fraction (gptq and awq-gptq only); None is the method's default
+            (:func:`~ecoquant.quantize.defaults.default_dampening`).
         response: ``default`` or ``short`` (see :data:`RESPONSES`).
         max_soft_tokens: the image-token budget it is served with (:mod:`ecoquant.eval.image_budget`);
             both backends honour it; None for the checkpoint's default.
@@ -73,7 +83,9 @@ class Candidate:
     method: Method = "rtn"
     preset: str = "auto"
     group_size: int | None = 128
-    observer: str = "minmax"
+    observer: str | None = None
+    scale_passes: int | None = None
+    dampening: float | None = None
     response: Response = "default"
     max_soft_tokens: int | None = None
     serving: Mapping[str, Any] = field(default_factory=dict)
@@ -87,19 +99,44 @@ class Candidate:
         if self.response not in RESPONSES:
             raise EcoquantError(f"candidate {self.name}: unknown response {self.response!r}; use {' or '.join(RESPONSES)}")
         self.scheme  # a bad group size or observer fails here, before any work
-        if self.observer == "grid" and self.method != "rtn":
+        if self.scheme.observer == "grid" and self.method != "rtn":
             raise EcoquantError(f"candidate {self.name}: the grid observer works with method rtn only (see ecoquant quantize)")
+        if self.scale_passes is not None:
+            if not isinstance(self.scale_passes, int) or isinstance(self.scale_passes, bool) or self.scale_passes < 1:
+                raise EcoquantError(f"candidate {self.name}: scale_passes must be 1 or more, not {self.scale_passes!r}")
+            if self.scale_passes > 1 and self.method not in GPTQ_METHODS:
+                raise EcoquantError(f"candidate {self.name}: scale_passes re-runs GPTQ; use it with method gptq or awq-gptq")
+        if self.dampening is not None:
+            if self.method not in GPTQ_METHODS:
+                raise EcoquantError(f"candidate {self.name}: dampening is GPTQ's; use it with method gptq or awq-gptq")
+            if not isinstance(self.dampening, (int, float)) or isinstance(self.dampening, bool) or not 0 < self.dampening < 1:
+                raise EcoquantError(f"candidate {self.name}: dampening must be a fraction between 0 and 1, not {self.dampening!r}")
 
     @property
     def scheme(self) -> QuantScheme:
+        observer = default_observer(self.method) if self.observer is None else self.observer
         try:
-            return QuantScheme(group_size=self.group_size, observer=self.observer)  # type: ignore[arg-type]
+            return QuantScheme(group_size=self.group_size, observer=observer)  # type: ignore[arg-type]
         except (ValueError, EcoquantError) as exc:
             raise EcoquantError(f"candidate {self.name}: {exc}") from None
 
+    @property
+    def passes(self) -> int:
+        """GPTQ's scale passes, the method's default when not given (act-order is always on here)."""
+        return default_scale_passes(self.method, act_order=True) if self.scale_passes is None else self.scale_passes
+
+    @property
+    def damp(self) -> float:
+        """GPTQ's dampening fraction, the method's default when not given."""
+        return default_dampening(self.method) if self.dampening is None else float(self.dampening)
+
     def quant_record(self) -> dict[str, Any]:
         """What decides the checkpoint (not the response or serving, which reuse it)."""
-        return {"method": self.method, "preset": self.preset, "scheme": self.scheme.to_dict()}
+        record: dict[str, Any] = {"method": self.method, "preset": self.preset, "scheme": self.scheme.to_dict()}
+        if self.method in GPTQ_METHODS:
+            record["scale_passes"] = self.passes
+            record["dampening"] = self.damp
+        return record
 
     def to_record(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"serving": dict(self.serving)}
@@ -137,18 +174,24 @@ def auto_name(
     method: str,
     preset: str,
     group_size: int | None,
-    observer: str,
+    observer: str | None,
     response: str,
     serving: Mapping[str, Any],
     max_soft_tokens: int | None = None,
+    scale_passes: int | None = None,
+    dampening: float | None = None,
 ) -> str:
-    """``gptq-auto``, ``rtn-gemma4-e-mlpo-g64-mse+short``, ``awq-auto+img140``, ``awq-auto+s1a2b3c``: readable,
-    unique per choice."""
+    """``gptq-auto``, ``rtn-gemma4-e-mlpo-g64-mse+short``, ``gptq-auto-minmax-1pass``, ``awq-auto+img140``,
+    ``awq-auto+s1a2b3c``: readable, unique per choice (a method's default observer and passes add nothing)."""
     name = f"{method}-{preset}"
     if group_size != 128:
         name += f"-g{group_size}" if group_size else "-channel"
-    if observer != "minmax":
+    if observer is not None and observer != default_observer(method):
         name += f"-{observer}"
+    if scale_passes is not None and scale_passes != default_scale_passes(method, act_order=True):
+        name += f"-{scale_passes}pass"
+    if dampening is not None and dampening != default_dampening(method):
+        name += f"-damp{dampening:g}"
     if response != "default":
         name += f"+{response}"
     if max_soft_tokens is not None:
@@ -165,7 +208,7 @@ def default_grid(model_type: str | None, calibration: CalibrationConfig | None =
     """RTN, GPTQ, AWQ x (``auto``, the seed's MLP + o set where the family has one) x (default, short) responses."""
     presets = ["auto"] + ([MLPO_PRESETS[model_type]] if model_type in MLPO_PRESETS else [])
     candidates = [
-        Candidate(auto_name(m, p, 128, "minmax", r, {}), method=m, preset=p, response=r)  # type: ignore[arg-type]
+        Candidate(auto_name(m, p, 128, None, r, {}), method=m, preset=p, response=r)  # type: ignore[arg-type]
         for m, p, r in itertools.product(("rtn", "gptq", "awq"), presets, RESPONSES)
     ]
     return Grid(tuple(candidates), calibration or CalibrationConfig())
@@ -195,6 +238,8 @@ def _candidate(spec: Mapping[str, Any], where: str) -> Candidate:
         values.get("response", defaults.response),
         serving,
         values.get("max_soft_tokens"),
+        values.get("scale_passes"),
+        values.get("dampening"),
     )
     try:
         return Candidate(str(name), **values)

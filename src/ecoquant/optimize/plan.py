@@ -118,7 +118,7 @@ class Plan:
                     "name": job.label,
                     "method": "bf16 base" if c is None else c.method,
                     "preset": "" if c is None else c.preset,
-                    "scheme": "" if c is None else f"g{c.group_size} {c.observer}",
+                    "scheme": "" if c is None else f"g{c.group_size} {c.scheme.observer}",
                     "response": "default" if c is None else c.response,
                     "image budget": "" if c is None or c.max_soft_tokens is None else str(c.max_soft_tokens),
                     "serving": "" if c is None or not c.serving else json.dumps(dict(c.serving)),

@@ -96,10 +96,11 @@ class Stages:
 
 def _quantize_job(job: Job, plan: Plan, store: Store, config: OptimizeConfig, stages: Stages, show: bool) -> None:
     from ecoquant.api import QuantizeConfig, quantize
+    from ecoquant.quantize.gptq import GPTQConfig
 
     c = job.candidate
     assert c is not None and job.quant_dir is not None and job.quant_key is not None
-    with stages.stage(c.name, f"quantize ({c.method}, preset {c.preset}, g{c.group_size} {c.observer})"):
+    with stages.stage(c.name, f"quantize ({c.method}, preset {c.preset}, g{c.group_size} {c.scheme.observer})"):
         quantize(
             plan.model,
             job.quant_dir,
@@ -109,6 +110,7 @@ def _quantize_job(job: Job, plan: Plan, store: Store, config: OptimizeConfig, st
                 preset=c.preset,
                 overwrite=True,
                 calibration=plan.grid.calibration,
+                gptq=GPTQConfig(scale_passes=c.passes, dampening_frac=c.damp),
                 device=config.quant_device,
             ),
             show_progress=show,

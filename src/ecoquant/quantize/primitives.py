@@ -160,14 +160,37 @@ def mse_qparams(
     270M (bench/RESULTS.md). The full quadratic form within a group would add
     the cross terms at ``group_size`` times the cost; the diagonal keeps the
     search as cheap as the unweighted one.
+
+    Rows are searched in slices of about ``_SEARCH_CHUNK`` weights, which is
+    the same result (rows are independent) and several times faster: each
+    candidate then makes its passes over a slice that stays in cache
+    (measured on 2 cores: 6.9 s -> 1.3 s for E4B's ``[2560, 10240]``,
+    0.15 s -> 0.085 s for Gemma-3's ``[640, 2048]``).
     """
+    if importance is not None and importance.shape != (w.shape[1],):
+        raise EcoquantError(f"importance has shape {tuple(importance.shape)}, expected ({w.shape[1]},)")
+    rows = max(1, _SEARCH_CHUNK // max(1, w.shape[1]))
+    if w.shape[0] <= rows:
+        return _mse_search(w, scheme, importance)
+    parts = [_mse_search(w[i : i + rows], scheme, importance) for i in range(0, w.shape[0], rows)]
+    scale = torch.cat([s for s, _ in parts])
+    zps = [z for _, z in parts]
+    return scale, None if zps[0] is None else torch.cat([z for z in zps if z is not None])
+
+
+#: Weights per slice of :func:`mse_qparams`'s search (4 MB in float32: a slice and its temporaries stay in cache).
+_SEARCH_CHUNK = 1 << 20
+
+
+def _mse_search(
+    w: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`mse_qparams` on a slice of rows."""
     g = _grouped(w, scheme)
     gmin, gmax = g.amin(dim=-1), g.amax(dim=-1)
     g32 = g.float()
     weight = None
     if importance is not None:
-        if importance.shape != (w.shape[1],):
-            raise EcoquantError(f"importance has shape {tuple(importance.shape)}, expected ({w.shape[1]},)")
         weight = importance.to(device=w.device, dtype=torch.float32).reshape(1, *g.shape[1:])
     best_err = torch.full(gmin.shape, float("inf"), device=w.device)
     best_scale, best_zp = qparams_from_range(gmin, gmax, scheme)
