@@ -284,8 +284,9 @@ def test_dry_run_lists_candidates_cache_and_disk(finished: Path) -> None:
 
 
 def test_gptq_candidates_are_quantized_as_ecoquant_quantize_would(finished: Path) -> None:
-    (folder,) = [p for p in (finished / "checkpoints").iterdir() if p.name.startswith("gptq-auto-g32")]
-    recipe = json.loads((folder / "quant_recipe.json").read_text())
+    record = RunRecord.load(finished / "results.json")
+    recipe = next(r.recipe for r in record.runs if r.label == "gptq-auto-g32")
+    assert recipe is not None
     assert recipe["scheme"]["observer"] == "hessian"
     assert recipe["method_config"]["settings"]["scale_passes"] == 2
     assert recipe["method_config"]["settings"]["dampening_frac"] == 0.1
