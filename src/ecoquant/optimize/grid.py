@@ -182,7 +182,7 @@ def auto_name(
     dampening: float | None = None,
 ) -> str:
     """``gptq-auto``, ``rtn-gemma4-e-mlpo-g64-mse+short``, ``gptq-auto-minmax-1pass``, ``awq-auto+img140``,
-    ``awq-auto+s1a2b3c``: readable, unique per choice (a method's default observer and passes add nothing)."""
+    ``awq-auto+s1a2b3c``: readable, unique per choice (a method's default observer, passes and dampening add nothing)."""
     name = f"{method}-{preset}"
     if group_size != 128:
         name += f"-g{group_size}" if group_size else "-channel"
