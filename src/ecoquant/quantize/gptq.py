@@ -242,13 +242,14 @@ def gptq_quantize(
     Hinv = _upper_inverse_factor(H, cfg.dampening_frac)
     del H  # only Hinv is needed from here on; for a wide layer it is hundreds of MB
 
+    natural = torch.argsort(perm)  # processing order -> natural column order
     W0 = W.clone() if passes > 1 else W
     best: tuple[float, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
     R: torch.Tensor | None = None
     for p in range(passes):
         if p > 0 and R is not None:
             # Scales from what the previous pass rounded (natural column order), by the same observer.
-            rounded = R[:, torch.argsort(perm)] if cfg.act_order else R
+            rounded = R[:, natural] if cfg.act_order else R
             s_p, z_p = choose_qparams(rounded.to(dtype), scheme, importance)
             scale = s_p.to(dtype)
             zp = None if z_p is None else z_p.to(torch.int8)
@@ -262,7 +263,7 @@ def gptq_quantize(
         _, Q, scale, zp = best
 
     if cfg.act_order:
-        Q = Q[:, torch.argsort(perm)]
+        Q = Q[:, natural]
     return QuantizedWeight(q=Q, scale=scale, zero_point=zp)
 
 
