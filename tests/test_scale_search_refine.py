@@ -324,3 +324,6 @@ def test_gptq_methods_default_to_the_hessian_observer_and_two_scale_passes(tiny_
         settings = recipe["method_config"]["settings"]
         seen[name] = (recipe["scheme"]["observer"], settings["scale_passes"], settings["dampening_frac"])
     assert seen == {"default": ("hessian", 2, 0.1), "explicit": ("minmax", 1, 0.01)}
+    bad = runner.invoke(app, ["quantize", str(tiny_gemma4), "--out", str(tmp_path / "rtn"), "--dampening", "0.1"])
+    assert bad.exit_code == 2 and "--dampening is GPTQ's" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "rtn").exists()

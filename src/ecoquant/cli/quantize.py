@@ -61,8 +61,13 @@ def quantize_cmd(
     from ecoquant.api import QuantizeConfig, default_dampening, default_observer, default_scale_passes, quantize
     from ecoquant.calibrate.data import CalibrationConfig
     from ecoquant.export.footprint import human_bytes
+    from ecoquant.errors import EcoquantError
+    from ecoquant.quantize.defaults import GPTQ_METHODS
     from ecoquant.quantize.gptq import GPTQConfig
 
+    if dampening is not None and method not in GPTQ_METHODS:
+        # The config cannot tell (GPTQConfig always holds a dampening); only here is "given" known.
+        raise EcoquantError(f"--dampening is GPTQ's; use it with --method gptq or awq-gptq, not {method}")
     config = QuantizeConfig(
         method=method,  # type: ignore[arg-type]
         scheme=scheme_from_options(group_size, observer or default_observer(method), asymmetric),
