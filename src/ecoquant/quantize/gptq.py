@@ -127,9 +127,10 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple
     batches of different lengths weighted correctly.
 
     Always float32, also when the forwards run in bfloat16: a bf16 matmul
-    (3.7x float32's on 2 cores with bf16 instructions) rounds each batch's sum
-    to 2^-9 of its entries, and on Gemma-3 270M that made an ``o_proj``
-    Hessian indefinite (smallest eigenvalue -1.19 against dampening 0.43).
+    (3.6x float32's on 2 cores with bf16 instructions) rounds each batch's sum
+    to 2^-9 of its entries, and on Gemma-3 270M that made the first layer's
+    ``o_proj`` Hessian indefinite (smallest eigenvalue -0.83 against
+    dampening 0.43; ``bench/solve_kernels.py``).
 
     ``H`` is updated in place (it is ``in x in`` floats, hundreds of MB for a
     wide layer) and returned with the new count; pass ``None, 0`` to start.

@@ -164,8 +164,8 @@ def mse_qparams(
     Rows are searched in slices of about ``_SEARCH_CHUNK`` weights, which is
     the same result (rows are independent) and several times faster: each
     candidate then makes its passes over a slice that stays in cache
-    (measured on 2 cores: 6.9 s -> 1.3 s for E4B's ``[2560, 10240]``,
-    0.15 s -> 0.085 s for Gemma-3's ``[640, 2048]``).
+    (``bench/solve_kernels.py`` on 2 cores: 5.1 s -> 1.0 s for E4B's
+    ``[2560, 10240]``, 0.13 s -> 0.05 s for Gemma-3's ``[640, 2048]``).
     """
     if importance is not None and importance.shape != (w.shape[1],):
         raise EcoquantError(f"importance has shape {tuple(importance.shape)}, expected ({w.shape[1]},)")
