@@ -162,6 +162,7 @@ def test_energy_from_a_replayed_meter_reaches_the_record_and_table(tiny_gemma4: 
         generation=GenerationSettings(max_new_tokens=2),
         warmup_requests=1,
         idle_seconds=0.001,
+        repeats=1,  # one suite window (repeats: tests/test_decision.py)
     )
     record = run_eval(str(tiny_gemma4), (), config, meter=meter, show_progress=False)
     assert record.energy.measured and record.energy.idle_power_w == pytest.approx(50.0)

@@ -94,9 +94,10 @@ def _resampled_half_scores(
         c = np.array([candidate[task][i] for i in ids], dtype=np.float64)
         draw = rng.integers(0, len(ids), size=(spec.resamples, len(ids)))
         per_half.setdefault(halves[task], []).append((b[draw].mean(axis=1), c[draw].mean(axis=1)))
+    order = list(dict.fromkeys(halves.values()))  # halves in the caller's order (the suite's: doc, then image)
     return {
-        half: (np.mean([b for b, _ in tasks], axis=0), np.mean([c for _, c in tasks], axis=0))
-        for half, tasks in per_half.items()
+        half: (np.mean([b for b, _ in per_half[half]], axis=0), np.mean([c for _, c in per_half[half]], axis=0))
+        for half in order
     }
 
 

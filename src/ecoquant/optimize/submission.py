@@ -99,7 +99,11 @@ def choice_section(choice: Choice, plan: Plan, record: RunRecord, config: Optimi
         if s.name == choice.pick:
             decision = "**pick**" + (" (tied on energy; higher recovery)" if s.tied else "")
         elif s.passed:
-            decision = "passes, tied on energy, lower recovery" if s.tied else "passes, costs more"
+            decision = (
+                "passes, tied on energy, lower recovery"
+                if s.tied
+                else ("passes, lower mean recovery" if choice.metric == "none" else "passes, costs more")
+            )
         else:
             decision = s.why
         budget = "default" if c is None or c.max_soft_tokens is None else str(c.max_soft_tokens)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ecoquant.eval.runner import RunRecord
 from ecoquant.report.plot import write_parts_plot, write_plot
-from ecoquant.report.table import GATE_RECOVERY, gate_rule, markdown_report, modelled_gpu, report_rows
+from ecoquant.report.table import GATE_RECOVERY, markdown_report, modelled_gpu, report_rows
 
 RESULTS_FILE = "results.json"
 TABLE_FILE = "report.md"
@@ -71,7 +71,7 @@ def render_report(
         threshold=threshold,
         pick=pick,
         modelled_for=gpu,
-        gate_label=gate_rule(threshold, confidence).removeprefix("gate = "),
+        gate_label=None if confidence is None else f"{threshold:.0%} gate on the lower bound of the {confidence:.0%} interval",
     )
     stale = out / PARTS_FILE
     parts = write_parts_plot(modelled_parts(record, [r.model for r in rows]), stale, gpu or "the target GPU")
