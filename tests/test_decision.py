@@ -8,6 +8,7 @@ purpose, so recovery and energy are both known in advance.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ from ecoquant.eval.runner import (
 from ecoquant.optimize.select import choose, row_cost
 from ecoquant.report import render_report
 from ecoquant.report.plot import parts_figure, pareto_figure
-from ecoquant.report.table import ReportRow, markdown_report, report_rows
+from ecoquant.report.table import ReportRow, markdown_report, model_check_lines, report_rows
 
 # ------------------------------------------------------------------ bootstrap
 
@@ -292,6 +293,12 @@ def test_measured_over_modelled_is_reported_where_both_exist() -> None:
     rows = [row("base", "base", 110.0, 1.0, 5.0, 100.0), row("q", "variant", 60.0, 0.9, 3.0, 50.0)]
     choice = choose(rows, 0.8, energy_measured=True, modelled_for="L4")
     assert choice.metric == "energy_j" and choice.standing("q").measured_over_modelled == pytest.approx(1.2)
+    assert choice.pick == "q" and choice.cost_label == "J, measured"  # measured energy ranks even where modelled exists
+    record, _ = scripted_record({"base": [110.0] * 3, "q": [60.0] * 3}, {})
+    both = [dataclasses.replace(r, modelled_energy_j=m) for r, m in zip(report_rows(record), (100.0, 50.0), strict=True)]
+    assert model_check_lines(record, both) == ["measured / modelled energy (model for the target GPU): base 1.10, q 1.20."]
+    unmeasured, _ = scripted_record({"base": None, "q": None}, {})
+    assert model_check_lines(unmeasured, both) == []  # nothing measured: nothing to check the model against
 
 
 # ------------------------------------------------------------------ pictures
@@ -335,7 +342,6 @@ def test_render_report_writes_the_frontier_and_parts_only_when_modelled(tmp_path
         assert img.format == "PNG" and img.size[0] > 400
     assert files.parts is None and not (tmp_path / "energy_parts.png").exists()  # no modelled energy in this record
     assert files.table.read_text().rstrip().endswith("pick: q: because")
-    import dataclasses
 
     @dataclasses.dataclass(frozen=True)
     class WithModel:  # a run as the energy model leaves it: `modelled_energy` beside the rest

@@ -277,6 +277,15 @@ def energy_lines(record: RunRecord, rows: Sequence[ReportRow]) -> list[str]:
     return lines
 
 
+def model_check_lines(record: RunRecord, rows: Sequence[ReportRow]) -> list[str]:
+    """Measured / modelled energy per row where both exist: the energy model checked wherever a GPU measured."""
+    both = [r for r in rows if r.energy_j is not None and r.modelled_energy_j]
+    if not record.energy.measured or not both:
+        return []
+    ratios = ", ".join(f"{r.model} {r.energy_j / r.modelled_energy_j:.2f}" for r in both)  # type: ignore[operator]
+    return [f"measured / modelled energy (model for {modelled_gpu(record) or 'the target GPU'}): {ratios}."]
+
+
 def _bounds(interval: tuple[float, float] | None) -> str:
     return "n/a" if interval is None else f"[{interval[0]:.1%}, {interval[1]:.1%}]"
 
@@ -335,6 +344,7 @@ def markdown_report(record: RunRecord, threshold: float = GATE_RECOVERY, confide
         "",
         *(f"- {line}" for line in failure_lines(record)),
         *(f"- {line}" for line in energy_lines(record, rows)),
+        *(f"- {line}" for line in model_check_lines(record, rows)),
         f"- requests: {total_requests} in all; tokens in/out per row: "
         + ", ".join(f"{r.model} {r.tokens_in}/{r.tokens_out}" for r in rows)
         + ".",
