@@ -163,6 +163,8 @@ def test_demo_shows_real_scores_and_recovery_for_every_variant(tmp_path: Path) -
     for row in variants:
         assert row.mean_recovery is not None and row.gate in ("pass", "fail"), row
         assert all(v is not None for v in row.recoveries.values()), row
+        bounds = (row.recovery_interval or {}).get("mean")  # the demo shows each variant's interval
+        assert bounds is not None and bounds[0] <= row.mean_recovery <= bounds[1], row
     # Every row has a mean recovery (the base's is 1), so the plot places every model.
     assert base.mean_recovery == pytest.approx(1.0)
     assert result.report.plot.is_file() and result.report.plot.stat().st_size > 0
