@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from ecoquant.cli.app import app, console, folder_arg, guarded
+from ecoquant.energy.gpus import DEFAULT_GPU, GPUS
 from ecoquant.energy.nvml import NvmlMeter, open_meter
 from ecoquant.energy.replay import save_readings
 from ecoquant.errors import EcoquantError
@@ -66,6 +67,8 @@ def eval_cmd(
     vllm_arg: Annotated[list[str] | None, typer.Option("--vllm-arg", help="vllm backend: extra argument for every server, appended last (repeatable).")] = None,
     server_timeout: Annotated[float, typer.Option(help="vllm backend: seconds a server may take to become ready.")] = 900.0,
     max_soft_tokens: Annotated[int | None, typer.Option(help="Image-token budget per image (Gemma-4: 70, 140, 280, 560 or 1120; default: the checkpoint's own).")] = None,
+    target_gpu: Annotated[str, typer.Option(help=f"GPU the modelled energy is for ({', '.join(GPUS)}); the challenge serves on an L4.")] = DEFAULT_GPU,
+    target_concurrency: Annotated[int, typer.Option(help="Requests the target server runs at once, for the modelled energy (1: one at a time, the worst case).")] = 1,
 ) -> None:
     """Evaluate a base model and its variants: scores, recovery, tokens, wall time and energy, with a report."""
     out = folder_arg(out_text)
@@ -85,6 +88,8 @@ def eval_cmd(
         warmup_requests=warmup,
         idle_seconds=idle_seconds,
         max_soft_tokens=max_soft_tokens,
+        target_gpu=target_gpu,
+        target_concurrency=target_concurrency,
     )
     check_sources(model_refs(base, tuple(variant or ())), config)  # a wrong path: one line, before anything is drawn
     factory = open_backend

@@ -22,7 +22,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +34,7 @@ from ecoquant.energy.meter import (
     idle_corrected_energy_j,
     measure_idle,
 )
+from ecoquant.energy.gpus import DEFAULT_GPU, gpu_spec
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.backends.base import Backend, ChatRequest, Completion, GenerationSettings
 from ecoquant.eval.builtin import DEFAULT_SIZE
@@ -74,6 +75,9 @@ class EvalConfig:
         idle_seconds: idle-power sampling before the first model (only with a real meter).
         max_soft_tokens: the image-token budget per image (transformers: passed to the processor; vllm:
             written into each server's ``mm_processor_kwargs``); None for each checkpoint's default.
+        target_gpu: the GPU the modelled energy is for (:data:`ecoquant.energy.gpus.GPUS`; the challenge's L4).
+        target_concurrency: requests the target server runs at once, for the modelled energy (1: one at a
+            time, the worst case). Not ``concurrency``, which is how many this run sends to a server.
     """
 
     suite: str = "builtin"
@@ -92,8 +96,13 @@ class EvalConfig:
     warmup_requests: int = 2
     idle_seconds: float = 5.0
     max_soft_tokens: int | None = None
+    target_gpu: str = DEFAULT_GPU
+    target_concurrency: int = 1
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "target_gpu", gpu_spec(self.target_gpu).name)  # unknown: one line, before any work
+        if self.target_concurrency < 1:
+            raise EcoquantError(f"--target-concurrency must be at least 1, got {self.target_concurrency}")
         object.__setattr__(self, "urls", tuple(self.urls))
         object.__setattr__(self, "prompt_variants", tuple(self.prompt_variants))
         if self.backend not in ("transformers", "openai", "vllm"):
@@ -225,6 +234,13 @@ def open_backend(ref: ModelRef, index: int, config: EvalConfig) -> Backend:
 
 @dataclass(frozen=True)
 class SampleResult:
+    """One request's answer, score and token counts.
+
+    ``tokens_in`` is the whole prompt; ``text_tokens`` + ``image_tokens`` split it and ``images`` counts its
+    images (see :mod:`ecoquant.eval.modelled` for how). None where not known: a record from before the
+    split, or image tokens a server did not report and no budget could estimate.
+    """
+
     task: str
     id: str
     prediction: str
@@ -232,6 +248,9 @@ class SampleResult:
     tokens_in: int
     tokens_out: int
     finish_reason: str
+    text_tokens: int | None = None
+    image_tokens: int | None = None
+    images: int | None = None
 
 
 @dataclass(frozen=True)
@@ -273,6 +292,9 @@ class ModelRun:
     task_scores: dict[str, float]
     suite_scores: dict[str, float]
     samples: tuple[SampleResult, ...]
+    modelled_energy: dict[str, Any] | None = None
+    """``{"gpu", "total_j", "parts"}``: the roofline's joules for this suite (MODELLED for that GPU, never
+    measured; :mod:`ecoquant.energy.roofline`), or None where the model could not be modelled."""
 
     @property
     def energy_j(self) -> float | None:
@@ -428,22 +450,32 @@ def _model_run(
     completions: Sequence[Completion],
     measurement: Measurement,
     idle: IdleBaseline | None,
+    max_soft_tokens: int | None = None,
 ) -> ModelRun:
     """Score one window's completions and assemble its record."""
+    from ecoquant.eval.modelled import count_images, default_image_budget, split_prompt
+
     scores = score_in_order([task for task, _, _ in items], [c.text for c in completions])
     per_sample = {(s.task, sid): v for s in scores for sid, v in s.per_sample.items()}
-    samples = tuple(
-        SampleResult(
-            task=task.name,
-            id=sample.id,
-            prediction=c.text,
-            score=per_sample[(task.name, sample.id)],
-            tokens_in=c.tokens_in,
-            tokens_out=c.tokens_out,
-            finish_reason=c.finish_reason,
+    budget = max_soft_tokens if max_soft_tokens is not None else default_image_budget(ref.source)
+    samples: list[SampleResult] = []
+    for (task, sample, request), c in zip(items, completions, strict=True):
+        images = count_images(request)
+        text_tokens, image_tokens = split_prompt(c.tokens_in, images, c.image_tokens, budget)
+        samples.append(
+            SampleResult(
+                task=task.name,
+                id=sample.id,
+                prediction=c.text,
+                score=per_sample[(task.name, sample.id)],
+                tokens_in=c.tokens_in,
+                tokens_out=c.tokens_out,
+                finish_reason=c.finish_reason,
+                text_tokens=text_tokens,
+                image_tokens=image_tokens,
+                images=images,
+            )
         )
-        for (task, sample, _), c in zip(items, completions, strict=True)
-    )
     return ModelRun(
         label=ref.label,
         source=ref.source,
@@ -458,7 +490,7 @@ def _model_run(
         tokens_out=sum(c.tokens_out for c in completions),
         task_scores={s.task: s.score for s in scores},
         suite_scores=suite_scores(scores),
-        samples=samples,
+        samples=tuple(samples),
     )
 
 
@@ -539,7 +571,7 @@ def evaluate_model(
             meter.begin_window(window)
             completions = backend.generate([r for _, _, r in items], settings, _steps(advance, f"{ref.label} · {name}"))
             measurement = meter.end_window(window)
-            runs.append(_model_run(ref, name, backend, items, completions, measurement, idle))
+            runs.append(_model_run(ref, name, backend, items, completions, measurement, idle, config.max_soft_tokens))
     finally:
         backend.close()
     return runs
@@ -563,7 +595,17 @@ def build_record(
     runs: Sequence[ModelRun],
     failures: Sequence[FailedRun] = (),
 ) -> RunRecord:
-    """Assemble ``results.json``'s record from finished runs (those of this process or cached ones)."""
+    """Assemble ``results.json``'s record from finished runs (those of this process or cached ones).
+
+    Each run's modelled energy is computed here, for the configured target GPU and concurrency, so a
+    cached evaluation gets it too and changing ``--target-gpu`` needs no new evaluation.
+    """
+    from ecoquant.eval.modelled import run_modelled_energy
+
+    runs = [
+        replace(r, modelled_energy=run_modelled_energy(r.source, r.samples, config.target_gpu, config.target_concurrency))
+        for r in runs
+    ]
     suite_record = _suite_record(config.suite, prepared.suite, config)
     suite_record["sha256"] = prepared.digest
     return RunRecord(

@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.runner import RunRecord
@@ -94,6 +94,10 @@ class ReportRow:
     tokens_out: int
     requests: int
     wall_time_s: float
+    modelled_energy_j: float | None = None
+    """The roofline's joules on the run's target GPU: MODELLED, never measured (None where not modellable)."""
+    modelled_energy: Mapping[str, Any] | None = None
+    """The whole record behind it: ``{"gpu", "total_j", "parts"}``."""
 
 
 def report_rows(record: RunRecord, threshold: float = GATE_RECOVERY) -> list[ReportRow]:
@@ -122,6 +126,8 @@ def report_rows(record: RunRecord, threshold: float = GATE_RECOVERY) -> list[Rep
                 tokens_out=run.tokens_out,
                 requests=run.requests,
                 wall_time_s=run.wall_time_s,
+                modelled_energy_j=None if run.modelled_energy is None else float(run.modelled_energy["total_j"]),
+                modelled_energy=run.modelled_energy,
             )
         )
     return rows
@@ -205,6 +211,36 @@ def energy_lines(record: RunRecord, rows: Sequence[ReportRow]) -> list[str]:
     return lines
 
 
+MODELLED_PART_TITLES: Mapping[str, str] = MappingProxyType(
+    {
+        "prefill_text": "prefill text",
+        "prefill_image": "prefill image",
+        "vision_encoder": "vision",
+        "decode": "decode",
+        "idle": "idle",
+    }
+)
+
+
+def modelled_lines(rows: Sequence[ReportRow]) -> list[str]:
+    """One line per GPU: each row's modelled joules and the share of each part, labelled *modelled for <GPU>*."""
+    by_gpu: dict[str, list[str]] = {}
+    for r in rows:
+        if r.modelled_energy is None:
+            continue
+        parts: Mapping[str, float] = r.modelled_energy["parts"]
+        total = float(r.modelled_energy["total_j"])
+        shares = " · ".join(
+            f"{title} {(parts.get(k, 0.0) / total if total else 0.0):.0%}" for k, title in MODELLED_PART_TITLES.items()
+        )
+        by_gpu.setdefault(str(r.modelled_energy["gpu"]), []).append(f"{r.model} {total:.2f} J ({shares})")
+    return [
+        f"energy modelled for {gpu} (a roofline of the recorded tokens over datasheet figures, see docs/energy.md;"
+        f" not measured): " + "; ".join(items) + "."
+        for gpu, items in by_gpu.items()
+    ]
+
+
 def failure_lines(record: RunRecord) -> list[str]:
     """One line per model that produced no scores: stage, error, where its log is."""
     lines = []
@@ -236,6 +272,7 @@ def markdown_report(record: RunRecord, threshold: float = GATE_RECOVERY) -> str:
         "",
         *(f"- {line}" for line in failure_lines(record)),
         *(f"- {line}" for line in energy_lines(record, rows)),
+        *(f"- {line}" for line in modelled_lines(rows)),
         f"- requests: {total_requests} in all; tokens in/out per row: "
         + ", ".join(f"{r.model} {r.tokens_in}/{r.tokens_out}" for r in rows)
         + ".",
