@@ -426,13 +426,21 @@ def planned_costs(
     Weight-only schemes compute in bf16, so only the decode bytes change; that is what the bench
     compares between bf16, W4A16 and W4A16 with an int4 head.
     """
-    from ecoquant.plan import plan_model, plan_tables, source_layout
-    from ecoquant.export.footprint import planned_layout
+    from ecoquant.plan import plan_model, plan_tables
     from ecoquant.quantize.scheme import QuantScheme
 
     plan = plan_model(Path(model), preset)
     scheme = scheme or QuantScheme()
     tables = plan_tables(plan, scheme, embeddings or plan.preset.embeddings, lm_head or plan.preset.lm_head)  # type: ignore[arg-type]
+    return plan_costs(plan, scheme, tables)
+
+
+def plan_costs(plan: Any, scheme: Any, tables: Any) -> CostTerms:
+    """Cost terms of a :class:`~ecoquant.plan.ModelPlan` quantized with ``scheme`` and ``tables`` (a
+    :class:`~ecoquant.plan.TablePlan`): the planned layout's bytes, the module tree's FLOPs."""
+    from ecoquant.export.footprint import planned_layout
+    from ecoquant.plan import source_layout
+
     source = source_layout(plan)
     after = planned_layout(source, plan.selection, scheme, tables.tables, tables.head)
     config_json = json.loads((plan.path / "config.json").read_text(encoding="utf-8"))
