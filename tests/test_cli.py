@@ -168,3 +168,23 @@ def test_inspect_and_verify_on_a_quantized_checkpoint(tiny_gemma4: Path, tmp_pat
     # int4 with group 128 on Gaussian-like weights: ~10% relative error, never zero, never huge.
     assert 0.02 < s["relative_error_mean"] < 0.2
     assert s["logits_max_abs_diff"] > 0
+
+
+def test_inspect_prints_the_energy_models_cost_terms(twin: Path) -> None:
+    from ecoquant.cli.quantize import out_console, render_cost_terms
+
+    result = runner.invoke(app, ["inspect", str(twin), "--json", "--lm-head", "int4"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    terms = info["cost_terms"]
+    # the plan's bytes per decode step are the footprint's (one machinery), FLOPs are the module tree's
+    assert terms["decode_bytes_per_token"] == info["bytes_per_token"]
+    assert list(terms["vision_flops_per_image"]) == ["70", "140", "280", "560", "1120"]
+    vision = list(terms["vision_flops_per_image"].values())
+    assert vision == sorted(vision) and vision[-1] > 16 * vision[1]  # patches grow with the budget, attention as their square
+    assert terms["head_flops_per_position"] == 2 * 262_144 * 2560
+    with out_console.capture() as captured:
+        render_cost_terms(terms)
+    text = captured.get()
+    assert "decode reads" in text and "prefill GFLOPs per prompt token: decoder 7.780 (bf16)" in text
+    assert "1120: 8,054.5" in text

@@ -343,17 +343,12 @@ def test_render_report_writes_the_frontier_and_parts_only_when_modelled(tmp_path
     assert files.parts is None and not (tmp_path / "energy_parts.png").exists()  # no modelled energy in this record
     assert files.table.read_text().rstrip().endswith("pick: q: because")
 
-    @dataclasses.dataclass(frozen=True)
-    class WithModel:  # a run as the energy model leaves it: `modelled_energy` beside the rest
-        inner: Any
-        modelled_energy: dict[str, Any]
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.inner, name)
-
     parts = {"prefill_text": 1.0, "prefill_image": 2.0, "vision_encoder": 0.5, "decode": 3.0, "idle": 0.5}
     modelled = dataclasses.replace(
-        record, runs=tuple(WithModel(r, {"gpu": "L4", "total_j": 7.0, "parts": parts}) for r in record.runs)  # type: ignore[arg-type]
+        record,
+        runs=tuple(
+            dataclasses.replace(r, modelled_energy={"gpu": "L4", "total_j": 7.0, "parts": parts}) for r in record.runs
+        ),
     )
     files = render_report(modelled, tmp_path)
     assert files.parts is not None and files.parts.name == "energy_parts.png"

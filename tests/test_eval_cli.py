@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -139,8 +140,10 @@ def test_eval_through_the_openai_backend_scores_like_transformers(
     (served,) = RunRecord.load(tmp_path / "results.json").runs
     local = RunRecord.load(eval_out[0] / "results.json").runs[0]
     assert served.backend["kind"] == "openai" and served.backend["url"] == server_url + "/v1"
-    # Greedy, batch size 1 on both sides: the same answers, token counts and scores.
-    assert served.samples == local.samples
+    # Greedy, batch size 1 on both sides: the same answers, token counts and scores. A server reports only
+    # the prompt's total, and a served name has no folder to read an image budget from: no text/image split.
+    assert [replace(s, text_tokens=None, image_tokens=None) for s in local.samples] == list(served.samples)
+    assert served.modelled_energy is None
     assert served.task_scores == local.task_scores and served.suite_scores == local.suite_scores
 
 
@@ -199,3 +202,45 @@ def test_prompt_variants_are_listed() -> None:
     result = runner.invoke(app, ["prompt-variants"])
     assert result.exit_code == 0
     assert "short-system" in result.output and "bare" in result.output
+
+
+def test_eval_records_the_token_split_and_modelled_l4_energy(eval_out: tuple[Path, str]) -> None:
+    out, _ = eval_out
+    record = RunRecord.load(out / "results.json")
+    data = json.loads((out / "results.json").read_text())
+    base, variant = record.runs
+    for run, raw in zip(record.runs, data["runs"], strict=True):
+        for s in run.samples:
+            assert s.text_tokens is not None and s.image_tokens is not None and s.images is not None
+            assert s.text_tokens + s.image_tokens == s.tokens_in and s.text_tokens > 0
+            assert (s.images > 0) == (s.image_tokens > 0)  # every built-in sample has its page or chart
+        assert raw["modelled_energy"]["gpu"] == "L4" and set(raw["modelled_energy"]) == {"gpu", "total_j", "parts"}
+        parts = raw["modelled_energy"]["parts"]
+        assert set(parts) == {"prefill_text", "prefill_image", "vision_encoder", "decode", "idle"}
+        assert sum(parts.values()) == pytest.approx(raw["modelled_energy"]["total_j"])
+        assert all(v > 0 for v in parts.values())
+    assert base.modelled_energy is not None and variant.modelled_energy is not None
+    # the same prompts, and W4A16 reads fewer bytes per decoded token; prefill compute is the same
+    assert [s.image_tokens for s in base.samples] == [s.image_tokens for s in variant.samples]
+    assert variant.modelled_energy["parts"]["vision_encoder"] == pytest.approx(base.modelled_energy["parts"]["vision_encoder"])
+    per_token = [r.modelled_energy["parts"]["decode"] / sum(max(s.tokens_out - 1, 0) for s in r.samples) for r in (base, variant)]
+    assert per_token[1] < per_token[0]
+    table = (out / "report.md").read_text()
+    assert "energy modelled for L4" in table and "not measured" in table
+    from ecoquant.report.table import report_rows
+
+    assert [r.modelled_energy_j for r in report_rows(record)] == [base.modelled_energy["total_j"], variant.modelled_energy["total_j"]]
+
+
+def test_report_models_another_gpu_and_old_records_still_load(eval_out: tuple[Path, str], tmp_path: Path) -> None:
+    out, _ = eval_out
+    data = json.loads((out / "results.json").read_text())
+    for run in data["runs"]:  # a results.json from before the token split and the roofline
+        del run["modelled_energy"]
+        for s in run["samples"]:
+            del s["text_tokens"], s["image_tokens"], s["images"]
+    old = RunRecord.from_dict(data)
+    assert all(r.modelled_energy is None and r.samples[0].images is None for r in old.runs)
+    assert "energy modelled" not in markdown_report(old)
+    one_line_error(["eval", "--base", "x", "--target-gpu", "B200"], "unknown GPU 'B200'")
+    one_line_error(["eval", "--base", "x", "--target-concurrency", "0"], "--target-concurrency must be at least 1")

@@ -82,8 +82,7 @@ def cheapest_passing(record: RunRecord, gate: float) -> str | None:
         if r.role == "base":
             continue
         mean = mean_recovery([recovery(r.suite_scores[h], base.suite_scores[h]) for h in base.suite_scores])
-        modelled = getattr(r, "modelled_energy", None)
-        key = modelled["total_j"] if modelled else -(mean or 0.0)
+        key = r.modelled_energy["total_j"] if r.modelled_energy else -(mean or 0.0)
         if mean is not None and mean >= gate and (best is None or key < best[0]):
             best = (key, r.label)
     return None if best is None else best[1]

@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from ecoquant.cli.app import app, console, folder_arg, guarded
+from ecoquant.energy.gpus import DEFAULT_GPU, GPUS
 from ecoquant.energy.nvml import NvmlMeter, open_meter
 from ecoquant.energy.replay import save_readings
 from ecoquant.errors import EcoquantError
@@ -70,6 +71,8 @@ def eval_cmd(
     max_soft_tokens: Annotated[int | None, typer.Option(help="Image-token budget per image (Gemma-4: 70, 140, 280, 560 or 1120; default: the checkpoint's own).")] = None,
     repeats: Annotated[int, typer.Option(help="Energy windows per model after warm-up (NVML only; the report shows their mean and min..max spread). Without NVML the suite runs once.")] = 3,
     gate_confidence: Annotated[float | None, typer.Option(help="Gate on the lower bound of this bootstrap interval on mean recovery, e.g. 0.9 (default: on the point estimate; intervals shown at 90%).")] = None,
+    target_gpu: Annotated[str, typer.Option(help=f"GPU the modelled energy is for ({', '.join(GPUS)}); the challenge serves on an L4.")] = DEFAULT_GPU,
+    target_concurrency: Annotated[int, typer.Option(help="Requests the target server runs at once, for the modelled energy (1: one at a time, the worst case).")] = 1,
 ) -> None:
     """Evaluate a base model and its variants: scores, recovery with bootstrap intervals, tokens, wall time and energy, with a report."""
     out = folder_arg(out_text)
@@ -91,6 +94,8 @@ def eval_cmd(
         idle_seconds=idle_seconds,
         max_soft_tokens=max_soft_tokens,
         repeats=repeats,
+        target_gpu=target_gpu,
+        target_concurrency=target_concurrency,
     )
     check_sources(model_refs(base, tuple(variant or ())), config)  # a wrong path: one line, before anything is drawn
     factory = open_backend

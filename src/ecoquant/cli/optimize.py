@@ -19,6 +19,7 @@ from rich.table import Table
 
 from ecoquant.cli.app import app, console, folder_arg, guarded
 from ecoquant.cli.eval import parse_gpus
+from ecoquant.energy.gpus import DEFAULT_GPU, GPUS
 from ecoquant.eval.backends.base import GENERATION_PRESETS, generation_settings
 from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.runner import EvalConfig
@@ -61,6 +62,8 @@ def optimize_cmd(
     server_timeout: Annotated[float, typer.Option(help="vllm backend: seconds a server may take to become ready.")] = 900.0,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder for the built-in suite's images.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (candidates, what is cached, disk needed) and stop.")] = False,
+    target_gpu: Annotated[str, typer.Option(help=f"GPU the modelled energy is for ({', '.join(GPUS)}); the challenge serves on an L4.")] = DEFAULT_GPU,
+    target_concurrency: Annotated[int, typer.Option(help="Requests the target server runs at once, for the modelled energy (1: one at a time, the worst case).")] = 1,
 ) -> None:
     """Quantize a grid of W4A16 candidates, evaluate base and candidates, pick the cheapest that keeps the gate, write DIR/submission."""
     out = folder_arg(out_text)
@@ -85,6 +88,8 @@ def optimize_cmd(
             warmup_requests=warmup,
             idle_seconds=idle_seconds,
             repeats=repeats,
+            target_gpu=target_gpu,
+            target_concurrency=target_concurrency,
         ),
         quant_device=quant_device,
         keep=keep,  # type: ignore[arg-type]

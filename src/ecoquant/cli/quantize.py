@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -116,6 +116,8 @@ def render_inspection(info: Inspection) -> None:
             f" {b['ratio_to_bf16']:.1%} of bf16's {human_bytes(b['bf16_total_bytes'])}",
             soft_wrap=True,
         )
+    if info.cost_terms:
+        render_cost_terms(info.cost_terms)
     if info.scheme:
         out_console.print(f"scheme: {json.dumps(info.scheme)}")
     if info.recipe:
@@ -125,6 +127,33 @@ def render_inspection(info: Inspection) -> None:
             f"ecoquant={r['ecoquant']['version']} ({r['ecoquant']['git_sha'] or 'no git'}) "
             f"calibration={json.dumps(r['calibration'])}"
         )
+
+
+def render_cost_terms(terms: dict[str, Any]) -> None:
+    """The energy model's inputs (docs/energy.md): bytes per decode step, FLOPs per prompt token, vision per image."""
+    from ecoquant.export.footprint import human_bytes
+
+    d = terms["decode_bytes_per_token"]
+    out_console.print(
+        f"cost terms: decode reads {human_bytes(d['total_bytes'])} per step (decoder {human_bytes(d['decoder_bytes'])},"
+        f" head {human_bytes(d['head_bytes'])}, embedding rows {human_bytes(d['embedding_row_bytes'])}) plus the KV cache",
+        soft_wrap=True,
+    )
+    prefill = terms["prefill_flops_per_token"]
+    precisions = terms["precisions"]
+    linear = ", ".join(
+        f"{c} {f / 1e9:.3f} ({'/'.join(precisions.get(c, {})) or 'bf16'})"
+        for c, f in prefill.items()
+        if c != "attention_per_context_token"
+    )
+    out_console.print(
+        f"prefill GFLOPs per prompt token: {linear}; attention +{prefill['attention_per_context_token'] / 1e9:.6f}"
+        f" per context token; head {terms['head_flops_per_position'] / 1e9:.3f} per scored position",
+        soft_wrap=True,
+    )
+    if "vision_flops_per_image" in terms:
+        per_image = ", ".join(f"{b}: {f / 1e9:,.1f}" for b, f in terms["vision_flops_per_image"].items())
+        out_console.print(f"vision GFLOPs per image at each image budget (soft tokens): {per_image}", soft_wrap=True)
 
 
 @app.command("inspect")
@@ -137,7 +166,8 @@ def inspect_cmd(
     lm_head: Annotated[str | None, typer.Option(help="For an unquantized model: head to price (bf16, int4, int8; default: the preset's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Show what is (or would be) quantized, the weight footprint before and after, and the recipe."""
+    """Show what is (or would be) quantized, the weight footprint before and after, the recipe, and the energy
+    model's cost terms (bytes per decode step, FLOPs per prompt token, vision FLOPs per image at each budget)."""
     from ecoquant.export.inspect import inspect_checkpoint
 
     info = inspect_checkpoint(model, preset, scheme_from_options(group_size, "minmax", False), embeddings, lm_head)

@@ -35,6 +35,7 @@ from ecoquant.energy.meter import (
     idle_corrected_energy_j,
     measure_idle,
 )
+from ecoquant.energy.gpus import DEFAULT_GPU, gpu_spec
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.bootstrap import BootstrapSpec, per_task_scores, recovery_intervals
 from ecoquant.eval.backends.base import Backend, ChatRequest, Completion, GenerationSettings
@@ -79,6 +80,9 @@ class EvalConfig:
         repeats: energy windows per model and prompt variant after warm-up (only with a meter: without
             one there is nothing to measure, so the suite runs once). The first window's answers are
             scored; the energy reported is the mean over the windows, with their spread kept.
+        target_gpu: the GPU the modelled energy is for (:data:`ecoquant.energy.gpus.GPUS`; the challenge's L4).
+        target_concurrency: requests the target server runs at once, for the modelled energy (1: one at a
+            time, the worst case). Not ``concurrency``, which is how many this run sends to a server.
     """
 
     suite: str = "builtin"
@@ -98,8 +102,13 @@ class EvalConfig:
     idle_seconds: float = 5.0
     max_soft_tokens: int | None = None
     repeats: int = 3
+    target_gpu: str = DEFAULT_GPU
+    target_concurrency: int = 1
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "target_gpu", gpu_spec(self.target_gpu).name)  # unknown: one line, before any work
+        if self.target_concurrency < 1:
+            raise EcoquantError(f"--target-concurrency must be at least 1, got {self.target_concurrency}")
         object.__setattr__(self, "urls", tuple(self.urls))
         object.__setattr__(self, "prompt_variants", tuple(self.prompt_variants))
         if self.backend not in ("transformers", "openai", "vllm"):
@@ -233,6 +242,13 @@ def open_backend(ref: ModelRef, index: int, config: EvalConfig) -> Backend:
 
 @dataclass(frozen=True)
 class SampleResult:
+    """One request's answer, score and token counts.
+
+    ``tokens_in`` is the whole prompt; ``text_tokens`` + ``image_tokens`` split it and ``images`` counts its
+    images (see :mod:`ecoquant.eval.modelled` for how). None where not known: a record from before the
+    split, or image tokens a server did not report and no budget could estimate.
+    """
+
     task: str
     id: str
     prediction: str
@@ -240,6 +256,9 @@ class SampleResult:
     tokens_in: int
     tokens_out: int
     finish_reason: str
+    text_tokens: int | None = None
+    image_tokens: int | None = None
+    images: int | None = None
 
 
 @dataclass(frozen=True)
@@ -299,6 +318,9 @@ class ModelRun:
     recovery_interval: dict[str, list[float] | None] | None = None
     """Bootstrap interval per half and on the mean (``{"doc": [lo, hi], "image": ..., "mean": ...}``;
     see :mod:`ecoquant.eval.bootstrap` and ``RunRecord.intervals``); None for a base run."""
+    modelled_energy: dict[str, Any] | None = None
+    """``{"gpu", "total_j", "parts"}``: the roofline's joules for this suite (MODELLED for that GPU, never
+    measured; :mod:`ecoquant.energy.roofline`), or None where the model could not be modelled."""
 
     @property
     def energy_j(self) -> float | None:
@@ -465,24 +487,34 @@ def _model_run(
     completions: Sequence[Completion],
     measurements: Sequence[Measurement],
     idle: IdleBaseline | None,
+    max_soft_tokens: int | None = None,
 ) -> ModelRun:
     """Score the first window's completions and assemble the record; energy is the mean over the windows."""
+    from ecoquant.eval.modelled import count_images, default_image_budget, split_prompt
+
     measurement = measurements[0]
     windows = [e for m in measurements if (e := EnergyResult.from_measurement(m, idle)) is not None]
     scores = score_in_order([task for task, _, _ in items], [c.text for c in completions])
     per_sample = {(s.task, sid): v for s in scores for sid, v in s.per_sample.items()}
-    samples = tuple(
-        SampleResult(
-            task=task.name,
-            id=sample.id,
-            prediction=c.text,
-            score=per_sample[(task.name, sample.id)],
-            tokens_in=c.tokens_in,
-            tokens_out=c.tokens_out,
-            finish_reason=c.finish_reason,
+    budget = max_soft_tokens if max_soft_tokens is not None else default_image_budget(ref.source)
+    samples: list[SampleResult] = []
+    for (task, sample, request), c in zip(items, completions, strict=True):
+        images = count_images(request)
+        text_tokens, image_tokens = split_prompt(c.tokens_in, images, c.image_tokens, budget)
+        samples.append(
+            SampleResult(
+                task=task.name,
+                id=sample.id,
+                prediction=c.text,
+                score=per_sample[(task.name, sample.id)],
+                tokens_in=c.tokens_in,
+                tokens_out=c.tokens_out,
+                finish_reason=c.finish_reason,
+                text_tokens=text_tokens,
+                image_tokens=image_tokens,
+                images=images,
+            )
         )
-        for (task, sample, _), c in zip(items, completions, strict=True)
-    )
     return ModelRun(
         label=ref.label,
         source=ref.source,
@@ -497,7 +529,7 @@ def _model_run(
         tokens_out=sum(c.tokens_out for c in completions),
         task_scores={s.task: s.score for s in scores},
         suite_scores=suite_scores(scores),
-        samples=samples,
+        samples=tuple(samples),
         energy_repeats=tuple(windows) if len(windows) > 1 else (),
     )
 
@@ -587,7 +619,7 @@ def evaluate_model(
                 meter.begin_window(f"{window}#{k}")
                 backend.generate([r for _, _, r in items], settings)
                 measurements.append(meter.end_window(f"{window}#{k}"))
-            runs.append(_model_run(ref, name, backend, items, completions, measurements, idle))
+            runs.append(_model_run(ref, name, backend, items, completions, measurements, idle, config.max_soft_tokens))
     finally:
         backend.close()
     return runs
@@ -633,7 +665,17 @@ def build_record(
     intervals: BootstrapSpec = BootstrapSpec(),
 ) -> RunRecord:
     """Assemble ``results.json``'s record from finished runs (those of this process or cached ones),
-    with each variant's recovery interval drawn by ``intervals``."""
+    with each variant's recovery interval drawn by ``intervals``.
+
+    Each run's modelled energy is computed here, for the configured target GPU and concurrency, so a
+    cached evaluation gets it too and changing ``--target-gpu`` needs no new evaluation.
+    """
+    from ecoquant.eval.modelled import run_modelled_energy
+
+    runs = [
+        replace(r, modelled_energy=run_modelled_energy(r.source, r.samples, config.target_gpu, config.target_concurrency))
+        for r in runs
+    ]
     suite_record = _suite_record(config.suite, prepared.suite, config)
     suite_record["sha256"] = prepared.digest
     record = RunRecord(

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ecoquant.energy.costs import CostTerms, checkpoint_costs, plan_costs
+from ecoquant.errors import EcoquantError
 from ecoquant.models.loading import resolve_model, tensor_infos
 from ecoquant.models.quant_config import quantization_block
 from ecoquant.models.selection import module_kind
@@ -36,6 +39,9 @@ class Inspection:
     preset: str | None = None
     #: weight bytes read per decoded token (see :class:`ecoquant.export.footprint.TokenBytes`)
     bytes_per_token: dict[str, Any] | None = None
+    #: FLOPs per prompt token, vision FLOPs per image at each budget, bytes per decode step
+    #: (see :meth:`ecoquant.energy.costs.CostTerms.to_record`); None for a family ecoquant cannot model
+    cost_terms: dict[str, Any] | None = None
 
 
 def inspect_checkpoint(
@@ -65,6 +71,7 @@ def inspect_checkpoint(
             scheme=weights,
             recipe=recipe,
             bytes_per_token=None if recipe is None else recipe.get("bytes_per_token"),
+            cost_terms=_cost_record(lambda: checkpoint_costs(path)),
         )
 
     from ecoquant.plan import plan_footprint, plan_model, plan_tables, plan_token_bytes
@@ -85,4 +92,13 @@ def inspect_checkpoint(
         recipe=None,
         preset=plan.preset.name,
         bytes_per_token=plan_token_bytes(plan, scheme, tables).to_record(),
+        cost_terms=_cost_record(lambda: plan_costs(plan, scheme, tables)),
     )
+
+
+def _cost_record(compute: Callable[[], CostTerms]) -> dict[str, Any] | None:
+    """The cost terms' record, or None for a family the energy model does not know (inspect still works)."""
+    try:
+        return compute().to_record()
+    except EcoquantError:
+        return None

@@ -8,12 +8,13 @@ alone, so ``ecoquant report results.json`` re-renders exactly what
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ecoquant.eval.runner import RunRecord
 from ecoquant.report.plot import write_parts_plot, write_plot
-from ecoquant.report.table import GATE_RECOVERY, markdown_report, modelled_gpu, report_rows
+from ecoquant.report.table import GATE_RECOVERY, ReportRow, markdown_report, modelled_gpu, report_rows
 
 RESULTS_FILE = "results.json"
 TABLE_FILE = "report.md"
@@ -29,14 +30,13 @@ class ReportFiles:
     """``energy_parts.png``; None when no run has modelled energy parts."""
 
 
-def modelled_parts(record: RunRecord, names: list[str]) -> dict[str, dict[str, float]]:
-    """Row name -> modelled energy parts (J) for the runs that have them (``ModelRun.modelled_energy``)."""
-    out = {}
-    for name, run in zip(names, record.runs, strict=True):
-        modelled = getattr(run, "modelled_energy", None)  # filled by the energy model; absent in older records
-        if modelled and modelled.get("parts"):
-            out[name] = {k: float(v) for k, v in modelled["parts"].items()}
-    return out
+def modelled_parts(rows: Sequence[ReportRow]) -> dict[str, dict[str, float]]:
+    """Row name -> modelled energy parts (J), for the rows that have them (``ModelRun.modelled_energy``)."""
+    return {
+        r.model: {k: float(v) for k, v in r.modelled_energy["parts"].items()}
+        for r in rows
+        if r.modelled_energy and r.modelled_energy.get("parts")
+    }
 
 
 def render_report(
@@ -74,7 +74,7 @@ def render_report(
         gate_label=None if confidence is None else f"{threshold:.0%} gate on the lower bound of the {confidence:.0%} interval",
     )
     stale = out / PARTS_FILE
-    parts = write_parts_plot(modelled_parts(record, [r.model for r in rows]), stale, gpu or "the target GPU")
+    parts = write_parts_plot(modelled_parts(rows), stale, gpu or "the target GPU")
     if parts is None and stale.is_file():
         stale.unlink()  # a re-render of a record without parts must not leave an older picture beside it
     return ReportFiles(table=table, plot=plot, parts=parts)

@@ -24,11 +24,11 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.bootstrap import DEFAULT_CONFIDENCE, BootstrapSpec
-from ecoquant.eval.runner import RunRecord, run_recovery_interval
+from ecoquant.eval.runner import ModelRun, RunRecord, run_recovery_interval
 from ecoquant.eval.tasks import SUITE_KINDS
 
 GATE_RECOVERY = 0.80
@@ -128,6 +128,9 @@ class ReportRow:
     requests: int
     wall_time_s: float
     modelled_energy_j: float | None = None
+    """The roofline's joules on the run's target GPU: MODELLED, never measured (None where not modellable)."""
+    modelled_energy: Mapping[str, Any] | None = None
+    """The whole record behind it: ``{"gpu", "total_j", "parts"}``."""
     recovery_interval: Mapping[str, tuple[float, float] | None] | None = None
     """Bootstrap interval per half and on the mean (``"mean"``); None for the base."""
     energy_spread_j: tuple[float, float] | None = None
@@ -136,18 +139,14 @@ class ReportRow:
 
 def modelled_gpu(record: RunRecord) -> str | None:
     """The GPU the record's modelled energy is for (``ModelRun.modelled_energy["gpu"]``), if any run has one."""
-    for run in record.runs:
-        modelled = getattr(run, "modelled_energy", None)  # filled by the energy model; absent in older records
-        if modelled:
-            return str(modelled["gpu"])
-    return None
+    return next((str(r.modelled_energy["gpu"]) for r in record.runs if r.modelled_energy), None)
 
 
-def row_interval(record: RunRecord, run: object, spec: BootstrapSpec) -> dict[str, tuple[float, float] | None] | None:
+def row_interval(record: RunRecord, run: ModelRun, spec: BootstrapSpec) -> dict[str, tuple[float, float] | None] | None:
     """A run's intervals at ``spec``: the recorded ones when drawn the same way, else drawn now (same seed)."""
-    stored = getattr(run, "recovery_interval", None)
+    stored = run.recovery_interval
     if stored is None or record.intervals != spec.to_record():
-        stored = run_recovery_interval(record, run, spec)  # type: ignore[arg-type]
+        stored = run_recovery_interval(record, run, spec)
     return None if stored is None else {k: None if v is None else (v[0], v[1]) for k, v in stored.items()}
 
 
@@ -186,6 +185,8 @@ def report_rows(
                 wall_time_s=run.wall_time_s,
                 recovery_interval=interval,
                 energy_spread_j=run.energy_spread_j,
+                modelled_energy_j=None if run.modelled_energy is None else float(run.modelled_energy["total_j"]),
+                modelled_energy=run.modelled_energy,
             )
         )
     return rows
@@ -313,6 +314,36 @@ def gate_rule(threshold: float, confidence: float | None = None) -> str:
     return f"gate = lower bound of the {confidence:.0%} interval on mean recovery ≥ {threshold:.0%}"
 
 
+MODELLED_PART_TITLES: Mapping[str, str] = MappingProxyType(
+    {
+        "prefill_text": "prefill text",
+        "prefill_image": "prefill image",
+        "vision_encoder": "vision",
+        "decode": "decode",
+        "idle": "idle",
+    }
+)
+
+
+def modelled_lines(rows: Sequence[ReportRow]) -> list[str]:
+    """One line per GPU: each row's modelled joules and the share of each part, labelled *modelled for <GPU>*."""
+    by_gpu: dict[str, list[str]] = {}
+    for r in rows:
+        if r.modelled_energy is None:
+            continue
+        parts: Mapping[str, float] = r.modelled_energy["parts"]
+        total = float(r.modelled_energy["total_j"])
+        shares = " · ".join(
+            f"{title} {(parts.get(k, 0.0) / total if total else 0.0):.0%}" for k, title in MODELLED_PART_TITLES.items()
+        )
+        by_gpu.setdefault(str(r.modelled_energy["gpu"]), []).append(f"{r.model} {total:.2f} J ({shares})")
+    return [
+        f"energy modelled for {gpu} (a roofline of the recorded tokens over datasheet figures, see docs/energy.md;"
+        f" not measured): " + "; ".join(items) + "."
+        for gpu, items in by_gpu.items()
+    ]
+
+
 def failure_lines(record: RunRecord) -> list[str]:
     """One line per model that produced no scores: stage, error, where its log is."""
     lines = []
@@ -345,6 +376,7 @@ def markdown_report(record: RunRecord, threshold: float = GATE_RECOVERY, confide
         *(f"- {line}" for line in failure_lines(record)),
         *(f"- {line}" for line in energy_lines(record, rows)),
         *(f"- {line}" for line in model_check_lines(record, rows)),
+        *(f"- {line}" for line in modelled_lines(rows)),
         f"- requests: {total_requests} in all; tokens in/out per row: "
         + ", ".join(f"{r.model} {r.tokens_in}/{r.tokens_out}" for r in rows)
         + ".",

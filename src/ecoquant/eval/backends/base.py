@@ -180,12 +180,15 @@ class Completion:
         tokens_out: generated tokens, the stop token included when there was one
             (it was computed, so it cost energy; vLLM counts it the same way).
         finish_reason: ``"stop"`` at a stop token, ``"length"`` at the cap.
+        image_tokens: the image soft tokens among ``tokens_in``, where the backend tokenized the prompt
+            itself; None where it only knows the total (an OpenAI-compatible server).
     """
 
     text: str
     tokens_in: int
     tokens_out: int
     finish_reason: FinishReason
+    image_tokens: int | None = None
 
 
 @runtime_checkable

@@ -212,11 +212,23 @@ class TransformersBackend:
         sequences = self.model.generate(**inputs, generation_config=config)
         prompt_len = inputs["input_ids"].shape[1]
         tokens_in = inputs["attention_mask"].sum(dim=1).tolist()
+        image_token = getattr(self.processor, "image_token_id", None)
+        image_tokens = (
+            [None] * len(batch) if image_token is None else (inputs["input_ids"] == image_token).sum(dim=1).tolist()
+        )
         out = []
-        for row, n_in in zip(sequences[:, prompt_len:].tolist(), tokens_in, strict=True):
+        for row, n_in, n_img in zip(sequences[:, prompt_len:].tolist(), tokens_in, image_tokens, strict=True):
             n_out, finish = trim_generated(row, self.stop_ids)
             text = self.processor.tokenizer.decode(row[:n_out], skip_special_tokens=True).strip()
-            out.append(Completion(text=text, tokens_in=int(n_in), tokens_out=n_out, finish_reason=finish))
+            out.append(
+                Completion(
+                    text=text,
+                    tokens_in=int(n_in),
+                    tokens_out=n_out,
+                    finish_reason=finish,
+                    image_tokens=None if n_img is None else int(n_img),
+                )
+            )
         return out
 
     def generate(
