@@ -124,6 +124,8 @@ def test_submission_folder_serves_from_inside_itself(finished: Path) -> None:
     card = (sub / "README.md").read_text()
     assert "## How this was chosen" in card and f"| {choice['pick']} |" in card and "**pick**" in card
     assert choice["metric_note"] in card and "no GPU" in card and "interval" in card
+    if choice["metric"] == "modelled_energy_j":  # the energy model's parts travel with the submission
+        assert (sub / "energy_parts.png").is_file() and "modelled for L4" in choice["summary"]
     pick = next(s["candidate"] for s in choice["standings"] if s["name"] == choice["pick"])
     template = (sub / "chat_template.jinja").read_text()
     assert template.startswith("{#- ecoquant response economy") == (pick["response"] == "short")

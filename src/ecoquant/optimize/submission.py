@@ -29,7 +29,7 @@ from ecoquant.optimize.plan import Job, OptimizeConfig, Plan
 from ecoquant.optimize.select import Choice, choice_record
 from ecoquant.optimize.store import Store, link_or_copy, write_json_atomic
 from ecoquant.report.table import gate_rule
-from ecoquant.report import PLOT_FILE, RESULTS_FILE, TABLE_FILE
+from ecoquant.report import PARTS_FILE, PLOT_FILE, RESULTS_FILE, TABLE_FILE
 from ecoquant.serve.config import CONFIG_FILE, ServeConfigOptions, build_serve_config
 from ecoquant.serve.model_card import write_model_card
 
@@ -154,7 +154,7 @@ def write_submission(store: Store, pick: Job, plan: Plan, record: RunRecord, cho
         ),
     )
     (tmp / CONFIG_FILE).write_text(serve_config.to_yaml(), encoding="utf-8")
-    for name in (RESULTS_FILE, TABLE_FILE, PLOT_FILE):
+    for name in (RESULTS_FILE, TABLE_FILE, PLOT_FILE, PARTS_FILE):
         if (store.root / name).is_file():
             shutil.copy2(store.root / name, tmp / name)
     hw = hardware(record)
