@@ -246,9 +246,14 @@ def test_gate_confidence_gates_on_the_lower_bound() -> None:
     assert "margin" in relaxed.summary() and "lower bound of its 90% interval" in relaxed.summary()
 
 
-def test_gate_confidence_outside_zero_one_is_one_line(tmp_path: Path) -> None:
+def test_gate_confidence_and_repeats_out_of_range_are_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path / "none.json"), "--gate-confidence", "1.5"])
     assert result.exit_code == 2 and result.output.strip().startswith("error: --gate-confidence is a probability")
+    for args in (["eval", "--base", "x", "--repeats", "0"], ["optimize", "x", "--out", str(tmp_path / "o"), "--gate-confidence", "0"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and result.output.strip().startswith("error: "), result.output
+        assert "--repeats must be at least 1" in result.output or "--gate-confidence is a probability" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------ ranking
