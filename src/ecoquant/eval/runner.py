@@ -646,7 +646,10 @@ def run_recovery_interval(record: RunRecord, run: ModelRun, spec: BootstrapSpec)
     def scores(r: ModelRun) -> dict[str, dict[str, float]]:
         return per_task_scores([(s.task, s.id, s.score) for s in r.samples])
 
-    found = recovery_intervals(scores(base), scores(run), halves, spec)
+    try:
+        found = recovery_intervals(scores(base), scores(run), halves, spec)
+    except (KeyError, ValueError) as exc:  # a hand-edited or mixed record: say which run, in one line
+        raise EcoquantError(f"{run.label} and its base were not scored on the same samples ({exc})") from None
     return {k: None if v is None else [v[0], v[1]] for k, v in found.items()}
 
 
