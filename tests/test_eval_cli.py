@@ -242,5 +242,12 @@ def test_report_models_another_gpu_and_old_records_still_load(eval_out: tuple[Pa
     old = RunRecord.from_dict(data)
     assert all(r.modelled_energy is None and r.samples[0].images is None for r in old.runs)
     assert "energy modelled" not in markdown_report(old)
+    # another target GPU: the same counts through another datasheet (decode-bound: more bandwidth, fewer seconds)
+    from ecoquant.eval.modelled import run_modelled_energy
+
+    new = RunRecord.load(out / "results.json").runs[0]
+    h100 = run_modelled_energy(new.source, new.samples, "h100")
+    assert h100 is not None and new.modelled_energy is not None
+    assert h100["gpu"] == "H100" and h100["parts"]["decode"] != new.modelled_energy["parts"]["decode"]
     one_line_error(["eval", "--base", "x", "--target-gpu", "B200"], "unknown GPU 'B200'")
     one_line_error(["eval", "--base", "x", "--target-concurrency", "0"], "--target-concurrency must be at least 1")

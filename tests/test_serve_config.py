@@ -216,6 +216,7 @@ def test_card_includes_eval_results(tiny_gemma4: Path, w4a16: Path, tmp_path: Pa
     card = result.card_path.read_text() if result.card_path else ""
     assert markdown_table(report_rows(record)) in card
     assert f"This checkpoint is the row `{w4a16.name}`." in card
+    assert "energy modelled for L4" in card  # a W4A16 checkpoint's roofline, labelled as modelled
 
 
 # ------------------------------------------------------------------ CLI

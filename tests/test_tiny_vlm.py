@@ -168,3 +168,9 @@ def test_demo_shows_real_scores_and_recovery_for_every_variant(tmp_path: Path) -
     # Every row has a mean recovery (the base's is 1), so the plot places every model.
     assert base.mean_recovery == pytest.approx(1.0)
     assert result.report.plot.is_file() and result.report.plot.stat().st_size > 0
+    # energy modelled for L4, with its parts, in the report (labelled, never as measured)
+    assert all(r.modelled_energy_j is not None and r.modelled_energy_j > 0 for r in rows)
+    text = result.report.table.read_text()
+    assert "energy modelled for L4" in text and "not measured" in text
+    assert all(f"{r.model} {r.modelled_energy_j:.2f} J (prefill text" in text for r in rows)
+

@@ -34,8 +34,8 @@ matmuls) at the bf16 rate.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -212,13 +212,12 @@ class VisionCosts:
 
     def flops_at(self, soft_tokens: float) -> dict[Precision, float]:
         """FLOPs per image that becomes ``soft_tokens`` soft tokens, by precision (attention in bf16)."""
-        budget = soft_tokens
         n = self.patches(soft_tokens)
         out: dict[Precision, float] = {}
         for p, f in self.per_patch.items():
             out[p] = out.get(p, 0.0) + f * n
         for p, f in self.per_soft_token.items():
-            out[p] = out.get(p, 0.0) + f * budget
+            out[p] = out.get(p, 0.0) + f * soft_tokens
         out["bf16"] = out.get("bf16", 0.0) + sum(4.0 * w * n * n for w in self.attention_widths)
         return out
 
@@ -244,7 +243,6 @@ class CostTerms:
     attention: tuple[AttentionLayer, ...]
     vision: VisionCosts | None
     decode: TokenBytes
-    decode_parts: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def decoder_flops_per_token(self) -> float:
@@ -369,8 +367,8 @@ def cost_terms(
     source_head = any(n.rsplit(".", 1)[0] == head_name for n, _, _ in source)
     tied = tables.tied_to if tables and ties_head(config_json) else None
     decode = token_bytes(
-        [t for t in layout if not t[0].startswith(fam.not_modelled)] if fam.not_modelled else layout,
-        [t for t in source if not t[0].startswith(fam.not_modelled)] if fam.not_modelled else source,
+        [t for t in layout if not t[0].startswith(fam.not_modelled)],
+        [t for t in source if not t[0].startswith(fam.not_modelled)],
         names,
         head_name,
         None if stored_head else tied,
