@@ -59,6 +59,7 @@ def optimize_cmd(
     server_timeout: Annotated[float, typer.Option(help="vllm backend: seconds a server may take to become ready.")] = 900.0,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder for the built-in suite's images.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (candidates, what is cached, disk needed) and stop.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Quantize source weights holding NaN or inf instead of refusing them (recorded in each quant_recipe.json).")] = False,
 ) -> None:
     """Quantize a grid of W4A16 candidates, evaluate base and candidates, pick the cheapest that keeps the gate, write DIR/submission."""
     out = folder_arg(out_text)
@@ -89,6 +90,7 @@ def optimize_cmd(
         vllm_python=vllm_python,
         vllm_args=tuple(vllm_arg or ()),
         server_timeout_s=server_timeout,
+        allow_nonfinite=allow_nonfinite,
     )
     if dry_run:
         plan, store, _, _ = plan_optimize(model, config)
