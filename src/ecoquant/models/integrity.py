@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ecoquant.errors import EcoquantError
+from ecoquant.models.quant_config import quantization_block
 
 #: Bits per element of each safetensors dtype (the names of the format's spec,
 #: safetensors ``Dtype``). Sub-byte types pack elements into whole bytes.
@@ -71,6 +72,8 @@ def check_checkpoint(path: Path) -> None:
     A folder without safetensors weights (a config-only twin) passes: commands
     that need weights say so themselves.
     """
+    if (path / "config.json").is_file():
+        check_config_json(path)
     index = path / INDEX_FILE
     if index.is_file():
         mapped = read_index(index)
@@ -88,6 +91,18 @@ def check_checkpoint(path: Path) -> None:
         return
     for shard in sorted(path.glob("*.safetensors")):
         check_shard(shard)
+
+
+def check_config_json(path: Path) -> None:
+    """``config.json`` must be a JSON object, and its ``quantization_config``, if any, an object too."""
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_bytes())
+    except (ValueError, OSError) as exc:
+        raise EcoquantError(f"{config_path} is not valid JSON ({type(exc).__name__}); {_HINT}") from None
+    if not isinstance(config, dict):
+        raise EcoquantError(f"{config_path} is not a JSON object; {_HINT}")
+    quantization_block(config)  # one line when quantization_config is not an object
 
 
 def read_index(index: Path) -> dict[str, str]:

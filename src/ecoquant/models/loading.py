@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ecoquant.errors import EcoquantError
-from ecoquant.models.integrity import check_checkpoint
+from ecoquant.models.integrity import check_checkpoint, check_config_json
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -98,12 +98,15 @@ def _download(repo_id: str) -> Path:
 
 def load_config(path: Path) -> Any:
     """The transformers config of a model folder."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
+    check_config_json(path)
     try:
         return AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError) as exc:
-        raise EcoquantError(f"{path}/config.json is not a config transformers can read: {exc}") from None
+    except (ValueError, KeyError, OSError, TypeError, AttributeError, StrictDataclassError) as exc:  # odd values
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EcoquantError(f"{path}/config.json is not a config transformers can read: {why}") from None
 
 
 def model_class(config: Any) -> type[nn.Module]:
