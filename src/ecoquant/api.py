@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from ecoquant.errors import EcoquantError
 from ecoquant.export.compressed_tensors import QuantizeFn, export_checkpoint
+from ecoquant.export.finite import NonFiniteWeightsError, allow_nonfinite
 from ecoquant.export.recipe import build_recipe, hash_model_files
 from ecoquant.models.loading import resolve_model
 from ecoquant.plan import (  # noqa: F401 - plan_model, plan_footprint: part of this API since the start
@@ -103,6 +105,8 @@ class QuantizeConfig:
             the Per-Layer-Embedding table); None takes the preset's. Quantized tables untie the head.
         lm_head: ``bf16``, ``int4`` or ``int8`` for the output head (written untied when quantized);
             None takes the preset's.
+        allow_nonfinite: quantize source tensors holding NaN or inf instead of refusing them;
+            each such tensor and its counts go into the recipe's ``nonfinite_weights``.
 
     Tables and the head are always RTN (symmetric, the scheme's group size):
     they are read by row (embeddings) or once per token (the head), and the
@@ -131,6 +135,7 @@ class QuantizeConfig:
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     embeddings: TableBits | None = None
     lm_head: TableBits | None = None
+    allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -267,6 +272,8 @@ def quantize(
     # Calibration keeps its finished layers here (beside the output, same disk) until the
     # checkpoint is written: a killed run, rerun with the same command, resumes from them.
     work = _existing_parent(out) / f".{out.name}.calib"
+    guard = ExitStack()
+    nonfinite = guard.enter_context(allow_nonfinite()) if config.allow_nonfinite else None
     try:
         if not config.calibrated:
             quantize_fn: Any = lambda name, weight: rtn_quantize(weight, scheme)  # noqa: E731
@@ -323,6 +330,8 @@ def quantize(
                 else {"untied_from": tables.head.source, "scheme": None if tables.head.scheme is None else tables.head.scheme.to_dict()},
             }
             recipe_holder["bytes_per_token"] = plan_token_bytes(plan, scheme, tables).to_record()
+            if nonfinite is not None:
+                recipe_holder["nonfinite_weights"] = dict(sorted(nonfinite.items()))
             if grid_counts is not None:
                 n, m = grid_counts["groups"], grid_counts["exact_groups"]
                 recipe_holder["grid_observer"] = {"groups": n, "exact_groups": m, "share_exact": m / n if n else 0.0}
@@ -344,10 +353,15 @@ def quantize(
                 tables=tables.tables,
                 head=tables.head,
             )
+    except NonFiniteWeightsError:
+        shutil.rmtree(work, ignore_errors=True)  # layers calibrated on damaged weights are nothing to resume
+        raise
     except BaseException:
         if (work / "units").is_dir() and any((work / "units").iterdir()):
             console.print(f"calibration so far kept in {work}: rerun the same command to resume", highlight=False)
         raise
+    finally:
+        guard.close()
     shutil.rmtree(work, ignore_errors=True)
     return QuantizeResult(
         out=out,

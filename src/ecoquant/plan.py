@@ -49,7 +49,7 @@ def require_unquantized(path: Path) -> None:
     """
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return  # resolve_model / load_config report a missing or broken config with their own line
     qc = quantization_block(config)
     if qc:

@@ -2,8 +2,10 @@
 
 Commands live in small modules next to this one (``quantize.py``,
 ``fixtures.py``, ...). Each builds a typed config and calls one library
-function; :func:`run_guarded` turns :class:`~ecoquant.errors.EcoquantError`
-into one red line and exit code 2.
+function; :func:`guarded` turns :class:`~ecoquant.errors.EcoquantError`
+into one red line and exit code 2, and a stop (Ctrl-C, SIGTERM, SIGHUP: see
+:mod:`ecoquant.signals`) into one line and exit code 128 + the signal, after
+the command's own clean-up has run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import typer
 from rich.console import Console
 
 from ecoquant.errors import EcoquantError
+from ecoquant.signals import exit_code, stop_on_signals
 
 app = typer.Typer(
     name="ecoquant",
@@ -46,14 +49,18 @@ def folder_arg(text: str, flag: str = "--out") -> Path:
 
 
 def guarded(fn: Callable[P, R]) -> Callable[P, R]:
-    """Wrap a command so that user errors print one line and exit with code 2."""
+    """Wrap a command so that user errors print one line and exit with code 2, and signals stop it cleanly."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return fn(*args, **kwargs)
+            with stop_on_signals():
+                return fn(*args, **kwargs)
         except EcoquantError as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
+        except KeyboardInterrupt as exc:
+            console.print(f"[yellow]stopped[/] ({exc or 'Ctrl-C'}): temporary files removed", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=exit_code(exc)) from None
 
     return wrapper

@@ -1,16 +1,14 @@
 """``ecoquant optimize``: thin over :func:`ecoquant.optimize.optimize`.
 
 Options become an :class:`~ecoquant.optimize.OptimizeConfig`; ``--dry-run``
-prints :func:`~ecoquant.optimize.plan_optimize`'s plan and stops. SIGTERM is
-turned into the same clean stop as Ctrl-C, so a killed run leaves only
-finished results behind (and a rerun reuses them).
+prints :func:`~ecoquant.optimize.plan_optimize`'s plan and stops. SIGTERM and
+SIGHUP stop it as Ctrl-C does (:func:`~ecoquant.cli.app.guarded`), so a killed
+run leaves only finished results behind (and a rerun reuses them).
 """
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
-from types import FrameType
 from typing import Annotated
 
 import typer
@@ -24,13 +22,7 @@ from ecoquant.eval.backends.base import GENERATION_PRESETS, generation_settings
 from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.runner import EvalConfig
 from ecoquant.report.table import GATE_RECOVERY
-
-
-def _stop_on_sigterm() -> None:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
+from ecoquant.signals import exit_code
 
 
 @app.command("optimize")
@@ -64,6 +56,7 @@ def optimize_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (candidates, what is cached, disk needed) and stop.")] = False,
     target_gpu: Annotated[str, typer.Option(help=f"GPU the modelled energy is for ({', '.join(GPUS)}); the challenge serves on an L4.")] = DEFAULT_GPU,
     target_concurrency: Annotated[int, typer.Option(help="Requests the target server runs at once, for the modelled energy (1: one at a time, the worst case).")] = 1,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Quantize source weights holding NaN or inf instead of refusing them (recorded in each quant_recipe.json).")] = False,
 ) -> None:
     """Quantize a grid of W4A16 candidates, evaluate base and candidates, pick the cheapest that keeps the gate, write DIR/submission."""
     out = folder_arg(out_text)
@@ -98,6 +91,7 @@ def optimize_cmd(
         vllm_python=vllm_python,
         vllm_args=tuple(vllm_arg or ()),
         server_timeout_s=server_timeout,
+        allow_nonfinite=allow_nonfinite,
     )
     if dry_run:
         plan, store, _, _ = plan_optimize(model, config)
@@ -122,12 +116,11 @@ def optimize_cmd(
             soft_wrap=True,
         )
         return
-    _stop_on_sigterm()
     try:
         result = optimize(model, config, console=console)
-    except KeyboardInterrupt:
-        console.print(f"[yellow]stopped[/]: finished work is kept in {out}; rerun the same command to resume", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=130) from None
+    except KeyboardInterrupt as exc:
+        console.print(f"[yellow]stopped[/] ({exc or 'Ctrl-C'}): finished work is kept in {out}; rerun the same command to resume", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=exit_code(exc)) from None
     typer.echo((result.results.parent / "report.md").read_text(encoding="utf-8"))
     console.print(result.choice.summary(), highlight=False, soft_wrap=True)
     if result.submission is None:

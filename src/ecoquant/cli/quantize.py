@@ -56,6 +56,7 @@ def quantize_cmd(
     calib_dtype: Annotated[str, typer.Option(help="gptq/awq: dtype of the calibration forwards: auto (the checkpoint's on GPU, and bf16 on CPUs with AVX512-BF16/AMX: about 2x faster forwards; float32 on other CPUs), float32 (exact against the references), or bfloat16. Solves and Hessians stay float32.")] = "auto",
     seed: Annotated[int, typer.Option(help="gptq/awq: seed for sample selection.")] = 42,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Quantize source weights holding NaN or inf instead of refusing them (recorded in quant_recipe.json).")] = False,
 ) -> None:
     """Quantize a model's language stack to int4 (W4A16) as a compressed-tensors pack-quantized checkpoint."""
     from ecoquant.api import QuantizeConfig, default_dampening, default_observer, default_scale_passes, quantize
@@ -84,6 +85,7 @@ def quantize_cmd(
         compute_dtype=calib_dtype,  # type: ignore[arg-type]
         embeddings=embeddings,  # type: ignore[arg-type]
         lm_head=lm_head,  # type: ignore[arg-type]
+        allow_nonfinite=allow_nonfinite,
     )
     result = quantize(model, out, config, show_progress=progress)
     console.print(

@@ -41,11 +41,16 @@ def image_processor_type(model: Path) -> str | None:
             continue
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            continue
-        kind = (data.get("image_processor") or {}).get("image_processor_type") or data.get("image_processor_type")
+        except ValueError:  # not JSON, or not UTF-8
+            raise EcoquantError(f"{path} is not valid JSON; the file is damaged") from None
+        if not isinstance(data, dict):
+            raise EcoquantError(f"{path} is not a JSON object; the file is damaged")
+        nested = data.get("image_processor")
+        kind = (nested.get("image_processor_type") if isinstance(nested, dict) else None) or data.get("image_processor_type")
         if kind:
-            return str(kind)
+            if not isinstance(kind, str):
+                raise EcoquantError(f"{path}: image_processor_type is {kind!r}, not a class name")
+            return kind
     return None
 
 

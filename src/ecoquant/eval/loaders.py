@@ -150,26 +150,29 @@ def load_jsonl(path: Path | str) -> Suite:
     if not path.is_file():
         raise EcoquantError(f"suite file not found: {path}")
     tasks: dict[str, tuple[dict[str, Any], list[Sample]]] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _row_error(path, lineno, f"invalid JSON ({exc.msg})") from exc
-            name, settings, sample = _parse_row(row, path, lineno)
-            first, samples = tasks.setdefault(name, (settings, []))
-            for key in _TASK_KEYS:
-                if settings[key] != first[key]:
-                    raise _row_error(
-                        path,
-                        lineno,
-                        f"task {name!r}: {key}={settings[key]!r} differs from its first row ({first[key]!r})",
-                    )
-            if any(s.id == sample.id for s in samples):
-                raise _row_error(path, lineno, f"task {name!r}: duplicate id {sample.id!r}")
-            samples.append(sample)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EcoquantError(f"{path} is not UTF-8 text (byte {exc.start}); a suite is JSON lines") from None
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _row_error(path, lineno, f"invalid JSON ({exc.msg})") from exc
+        name, settings, sample = _parse_row(row, path, lineno)
+        first, samples = tasks.setdefault(name, (settings, []))
+        for key in _TASK_KEYS:
+            if settings[key] != first[key]:
+                raise _row_error(
+                    path,
+                    lineno,
+                    f"task {name!r}: {key}={settings[key]!r} differs from its first row ({first[key]!r})",
+                )
+        if any(s.id == sample.id for s in samples):
+            raise _row_error(path, lineno, f"task {name!r}: duplicate id {sample.id!r}")
+        samples.append(sample)
     if not tasks:
         raise EcoquantError(f"{path} has no samples; see docs/tasks.md for the JSONL schema")
     return Suite(

@@ -50,6 +50,7 @@ from ecoquant.models.loading import SIDECAR_FILES, TensorInfo, shard_files, shar
 from ecoquant.models.selection import Selection
 from ecoquant.quantize.primitives import QuantizedWeight, check_group_size
 from ecoquant.quantize.scheme import QuantScheme
+from ecoquant.scratch import disown, owned_tempdir
 
 QuantizeFn = Callable[[str, torch.Tensor], QuantizedWeight]
 
@@ -264,10 +265,10 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     out = out.expanduser().resolve()
     if out.exists() and not overwrite:
         raise EcoquantError(f"{out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = owned_tempdir(out.parent, f".{out.name}.partial-")  # clears those a killed run left
     try:
         yield tmp
+        disown(tmp)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "old")

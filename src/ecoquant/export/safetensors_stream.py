@@ -13,6 +13,7 @@ the safetensors library in the tests.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import BinaryIO
 import torch
 
 from ecoquant.errors import EcoquantError
+from ecoquant.export.finite import NonFinite, check_finite, count_nonfinite, report_nonfinite
 from ecoquant.models.loading import TensorInfo
 
 DTYPES: dict[str, torch.dtype] = {
@@ -40,13 +42,39 @@ _CHUNK = 64 << 20  # bytes per read when copying a tensor unchanged
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """One tensor, read with a plain file read (no memory map)."""
+    """One tensor, read with a plain file read (no memory map).
+
+    Raises:
+        EcoquantError: the header entry's byte length is not ``shape x dtype``,
+            the file ends before the tensor does (never uninitialized memory in its place),
+            or the tensor holds NaN or inf (see :func:`check_finite`).
+    """
+    dtype = _torch_dtype(info)
+    expected = math.prod(info.shape) * dtype.itemsize
+    if info.nbytes != expected:
+        raise EcoquantError(
+            f"{info.shard}: tensor {info.name} is {info.dtype}{list(info.shape)} ({expected} bytes) "
+            f"but its header gives {info.nbytes} bytes; the file is damaged"
+        )
+    buf = bytearray(expected)
     with info.shard.open("rb") as f:
         f.seek(info.start)
-        buf = bytearray(f.read(info.nbytes))
-    if not buf:
-        return torch.empty(info.shape, dtype=DTYPES[info.dtype])
-    return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+        got = f.readinto(buf) if expected else 0
+    if got != expected:
+        raise EcoquantError(
+            f"{info.shard}: tensor {info.name} is cut off ({got} of {expected} bytes in the file); "
+            "the file is damaged or was not fully downloaded"
+        )
+    value = torch.frombuffer(buf, dtype=dtype).reshape(info.shape) if expected else torch.zeros(info.shape, dtype=dtype)
+    check_finite(info.name, value)
+    return value
+
+
+def _torch_dtype(info: TensorInfo) -> torch.dtype:
+    dtype = DTYPES.get(info.dtype)
+    if dtype is None:
+        raise EcoquantError(f"{info.shard}: tensor {info.name} has dtype {info.dtype}, which ecoquant cannot read")
+    return dtype
 
 
 def read_rows(info: TensorInfo, rows: torch.Tensor) -> torch.Tensor:
@@ -66,7 +94,10 @@ def read_rows(info: TensorInfo, rows: torch.Tensor) -> torch.Tensor:
     if ids and (ids[0] < 0 or ids[-1] >= n):
         bad = ids[0] if ids[0] < 0 else ids[-1]
         raise EcoquantError(f"token id {bad} is outside {info.name} ({n} rows); the data and the model's vocabulary differ")
-    row_bytes = info.nbytes // n if n else 0
+    dtype = _torch_dtype(info)
+    row_bytes = math.prod(info.shape[1:]) * dtype.itemsize
+    if info.nbytes != n * row_bytes:
+        raise EcoquantError(f"{info.shard}: tensor {info.name}'s header gives {info.nbytes} bytes, not {n} rows of {row_bytes}")
     buf = bytearray(len(ids) * row_bytes)
     view = memoryview(buf)
     with info.shard.open("rb") as f:
@@ -76,11 +107,15 @@ def read_rows(info: TensorInfo, rows: torch.Tensor) -> torch.Tensor:
             while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
                 j += 1
             f.seek(info.start + ids[i] * row_bytes)
-            f.readinto(view[i * row_bytes : (j + 1) * row_bytes])
+            want = (j + 1 - i) * row_bytes
+            if f.readinto(view[i * row_bytes : (j + 1) * row_bytes]) != want:
+                raise EcoquantError(f"{info.shard}: tensor {info.name} is cut off; the file is damaged or was not fully downloaded")
             i = j + 1
     if not buf:
-        return torch.empty((len(ids), *info.shape[1:]), dtype=DTYPES[info.dtype])
-    return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(len(ids), *info.shape[1:])
+        return torch.zeros((len(ids), *info.shape[1:]), dtype=dtype)
+    rows_read = torch.frombuffer(buf, dtype=dtype).reshape(len(ids), *info.shape[1:])
+    check_finite(info.name, rows_read)
+    return rows_read
 
 
 @dataclass(frozen=True)
@@ -142,13 +177,22 @@ def write_streaming(
 
 def _write_one(f: BinaryIO, t: PlannedTensor) -> None:
     if t.source is not None:
+        dtype = _torch_dtype(t.source)
+        counts = NonFinite()
+        buf = bytearray(min(_CHUNK, t.source.nbytes))
+        view = memoryview(buf)
         with t.source.shard.open("rb") as src:
             src.seek(t.source.start)
             left = t.source.nbytes
             while left:
-                chunk = src.read(min(_CHUNK, left))
-                f.write(chunk)
-                left -= len(chunk)
+                got = src.readinto(view[: min(_CHUNK, left)])
+                if not got:
+                    raise EcoquantError(f"{t.source.shard}: tensor {t.name} is cut off; the file is damaged or was not fully downloaded")
+                if dtype.is_floating_point:  # the bytes are in memory anyway: count NaN/inf on the way through
+                    counts += count_nonfinite(torch.frombuffer(buf, dtype=dtype, count=got // dtype.itemsize))
+                f.write(view[:got])
+                left -= got
+        report_nonfinite(t.source.name, counts)
         return
     if t.produce_rows is not None:
         written = 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +37,7 @@ from ecoquant.models.loading import SIDECAR_FILES, shard_files, shard_tensors
 from ecoquant.models.quant_config import quantization_block
 from ecoquant.quantize.primitives import dequantize
 from ecoquant.quantize.scheme import QuantScheme
+from ecoquant.scratch import owned_tempdir
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
@@ -159,7 +159,7 @@ def loadable(path: Path, dense: bool = False) -> Iterator[tuple[Path, dict[str, 
     if not needs_dense_copy(path, dense):
         yield path, quantized_load_kwargs(path, dense)
         return
-    tmp = Path(tempfile.mkdtemp(prefix=".ecoquant-dense-", dir=path.parent))
+    tmp = owned_tempdir(path.parent, ".ecoquant-dense-")
     try:
         yield write_dense_copy(path, tmp / path.name), {}
     finally:

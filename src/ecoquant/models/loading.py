@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ecoquant.errors import EcoquantError
+from ecoquant.models.integrity import check_checkpoint, check_config_json
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -44,11 +45,22 @@ def is_hub_id(text: str) -> bool:
 
 
 def resolve_model(model: str | Path) -> Path:
-    """A local folder holding ``config.json`` for ``model`` (downloading a hub id if reachable).
+    """A local folder holding ``config.json`` for ``model`` (downloading a hub id if reachable), checked whole.
+
+    Every command that reads a model opens it here, so every command gets the
+    header and size checks of :func:`ecoquant.models.integrity.check_checkpoint`
+    before any work.
 
     Raises:
-        EcoquantError: the path does not exist, is not a model folder, or the hub is unreachable.
+        EcoquantError: the path does not exist, is not a model folder, the hub is
+            unreachable, or a weight file is damaged.
     """
+    path = _locate(model)
+    check_checkpoint(path)
+    return path
+
+
+def _locate(model: str | Path) -> Path:
     if not str(model).strip():
         raise EcoquantError("MODEL is empty; pass a model folder (with config.json) or a hub id")
     path = Path(model).expanduser()
@@ -86,12 +98,15 @@ def _download(repo_id: str) -> Path:
 
 def load_config(path: Path) -> Any:
     """The transformers config of a model folder."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
+    check_config_json(path)
     try:
         return AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError) as exc:
-        raise EcoquantError(f"{path}/config.json is not a config transformers can read: {exc}") from None
+    except (ValueError, KeyError, OSError, TypeError, AttributeError, StrictDataclassError) as exc:  # odd values
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EcoquantError(f"{path}/config.json is not a config transformers can read: {why}") from None
 
 
 def model_class(config: Any) -> type[nn.Module]:

@@ -10,9 +10,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ecoquant.errors import EcoquantError
+
 
 def quantization_block(config: Mapping[str, Any]) -> dict[str, Any] | None:
     """``config.json``'s ``quantization_config`` (top level, else the text config's), or None for a plain model."""
+    if not isinstance(config, Mapping):
+        return None
     text = config.get("text_config")
     qc = config.get("quantization_config") or (text.get("quantization_config") if isinstance(text, Mapping) else None)
+    if qc and not isinstance(qc, Mapping):
+        raise EcoquantError(f"config.json's quantization_config is a {type(qc).__name__}, not an object")
     return dict(qc) if qc else None

@@ -261,7 +261,10 @@ def grid_from_mapping(data: Any, source: str = "grid") -> Grid:
         axes = {k: (v if isinstance(v, list) else [v]) for k, v in product.items()}
         for combo in itertools.product(*axes.values()):
             candidates.append(_candidate(dict(zip(axes, combo, strict=True)), f"{source} grid:"))
-    for i, spec in enumerate(data.get("candidates") or ()):
+    specs = data.get("candidates") or []
+    if not isinstance(specs, list):
+        raise EcoquantError(f"{source}: candidates: must be a list of candidate mappings")
+    for i, spec in enumerate(specs):
         candidates.append(_candidate(spec, f"{source} candidates[{i}]"))
     calib = data.get("calibration") or {}
     if not isinstance(calib, Mapping):

@@ -48,6 +48,7 @@ class OptimizeConfig:
         gpus: NVML indices; more than one evaluates candidates in parallel, one per GPU, each metered alone.
         repo_id: the submission's ``vllm_config.yaml`` names this as ``model`` (default: ``.``, the folder itself).
         vllm_python, vllm_args, server_timeout_s: for ``--backend vllm``.
+        allow_nonfinite: quantize source weights holding NaN or inf (recorded in each recipe) instead of refusing.
     """
 
     out: Path
@@ -63,6 +64,7 @@ class OptimizeConfig:
     vllm_python: Path | None = None
     vllm_args: tuple[str, ...] = ()
     server_timeout_s: float = 900.0
+    allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out).expanduser())

@@ -113,6 +113,7 @@ def _quantize_job(job: Job, plan: Plan, store: Store, config: OptimizeConfig, st
                 calibration=plan.grid.calibration,
                 gptq=GPTQConfig(scale_passes=c.passes, dampening_frac=c.damp),
                 device=config.quant_device,
+                allow_nonfinite=config.allow_nonfinite,
             ),
             show_progress=show,
         )

@@ -296,9 +296,12 @@ def _yaml_value(value: Any, parse: bool = False) -> Any:
 def checkpoint_config(path: Path) -> dict[str, Any]:
     """``config.json`` as plain JSON (no transformers: the keys vLLM itself reads)."""
     try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         raise EcoquantError(f"{path}/config.json cannot be read ({exc}); DIR must be a model folder") from None
+    if not isinstance(config, dict):
+        raise EcoquantError(f"{path}/config.json is not a JSON object; DIR must be a model folder")
+    return config
 
 
 def quantization_format(config: Mapping[str, Any]) -> str | None:

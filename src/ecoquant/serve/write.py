@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ecoquant.errors import EcoquantError
+from ecoquant.models.integrity import check_checkpoint
 from ecoquant.serve.config import (
     CONFIG_FILE,
     ServeConfig,
@@ -51,6 +52,7 @@ def write_serve_config(
     model_path = Path(path).expanduser()
     if not (model_path / "config.json").is_file():
         raise EcoquantError(f"{model_path} is not a model folder (no config.json); pass a checkpoint folder")
+    check_checkpoint(model_path)
     out_dir = Path(out).expanduser() if out is not None else model_path
     with_card = card and (options.nf4 or quantization_format(checkpoint_config(model_path)) is not None)
     if with_card:
