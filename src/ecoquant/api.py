@@ -84,7 +84,9 @@ class QuantizeConfig:
 
     Attributes:
         method: ``rtn`` (data-free), ``gptq`` or ``awq`` (calibrated, layer by layer).
-        scheme: bits, group size, symmetry and observer.
+        scheme: bits, group size, symmetry and observer; weight type and activation bits for W8A8
+            (``ecoquant.quantize.scheme.SCHEMES`` names the three: ``w4a16``, the default,
+            ``w8a8-fp8`` and ``w8a8-int8``).
         preset: a named module selection, or ``auto`` (by model type).
         targets: replaces the preset's targets when non-empty.
         ignore: added to the preset's ignore list.
@@ -143,6 +145,10 @@ class QuantizeConfig:
             raise EcoquantError(
                 f"the grid observer keeps weights already on an int4 grid and works with --method rtn only, "
                 f"not {self.method} (which would move them off it)"
+            )
+        if self.scheme.type == "float" and self.method != "rtn":
+            raise EcoquantError(
+                f"FP8 weights are data-free (min-max scales, a cast per weight); use --method rtn, not {self.method}"
             )
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise EcoquantError(f"unknown compute dtype {self.compute_dtype!r}; use auto, float32 or bfloat16")
@@ -329,7 +335,7 @@ def quantize(
             return recipe_holder
 
         t_write = time.perf_counter()
-        with progress_bar(f"{config.method} W{scheme.num_bits}A16 export", len(plan.selection), show_progress) as advance:
+        with progress_bar(f"{config.method} {scheme.label} export", len(plan.selection), show_progress) as advance:
             sizes = export_checkpoint(
                 path,
                 out,

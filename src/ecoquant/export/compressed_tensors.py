@@ -1,4 +1,5 @@
-"""Write a compressed-tensors ``pack-quantized`` checkpoint, shard by shard.
+"""Write a compressed-tensors checkpoint (``pack-quantized``, or W8A8's ``int-quantized`` /
+``float-quantized``), shard by shard.
 
 The output is what llmcompressor writes for W4A16 and what vLLM's
 ``CompressedTensorsWNA16`` loader (Marlin kernels) and transformers read with
@@ -12,6 +13,13 @@ no ``quantization=`` argument: for every quantized Linear ``X``,
 and ``config.json`` gains a ``quantization_config`` built from compressed-tensors'
 own ``QuantizationConfig`` with the unquantized Linears listed in ``ignore``
 (as llmcompressor lists them).
+
+W8A8 schemes (:data:`ecoquant.quantize.scheme.SCHEMES`) write ``X.weight`` as
+int8 or FP8 E4M3 codes and ``X.weight_scale`` ``[out, 1]`` instead, with the
+config group's ``input_activations`` (dynamic, per token) taken from
+compressed-tensors' ``W8A8`` / ``FP8_DYNAMIC`` presets. Groups of different
+formats (W8A8 Linears beside packed int4 tables) make the top-level format
+``mixed-precision``, each group naming its own.
 
 Token tables (:mod:`ecoquant.models.tables`) may be quantized too, in the
 same packed layout along their width (what vLLM's
@@ -79,11 +87,19 @@ class HeadSpec:
 def packed_entries(module: str, shape: tuple[int, int], dtype: str, scheme: QuantScheme) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Names, dtypes and shapes of the tensors that replace ``module.weight``.
 
+    Weight-only schemes (``pack-quantized``): ``weight_packed`` int32 words, ``weight_scale``,
+    ``weight_shape`` (and ``weight_zero_point`` when asymmetric). W8A8 (``int-quantized`` /
+    ``float-quantized``): ``weight`` itself as int8 / FP8 E4M3 codes and ``weight_scale``
+    ``[out, 1]``: what llmcompressor writes and vLLM's W8A8 loaders read.
+
     Shared by the writer (to plan headers) and the footprint arithmetic (to
     price a checkpoint that does not exist yet, such as the E4B shape twin).
     """
     out_f, in_f = shape
     groups = scheme.groups_for(in_f)
+    if scheme.format != "pack-quantized":
+        code = "F8_E4M3" if scheme.type == "float" else "I8"
+        return {f"{module}.weight": (code, (out_f, in_f)), f"{module}.weight_scale": (dtype, (out_f, groups))}
     entries = {
         f"{module}.weight_packed": ("I32", (out_f, math.ceil(in_f * scheme.num_bits / 32))),
         f"{module}.weight_scale": (dtype, (out_f, groups)),
@@ -95,7 +111,10 @@ def packed_entries(module: str, shape: tuple[int, int], dtype: str, scheme: Quan
 
 
 def pack(qw: QuantizedWeight, scheme: QuantScheme, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A module's quantized tensors, packed with compressed-tensors' own ``pack_to_int32``."""
+    """A module's quantized tensors: packed with compressed-tensors' own ``pack_to_int32``, or for
+    W8A8 the one-byte codes as they are (the ``naive`` compressors' layout)."""
+    if scheme.format != "pack-quantized":
+        return {"weight": qw.q, "weight_scale": qw.scale.to(scale_dtype)}
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     tensors = {
@@ -121,26 +140,22 @@ def quantization_config(
     scheme naming their modules; a quantized head gets its own group.
     """
     import compressed_tensors
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization import QuantizationConfig
 
-    groups = {
-        "group_0": QuantizationScheme(targets=["Linear"], weights=scheme.to_quantization_args(), format="pack-quantized")
-    }
+    groups = {"group_0": scheme.to_quantization_scheme(["Linear"])}
     by_scheme: dict[QuantScheme, list[str]] = {}
     for module, table_scheme in (tables or {}).items():
         by_scheme.setdefault(table_scheme, []).append(module)
     for i, (table_scheme, modules) in enumerate(by_scheme.items()):
-        groups[f"embeddings_{i}"] = QuantizationScheme(
-            targets=sorted(modules), weights=table_scheme.to_quantization_args(), format="pack-quantized"
-        )
+        groups[f"embeddings_{i}"] = table_scheme.to_quantization_scheme(sorted(modules))
     if head is not None and head.scheme is not None:
-        groups["lm_head"] = QuantizationScheme(
-            targets=[HEAD_TARGET], weights=head.scheme.to_quantization_args(), format="pack-quantized"
-        )
+        groups["lm_head"] = head.scheme.to_quantization_scheme([HEAD_TARGET])
         ignore = [n for n in ignore if n != head.module]
+    formats = {g.format for g in groups.values()}
     config = QuantizationConfig(
         config_groups=groups,
-        format="pack-quantized",
+        # One format for all: that one (what llmcompressor writes); several: each group names its own.
+        format=formats.pop() if len(formats) == 1 else "mixed-precision",
         quantization_status="compressed",
         ignore=ignore,
     )
@@ -295,7 +310,7 @@ def export_checkpoint(
     tables: Mapping[str, QuantScheme] | None = None,
     head: HeadSpec | None = None,
 ) -> dict[str, int]:
-    """Stream ``source`` into a pack-quantized checkpoint at ``out``; return byte counts.
+    """Stream ``source`` into a compressed-tensors checkpoint at ``out``; return byte counts.
 
     Args:
         source: model folder with config.json and safetensors weights.
@@ -327,8 +342,8 @@ def export_checkpoint(
             planned = plan_shard(infos, selection, scheme, quantize_fn, replace, tables, head)
 
             def written(t: PlannedTensor) -> None:
-                if t.name.endswith(".weight_shape"):
-                    module = t.name.removesuffix(".weight_shape")
+                if t.name.endswith(".weight_scale"):  # every format writes one scale tensor per module
+                    module = t.name.removesuffix(".weight_scale")
                     seen.add(module)
                     if on_module is not None:
                         on_module(module)
