@@ -22,6 +22,7 @@ from ecoquant.models.loading import resolve_model
 from ecoquant.plan import (  # noqa: F401 - plan_model, plan_footprint: part of this API since the start
     ModelPlan,
     TableBits,
+    check_components,
     check_plan,
     plan_footprint,
     plan_model,
@@ -40,6 +41,7 @@ from ecoquant.quantize.defaults import (  # noqa: F401 - part of this API
     default_scale_passes,
 )
 from ecoquant.quantize.gptq import GPTQConfig
+from ecoquant.models.components import component_schemes, plan_components
 from ecoquant.models.topology import require_awq_mappings, topology_for
 from ecoquant.quantize.rtn import rtn_quantize, rtn_quantize_counting_grid
 from ecoquant.quantize.scheme import ACTIVATION_AWARE, QuantScheme
@@ -105,6 +107,11 @@ class QuantizeConfig:
             the Per-Layer-Embedding table); None takes the preset's. Quantized tables untie the head.
         lm_head: ``bf16``, ``int4`` or ``int8`` for the output head (written untied when quantized);
             None takes the preset's.
+        vision_scheme, audio_scheme: a scheme of their own for the vision / audio tower with its
+            embedder (None: bf16, as the presets keep them), each written as its own config group,
+            always by RTN (calibration walks decoder layers only). Example: decoder W4A16 with the
+            vision tower W8A8 (``SCHEMES["w8a8-int8"]``). Refused, with vLLM's reason, where vLLM
+            would build the towers in bf16 (:mod:`ecoquant.models.components`).
 
     Tables and the head are always RTN (symmetric, the scheme's group size):
     they are read by row (embeddings) or once per token (the head), and the
@@ -133,6 +140,8 @@ class QuantizeConfig:
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     embeddings: TableBits | None = None
     lm_head: TableBits | None = None
+    vision_scheme: QuantScheme | None = None
+    audio_scheme: QuantScheme | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -256,6 +265,11 @@ def quantize(
     tables = plan_tables(
         plan, config.scheme, config.embeddings or plan.preset.embeddings, config.lm_head or plan.preset.lm_head
     )
+    components = plan_components(
+        plan.model, plan.config, {"vision": config.vision_scheme, "audio": config.audio_scheme}, frozenset(plan.selection.modules)
+    )
+    towers = component_schemes(components)
+    check_components(plan, components)
     if config.method in ("awq", "awq-gptq"):  # before hashing the source and loading calibration data
         require_awq_mappings(topology_for(plan.config), plan.config)
     console = Console(stderr=True, soft_wrap=True)  # log lines stay whole off a terminal
@@ -299,6 +313,9 @@ def quantize(
             if config.method in ("awq", "awq-gptq"):
                 settings.update(asdict(config.awq))
             method_config = {"settings": settings, "device": config.device, "stats": result.stats}
+        if towers:  # tower Linears are RTN with their component's scheme, whatever the decoder's method
+            decoder_fn = quantize_fn
+            quantize_fn = lambda name, weight: rtn_quantize(weight, towers[name]) if name in towers else decoder_fn(name, weight)  # noqa: E731
         recipe_holder: dict[str, Any] = {}
 
         def recipe(sizes: dict[str, int]) -> dict[str, Any]:
@@ -329,6 +346,10 @@ def quantize(
                 else {"untied_from": tables.head.source, "scheme": None if tables.head.scheme is None else tables.head.scheme.to_dict()},
             }
             recipe_holder["bytes_per_token"] = plan_token_bytes(plan, scheme, tables).to_record()
+            if components:
+                recipe_holder["components"] = {
+                    c.name: {"scheme": c.scheme.to_dict(), "method": "rtn", "modules": len(c.modules)} for c in components
+                }
             if grid_counts is not None:
                 n, m = grid_counts["groups"], grid_counts["exact_groups"]
                 recipe_holder["grid_observer"] = {"groups": n, "exact_groups": m, "share_exact": m / n if n else 0.0}
@@ -349,6 +370,7 @@ def quantize(
                 on_module=advance,
                 tables=tables.tables,
                 head=tables.head,
+                components=components,
             )
     except BaseException:
         if (work / "units").is_dir() and any((work / "units").iterdir()):

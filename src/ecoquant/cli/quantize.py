@@ -39,6 +39,8 @@ def quantize_cmd(
     model: Annotated[str, typer.Argument(help="Model folder (with config.json and safetensors) or hub id.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to create.")],
     scheme: Annotated[str, typer.Option(help=f"What the decoder's Linears become: {', '.join(SCHEMES)}. w4a16: int4 weights, 16-bit activations (the default; decode-bound serving). w8a8-fp8: FP8 E4M3 weights per output channel, FP8 activations per token at run time (rtn only; vLLM on Ada/Hopper). w8a8-int8: int8 weights per output channel, int8 activations per token (rtn or gptq; vLLM on Turing+ and x86 CPUs). W8A8 runs prefill on 8-bit tensor cores.")] = "w4a16",
+    vision_scheme: Annotated[str, typer.Option(help=f"The vision tower and its embedder: bf16 (default) or {', '.join(SCHEMES)}, in a config group of its own, by RTN (e.g. --scheme w4a16 --vision-scheme w8a8-int8: the tower's prefill on 8-bit tensor cores). Refused where vLLM would build the towers in bf16 (Gemma-4: vision hidden/intermediate sizes not multiples of 64).")] = "bf16",
+    audio_scheme: Annotated[str, typer.Option(help=f"The audio tower and its embedder: bf16 (default) or {', '.join(SCHEMES)}, as --vision-scheme.")] = "bf16",
     method: Annotated[str, typer.Option(help="rtn (data-free unless --observer hessian), gptq, awq, or awq-gptq (AWQ smoothing, then GPTQ); calibrated ones run layer by layer and resume a killed run when rerun.")] = "rtn",
     observer: Annotated[str | None, typer.Option(help="Scale choice: minmax, mse (per-group clipping search), hessian (that search weighted by each input's calibration energy: output error, not weight error; calibrates, also with rtn), or grid (keep weights already on a symmetric int4 grid, e.g. QAT q4_0 with --group-size 32; rtn only). Default: hessian for gptq and awq-gptq (closest to bf16 outside the calibration text's domain), minmax otherwise.")] = None,
     group_size: Annotated[int | None, typer.Option(help="Input channels per scale: 32, 64, 128, or -1 per channel. Default: the scheme's (128 for w4a16; W8A8 is per channel only).")] = None,
@@ -89,6 +91,8 @@ def quantize_cmd(
         compute_dtype=calib_dtype,  # type: ignore[arg-type]
         embeddings=embeddings,  # type: ignore[arg-type]
         lm_head=lm_head,  # type: ignore[arg-type]
+        vision_scheme=None if vision_scheme == "bf16" else named_scheme(vision_scheme),
+        audio_scheme=None if audio_scheme == "bf16" else named_scheme(audio_scheme),
     )
     result = quantize(model, out, config, show_progress=progress)
     console.print(

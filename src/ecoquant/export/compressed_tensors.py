@@ -54,6 +54,7 @@ import torch
 
 from ecoquant.errors import EcoquantError
 from ecoquant.export.safetensors_stream import DTYPE_NAMES, PlannedTensor, read_tensor, write_streaming
+from ecoquant.models.components import ComponentSpec, component_schemes
 from ecoquant.models.loading import SIDECAR_FILES, TensorInfo, shard_files, shard_tensors
 from ecoquant.models.selection import Selection
 from ecoquant.quantize.primitives import QuantizedWeight, check_group_size
@@ -133,11 +134,13 @@ def quantization_config(
     ignore: list[str],
     tables: Mapping[str, QuantScheme] | None = None,
     head: HeadSpec | None = None,
+    components: tuple[ComponentSpec, ...] = (),
 ) -> dict[str, Any]:
     """The ``quantization_config`` block of ``config.json``, built by compressed-tensors.
 
     ``group_0`` targets every Linear (minus ``ignore``); quantized token tables get one group per
-    scheme naming their modules; a quantized head gets its own group.
+    scheme naming their modules; a quantized head gets its own group; so does each component
+    quantized with its own scheme (``vision``, ``audio``), naming its modules (which then leave ``ignore``).
     """
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig
@@ -151,6 +154,10 @@ def quantization_config(
     if head is not None and head.scheme is not None:
         groups["lm_head"] = head.scheme.to_quantization_scheme([HEAD_TARGET])
         ignore = [n for n in ignore if n != head.module]
+    for component in components:
+        groups[component.name] = component.scheme.to_quantization_scheme(sorted(component.modules))
+    in_component = set(component_schemes(components))
+    ignore = [n for n in ignore if n not in in_component]
     formats = {g.format for g in groups.values()}
     config = QuantizationConfig(
         config_groups=groups,
@@ -193,6 +200,7 @@ def tensor_fates(
     scheme: QuantScheme,
     tables: Mapping[str, QuantScheme],
     head: HeadSpec | None,
+    components: Mapping[str, QuantScheme] | None = None,
 ) -> list[TensorFate]:
     """Where one source tensor goes: shared by the writer and the footprint arithmetic, so the two cannot drift.
 
@@ -209,6 +217,8 @@ def tensor_fates(
         fates.append(TensorFate("table", module, tables[module]))
     elif name.endswith(".weight") and module in selection:
         fates.append(TensorFate("linear", module, scheme))
+    elif name.endswith(".weight") and components and module in components:  # a tower Linear, with its component's scheme
+        fates.append(TensorFate("linear", module, components[module]))
     else:
         fates.append(TensorFate("copy", name))
     return fates
@@ -222,12 +232,13 @@ def plan_shard(
     replace: Mapping[str, torch.Tensor],
     tables: Mapping[str, QuantScheme] | None = None,
     head: HeadSpec | None = None,
+    components: Mapping[str, QuantScheme] | None = None,
 ) -> list[PlannedTensor]:
     """What one output shard holds: packed tensors for selected modules and tables, the rest copied or replaced;
     plus the untied head beside the embedding it is written from."""
     planned: list[PlannedTensor] = []
     for info in infos:
-        for fate in tensor_fates(info.name, selection, scheme, tables or {}, head):
+        for fate in tensor_fates(info.name, selection, scheme, tables or {}, head, components):
             if fate.kind == "copy":
                 value = replace.get(info.name)
                 if value is None:
@@ -309,6 +320,7 @@ def export_checkpoint(
     on_module: Callable[[str], None] | None = None,
     tables: Mapping[str, QuantScheme] | None = None,
     head: HeadSpec | None = None,
+    components: tuple[ComponentSpec, ...] = (),
 ) -> dict[str, int]:
     """Stream ``source`` into a compressed-tensors checkpoint at ``out``; return byte counts.
 
@@ -326,6 +338,7 @@ def export_checkpoint(
         on_module: progress callback, called after each quantized module is written.
         tables: token tables to quantize (RTN), module -> scheme (see the module docstring).
         head: an untied head to write from its embedding (needed when an embedding it is tied to is quantized).
+        components: towers quantized with their own schemes; ``quantize_fn`` is called for their modules too.
 
     Returns:
         ``{"source_bytes": ..., "output_bytes": ..., "quantized_modules": ...}``.
@@ -339,7 +352,7 @@ def export_checkpoint(
         for shard in shards:
             infos = shard_tensors(shard)
             source_bytes += sum(i.nbytes for i in infos)
-            planned = plan_shard(infos, selection, scheme, quantize_fn, replace, tables, head)
+            planned = plan_shard(infos, selection, scheme, quantize_fn, replace, tables, head, component_schemes(components))
 
             def written(t: PlannedTensor) -> None:
                 if t.name.endswith(".weight_scale"):  # every format writes one scale tensor per module
@@ -350,7 +363,10 @@ def export_checkpoint(
 
             output_bytes += write_streaming(tmp / shard.name, planned, {"format": "pt"}, on_tensor=written)
             weight_map.update({t.name: shard.name for t in planned})
-        expected = [*selection.modules, *(tables or {}), *([head.module] if head is not None and head.scheme else [])]
+        expected = [
+            *selection.modules, *(tables or {}), *([head.module] if head is not None and head.scheme else []),
+            *component_schemes(components),
+        ]
         missing = [m for m in expected if m not in seen]
         if missing:
             raise EcoquantError(
@@ -361,7 +377,7 @@ def export_checkpoint(
             index = {"metadata": {"total_size": output_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config = json.loads((source / "config.json").read_text())
-        config["quantization_config"] = quantization_config(scheme, ignore_linears, tables, head)
+        config["quantization_config"] = quantization_config(scheme, ignore_linears, tables, head, components)
         if head is not None:
             untie(config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -369,11 +385,13 @@ def export_checkpoint(
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
         tables_written = sum(1 for m in (tables or {}) if m in seen)
+        towers_written = sum(1 for m in component_schemes(components) if m in seen)
         sizes = {
             "source_bytes": source_bytes,
             "output_bytes": output_bytes,
-            "quantized_modules": len(seen) - tables_written - (1 if head is not None and head.scheme else 0),
+            "quantized_modules": len(seen) - tables_written - (1 if head is not None and head.scheme else 0) - towers_written,
             "quantized_tables": tables_written,
+            **({"quantized_tower_modules": towers_written} if components else {}),
         }
         if recipe is not None:
             (tmp / "quant_recipe.json").write_text(json.dumps(recipe(sizes), indent=2) + "\n")
