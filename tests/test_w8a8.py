@@ -209,3 +209,29 @@ def test_gptq_runs_the_int8_channel_scheme(act_order: bool) -> None:
         return float(torch.linalg.norm(x @ (w - qw.dequantize(scheme)).t()))  # type: ignore[attr-defined]
 
     assert err(got) < 0.75 * err(rtn), (err(got), err(rtn))
+
+
+def test_cli_writes_and_verifies_a_w8a8_checkpoint_with_a_w8a8_tower(tiny_vlm: Path, tmp_path: Path) -> None:
+    """``verify`` reads W8A8 weights (dense copy, activations still quantized) and the tower's modules too."""
+    from typer.testing import CliRunner
+
+    from ecoquant.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_vlm), "-o", str(out), "--scheme", "w8a8-fp8", "--vision-scheme", "w8a8-int8", "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    v = runner.invoke(app, ["verify", str(out), "--base", str(tiny_vlm), "--json"])
+    assert v.exit_code == 0, v.output
+    s = json.loads(v.stdout)
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert s["modules"] == 37 + len(groups["vision"]["targets"]) and s["with_image"] is True
+    assert 0.001 < s["relative_error_mean"] < 0.05  # 8-bit weights: about 2%, never zero
+    for bad, line in (
+        (["--scheme", "w8a8"], "unknown scheme 'w8a8'"),
+        (["--scheme", "w8a8-fp8", "--method", "gptq"], "FP8 weights are data-free"),
+        (["--scheme", "w8a8-int8", "--group-size", "128"], "one scale per output channel"),
+    ):
+        r = runner.invoke(app, ["quantize", str(tiny_vlm), "-o", str(tmp_path / "x"), *bad])
+        assert r.exit_code == 2 and r.output.strip().startswith("error:") and line in " ".join(r.output.split()), r.output

@@ -77,7 +77,8 @@ def quantize_cmd(
         raise EcoquantError(f"--dampening is GPTQ's; use it with --method gptq or awq-gptq, not {method}")
     config = QuantizeConfig(
         method=method,  # type: ignore[arg-type]
-        scheme=scheme_from_options(group_size, observer or default_observer(method), asymmetric, scheme),
+        # FP8 has one observer; its default keeps the refusal of a calibrated method about the method.
+        scheme=scheme_from_options(group_size, observer or ("minmax" if named_scheme(scheme).type == "float" else default_observer(method)), asymmetric, scheme),
         preset=preset,
         targets=tuple(target or ()),
         ignore=tuple(ignore or ()),

@@ -29,6 +29,7 @@ from ecoquant.errors import EcoquantError
 from ecoquant.export.safetensors_stream import read_tensor
 from ecoquant.models.dense import loadable
 from ecoquant.models.loading import load_config, model_class, resolve_model, tensor_infos
+from ecoquant.models.quant_config import quantized_module_names
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Describe the picture in one sentence."
 
@@ -51,7 +52,7 @@ class Verification:
 
 
 def _quantized_modules(path: Path) -> list[str]:
-    return [t.name.removesuffix(".weight_packed") for t in tensor_infos(path) if t.name.endswith(".weight_packed")]
+    return quantized_module_names(t.name for t in tensor_infos(path))
 
 
 def _inputs(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
