@@ -462,7 +462,7 @@ def test_vllm_quantizes_the_tiny_vlm_vision_tower(vllm_install: VllmInstall, w8a
     """The tiny VLM's vision sizes (128 / 256) are multiples of 64, so vLLM's gemma4_mm.py hands the
     towers the quantization config: the vision group's Linears are built W8A8, the audio tower's stay
     unquantized (ignored), and the model runs."""
-    check = check_with_vllm(w8a8_vlm["int8-vision-int8"], vllm_install.python, log_path=tmp_path / "vllm.log")
+    check = check_with_vllm(w8a8_vlm["int8-vision-int8"], vllm_install.python, log_path=tmp_path / "vllm.log", towers=True)
     quantized = check.quantized("CompressedTensorsW8A8Int8")
     vision = {k for k in quantized if k.startswith(("vision_tower.", "embed_vision."))}
     assert vision and any("mlp" in k for k in vision), sorted(quantized)
