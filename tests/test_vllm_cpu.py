@@ -16,6 +16,9 @@ successful install), where a missing vLLM is a failure.
    its shipped chat template gives plain requests the short-answer instruction.
 4. The token-table checkpoints (untied int4/int8 head, int4 tables): what vLLM builds, runs,
    and where its CPU build stops.
+5. W8A8 (issue 23): the INT8 checkpoint in CompressedTensorsW8A8Int8 layers computing what
+   transformers computes, the tiny VLM's vision tower quantized in its own group, FP8 as far as
+   the CPU build goes, and ``eval --backend vllm`` on INT8 checkpoints beside transformers.
 """
 
 from __future__ import annotations

@@ -235,3 +235,14 @@ def test_cli_writes_and_verifies_a_w8a8_checkpoint_with_a_w8a8_tower(tiny_vlm: P
     ):
         r = runner.invoke(app, ["quantize", str(tiny_vlm), "-o", str(tmp_path / "x"), *bad])
         assert r.exit_code == 2 and r.output.strip().startswith("error:") and line in " ".join(r.output.split()), r.output
+
+
+def test_serve_config_and_card_name_the_w8a8_scheme(w8a8_checkpoints: dict[str, Path]) -> None:
+    from ecoquant.serve.config import ServeConfigOptions
+    from ecoquant.serve.write import write_serve_config
+
+    path = w8a8_checkpoints["w8a8-fp8"]
+    result = write_serve_config(path, ServeConfigOptions(size=1, limit=1, prompt_variants=("default",)))
+    card = result.card_path.read_text() if result.card_path else ""
+    assert "W8A8-FP8 (RTN, compressed-tensors)" in card and "FP8 activations quantized per token" in card
+    assert "`float-quantized`" in card and "bf16 activations" not in card

@@ -336,6 +336,7 @@ def quantize(
                     calibration=calibration_block,
                     timings_s=timings,
                     footprint=sizes,
+                    format=scheme.format,
                 )
             )
             recipe_holder["warnings"] = warnings
