@@ -120,3 +120,22 @@ def test_other_refusals_are_one_line(tiny_vlm: Path, tmp_path: Path) -> None:
     with pytest.raises(EcoquantError, match="group size 256 does not divide the input size 128"):
         quantize(tiny_vlm, tmp_path / "x", QuantizeConfig(vision_scheme=QuantScheme(group_size=256)), show_progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_generate_runs_a_w8a8_tower_once_decompressed(
+    mixed: dict[str, Path], tiny_vlm: Path, tiny_image_inputs: Callable[[Path], dict[str, torch.Tensor]]
+) -> None:
+    """``generate`` runs the tower before the top-level forward that would decompress it; eval,
+    quality and verify therefore decompress at load (:func:`ecoquant.models.dense.decompress_now`)."""
+    from transformers import AutoModelForImageTextToText
+
+    from ecoquant.models.dense import decompress_now
+
+    inputs = tiny_image_inputs(tiny_vlm)
+    model = AutoModelForImageTextToText.from_pretrained(mixed["vision-int8"], dtype=torch.bfloat16).eval()
+    with pytest.raises(RuntimeError, match="same dtype"), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)  # transformers alone: the int8 weight, undecompressed
+    model = decompress_now(AutoModelForImageTextToText.from_pretrained(mixed["vision-int8"], dtype=torch.bfloat16)).eval()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert inputs["input_ids"].shape[1] < out.shape[1] <= inputs["input_ids"].shape[1] + 2

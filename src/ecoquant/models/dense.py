@@ -222,3 +222,17 @@ def loadable(path: Path, dense: bool = False) -> Iterator[tuple[Path, dict[str, 
         yield write_dense_copy(path, tmp / path.name), {}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def decompress_now(model: Any) -> Any:
+    """Decompress a compressed-tensors model at once instead of on its first ``forward``; returns it.
+
+    Why: transformers leaves int-/float-quantized (W8A8) Linears compressed and decompresses them
+    in a pre-hook on the top-level ``forward``. ``generate`` runs the vision tower before that
+    forward, so a W8A8 tower met its int8 weight undecompressed ("expected m1 and m2 to have the
+    same dtype"). Activation quantization is unaffected: it lives in each Linear's forward.
+    """
+    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    if compressor is not None and getattr(model, "ct_decompress_hook", None) is not None:
+        compressor.decompress_model(model)
+    return model
