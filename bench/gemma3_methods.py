@@ -26,6 +26,11 @@ refinement) (ecoquant; calibrated on the shipped corpus), llmc-rtn (llmcompresso
 0.14 QuantizationModifier), llmc-gptq-basic, llmc-gptq-seq (per decoder
 layer), llmc-gptq-stack (the whole text model as one sequential target)
 (llmcompressor 0.14 GPTQModifier), autoround (PyPI auto-round, defaults).
+Issue 23's W8A8 rows: w8a8-fp8 (``--scheme w8a8-fp8``, data-free), w8a8-int8-rtn,
+w8a8-int8-gptq (``--scheme w8a8-int8 --method gptq`` with its defaults), and
+llmcompressor's llmc-fp8-dynamic and llmc-w8a8 (``QuantizationModifier`` with
+the ``FP8_DYNAMIC`` / ``W8A8`` presets, no smoothing). Activations of the W8A8
+rows are quantized per token when scored, as transformers loads them.
 Every calibrated method sees the same 128 windows of the shipped corpus.
 Each variant is scored on every ``--texts`` evaluation text: ``austen``
 (*Persuasion*, the calibration novel's author) and ``sqlite`` (SQLite's
@@ -123,6 +128,12 @@ def commands(base: Path, work: Path, args: argparse.Namespace) -> dict[str, Call
         "gptq-2pass-refine-bf16": lambda out: [*gptq, "--out", str(out), *hess, *two, *refine, *calib_bf16],
         "awq-gptq-2pass-refine-bf16": lambda out: [*awq_gptq, "--out", str(out), *hess, *two, *refine, *calib_bf16],
         "llmc-rtn": lambda out: uv_isolated(LLMC, ext, str(base), str(out), "--ignore", "lm_head"),
+        # Issue 23: W8A8. Same data and dampening as gptq-defaults for the GPTQ row.
+        "w8a8-fp8": lambda out: [*ours, "--out", str(out), "--scheme", "w8a8-fp8"],
+        "w8a8-int8-rtn": lambda out: [*ours, "--out", str(out), "--scheme", "w8a8-int8"],
+        "w8a8-int8-gptq": lambda out: [*gptq_any, "--out", str(out), "--scheme", "w8a8-int8", "--dampening", "0.1", *hess, *two, *calib_bf16],
+        "llmc-fp8-dynamic": lambda out: uv_isolated(LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--scheme", "FP8_DYNAMIC"),
+        "llmc-w8a8": lambda out: uv_isolated(LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--scheme", "W8A8"),
         "llmc-gptq-basic": lambda out: uv_isolated(
             LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--method", "gptq", "--pipeline", "basic",
             "--calib-json", cj(), "--max-length", str(args.seq_len)),
@@ -138,6 +149,16 @@ def commands(base: Path, work: Path, args: argparse.Namespace) -> dict[str, Call
             AUTOROUND, str(REPO / "bench/external/autoround_quantize.py"), str(base), str(out),
             "--calib-json", cj(), "--seq-len", str(args.seq_len), "--samples", str(args.samples)),
     }
+
+
+def footprint(folder: Path) -> str:
+    """Safetensors bytes on disk, and the weight bytes read per decoded token where ecoquant's recipe has them."""
+    from ecoquant.export.footprint import human_bytes
+
+    size = human_bytes(sum(f.stat().st_size for f in folder.glob("*.safetensors")))
+    recipe = folder / "quant_recipe.json"
+    per_token = json.loads(recipe.read_text()).get("bytes_per_token") if recipe.is_file() else None
+    return f"{size} | {human_bytes(per_token['total_bytes']) if per_token else '—'}"
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
@@ -208,18 +229,18 @@ def main() -> None:
         n_tokens[text_name] = part["n_tokens"]
         scores[text_name] = dict(zip(["bf16", *made], [part["base"], *part["variants"]], strict=True))
     texts = list(scores)
-    print("\nGemma-3 270M, W4A16 g128; evaluation tokens: "
+    print("\nGemma-3 270M (W4A16 g128 unless the row names another scheme); evaluation tokens: "
           + ", ".join(f"{t} {n_tokens[t]} ({args.windows} x 512-token windows)" for t in texts) + "\n")
     head = " | ".join([*(f"KL {t}" for t in texts), *(f"ppl {t}" for t in texts), *(f"top-1 {t}" for t in texts)])
-    print(f"| variant | {head} | quantize wall | peak RSS |")
-    print("|---|" + "---:|" * (3 * len(texts) + 2))
+    print(f"| variant | {head} | quantize wall | peak RSS | footprint | bytes/token |")
+    print("|---|" + "---:|" * (3 * len(texts) + 4))
     for name in ["bf16", *made]:
         wall, rss = cost.get(name, (float("nan"), float("nan")))
         extra = "— | —" if name == "bf16" else f"{wall:.0f} s | {rss:.2f} GiB"
         cells = [*(f"{scores[t][name]['kl_mean']:.4f}" for t in texts),
                  *(f"{scores[t][name]['perplexity']:.2f}" for t in texts),
                  *(f"{scores[t][name]['top1_agreement']:.4f}" for t in texts)]
-        print(f"| {name} | {' | '.join(cells)} | {extra} |")
+        print(f"| {name} | {' | '.join(cells)} | {extra} | {footprint(made.get(name, base))} |")
     if "rtn-minmax" in made and "llmc-rtn" in made:
         print("\necoquant rtn-minmax vs llmcompressor RTN:", flush=True)
         subprocess.run([sys.executable, str(REPO / "bench/compare_checkpoints.py"), str(made["rtn-minmax"]),

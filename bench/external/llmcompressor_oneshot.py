@@ -7,7 +7,9 @@ that ecoquant is compared against. Usage (no project environment involved)::
         python bench/external/llmcompressor_oneshot.py SRC OUT --ignore lm_head --ignore 're:.*vision_tower.*'
 
 ``--method rtn`` (default) is ``QuantizationModifier(scheme="W4A16")`` with no
-calibration data, exactly the seed model card's recipe. ``--method gptq``
+calibration data, exactly the seed model card's recipe; ``--scheme`` names
+another preset (``FP8_DYNAMIC``, ``W8A8``: dynamic per-token activations, so
+still no calibration data). ``--method gptq``
 runs ``GPTQModifier`` with the given pipeline on text calibration samples
 read from a JSON list of strings.
 """
@@ -33,6 +35,7 @@ def main() -> None:
     p.add_argument("--calib-json", help="gptq: JSON list of calibration texts")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--scheme", default="W4A16", help="compressed-tensors preset: W4A16, FP8_DYNAMIC, W8A8")
     args = p.parse_args()
 
     from llmcompressor import oneshot
@@ -44,7 +47,7 @@ def main() -> None:
     model = auto.from_pretrained(args.src, dtype=torch.bfloat16)
     t0 = time.perf_counter()
     if args.method == "rtn":
-        recipe = QuantizationModifier(targets="Linear", scheme="W4A16", ignore=args.ignore)
+        recipe = QuantizationModifier(targets="Linear", scheme=args.scheme, ignore=args.ignore)
         oneshot(model=model, recipe=recipe)
     else:
         from datasets import Dataset
@@ -53,7 +56,7 @@ def main() -> None:
         texts = json.load(open(args.calib_json))
         enc = [tok(t, truncation=True, max_length=args.max_length, add_special_tokens=True) for t in texts]
         ds = Dataset.from_list([{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in enc])
-        recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=args.ignore, dampening_frac=0.01)
+        recipe = GPTQModifier(targets="Linear", scheme=args.scheme, ignore=args.ignore, dampening_frac=0.01)
         kwargs = {}
         if args.sequential_target:
             kwargs["sequential_targets"] = args.sequential_target

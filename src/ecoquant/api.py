@@ -24,6 +24,7 @@ from ecoquant.models.loading import resolve_model
 from ecoquant.plan import (  # noqa: F401 - plan_model, plan_footprint: part of this API since the start
     ModelPlan,
     TableBits,
+    check_components,
     check_plan,
     plan_footprint,
     plan_model,
@@ -42,6 +43,7 @@ from ecoquant.quantize.defaults import (  # noqa: F401 - part of this API
     default_scale_passes,
 )
 from ecoquant.quantize.gptq import GPTQConfig
+from ecoquant.models.components import component_schemes, plan_components
 from ecoquant.models.topology import require_awq_mappings, topology_for
 from ecoquant.quantize.rtn import rtn_quantize, rtn_quantize_counting_grid
 from ecoquant.quantize.scheme import ACTIVATION_AWARE, QuantScheme
@@ -86,7 +88,9 @@ class QuantizeConfig:
 
     Attributes:
         method: ``rtn`` (data-free), ``gptq`` or ``awq`` (calibrated, layer by layer).
-        scheme: bits, group size, symmetry and observer.
+        scheme: bits, group size, symmetry and observer; weight type and activation bits for W8A8
+            (``ecoquant.quantize.scheme.SCHEMES`` names the three: ``w4a16``, the default,
+            ``w8a8-fp8`` and ``w8a8-int8``).
         preset: a named module selection, or ``auto`` (by model type).
         targets: replaces the preset's targets when non-empty.
         ignore: added to the preset's ignore list.
@@ -107,6 +111,11 @@ class QuantizeConfig:
             None takes the preset's.
         allow_nonfinite: quantize source tensors holding NaN or inf instead of refusing them;
             each such tensor and its counts go into the recipe's ``nonfinite_weights``.
+        vision_scheme, audio_scheme: a scheme of their own for the vision / audio tower with its
+            embedder (None: bf16, as the presets keep them), each written as its own config group,
+            always by RTN (calibration walks decoder layers only). Example: decoder W4A16 with the
+            vision tower W8A8 (``SCHEMES["w8a8-int8"]``). Refused, with vLLM's reason, where vLLM
+            would build the towers in bf16 (:mod:`ecoquant.models.components`).
 
     Tables and the head are always RTN (symmetric, the scheme's group size):
     they are read by row (embeddings) or once per token (the head), and the
@@ -136,6 +145,8 @@ class QuantizeConfig:
     embeddings: TableBits | None = None
     lm_head: TableBits | None = None
     allow_nonfinite: bool = False
+    vision_scheme: QuantScheme | None = None
+    audio_scheme: QuantScheme | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -148,6 +159,10 @@ class QuantizeConfig:
             raise EcoquantError(
                 f"the grid observer keeps weights already on an int4 grid and works with --method rtn only, "
                 f"not {self.method} (which would move them off it)"
+            )
+        if self.scheme.type == "float" and self.method != "rtn":
+            raise EcoquantError(
+                f"FP8 weights are data-free (min-max scales, a cast per weight); use --method rtn, not {self.method}"
             )
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise EcoquantError(f"unknown compute dtype {self.compute_dtype!r}; use auto, float32 or bfloat16")
@@ -255,6 +270,11 @@ def quantize(
     tables = plan_tables(
         plan, config.scheme, config.embeddings or plan.preset.embeddings, config.lm_head or plan.preset.lm_head
     )
+    components = plan_components(
+        plan.model, plan.config, {"vision": config.vision_scheme, "audio": config.audio_scheme}, frozenset(plan.selection.modules)
+    )
+    towers = component_schemes(components)
+    check_components(plan, components)
     if config.method in ("awq", "awq-gptq"):  # before hashing the source and loading calibration data
         require_awq_mappings(topology_for(plan.config), plan.config)
     console = Console(stderr=True, soft_wrap=True)  # log lines stay whole off a terminal
@@ -300,6 +320,9 @@ def quantize(
             if config.method in ("awq", "awq-gptq"):
                 settings.update(asdict(config.awq))
             method_config = {"settings": settings, "device": config.device, "stats": result.stats}
+        if towers:  # tower Linears are RTN with their component's scheme, whatever the decoder's method
+            decoder_fn = quantize_fn
+            quantize_fn = lambda name, weight: rtn_quantize(weight, towers[name]) if name in towers else decoder_fn(name, weight)  # noqa: E731
         recipe_holder: dict[str, Any] = {}
 
         def recipe(sizes: dict[str, int]) -> dict[str, Any]:
@@ -320,6 +343,7 @@ def quantize(
                     calibration=calibration_block,
                     timings_s=timings,
                     footprint=sizes,
+                    format=scheme.format,
                 )
             )
             recipe_holder["warnings"] = warnings
@@ -332,13 +356,17 @@ def quantize(
             recipe_holder["bytes_per_token"] = plan_token_bytes(plan, scheme, tables).to_record()
             if nonfinite is not None:
                 recipe_holder["nonfinite_weights"] = dict(sorted(nonfinite.items()))
+            if components:
+                recipe_holder["components"] = {
+                    c.name: {"scheme": c.scheme.to_dict(), "method": "rtn", "modules": len(c.modules)} for c in components
+                }
             if grid_counts is not None:
                 n, m = grid_counts["groups"], grid_counts["exact_groups"]
                 recipe_holder["grid_observer"] = {"groups": n, "exact_groups": m, "share_exact": m / n if n else 0.0}
             return recipe_holder
 
         t_write = time.perf_counter()
-        with progress_bar(f"{config.method} W{scheme.num_bits}A16 export", len(plan.selection), show_progress) as advance:
+        with progress_bar(f"{config.method} {scheme.label} export", len(plan.selection), show_progress) as advance:
             sizes = export_checkpoint(
                 path,
                 out,
@@ -352,6 +380,7 @@ def quantize(
                 on_module=advance,
                 tables=tables.tables,
                 head=tables.head,
+                components=components,
             )
     except NonFiniteWeightsError:
         shutil.rmtree(work, ignore_errors=True)  # layers calibrated on damaged weights are nothing to resume

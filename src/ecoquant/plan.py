@@ -20,6 +20,7 @@ from ecoquant.errors import EcoquantError
 from ecoquant.export.compressed_tensors import HeadSpec
 from ecoquant.export.footprint import Footprint, TokenBytes, estimate_footprint, planned_layout, token_bytes
 from ecoquant.export.vllm_compat import check_fused_siblings, marlin_warnings
+from ecoquant.models.components import ComponentSpec
 from ecoquant.models.loading import load_config, meta_model, tensor_infos
 from ecoquant.models.presets import Preset, get_preset
 from ecoquant.models.quant_config import quantization_block
@@ -174,3 +175,11 @@ def check_plan(plan: ModelPlan, scheme: QuantScheme) -> list[str]:
         check_group_size(name, linears[name][0], scheme)
     check_fused_siblings(plan.selection, linears)
     return marlin_warnings(plan.selection, linears, scheme)
+
+
+def check_components(plan: ModelPlan, components: tuple[ComponentSpec, ...]) -> None:
+    """Refuse a component scheme whose group size does not divide one of its Linears' inputs."""
+    linears = {n: m.in_features for n, m in plan.model.named_modules() if isinstance(m, nn.Linear)}
+    for component in components:
+        for name in component.modules:
+            check_group_size(name, linears[name], component.scheme)

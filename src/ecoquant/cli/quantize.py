@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ecoquant.cli.app import app, console, guarded
 from ecoquant.models.presets import AUTO_PRESETS, DEFAULT_PRESET, PRESETS
-from ecoquant.quantize.scheme import QuantScheme
+from ecoquant.quantize.scheme import SCHEMES, QuantScheme, named_scheme
 
 if TYPE_CHECKING:
     from ecoquant.export.inspect import Inspection
@@ -24,9 +25,12 @@ if TYPE_CHECKING:
 out_console = Console(soft_wrap=True)  # one line per result, also when piped
 
 
-def scheme_from_options(group_size: int, observer: str, asymmetric: bool) -> QuantScheme:
-    """The CLI's ``--group-size -1`` means one scale per output channel."""
-    return QuantScheme(group_size=None if group_size == -1 else group_size, observer=observer, symmetric=not asymmetric)  # type: ignore[arg-type]
+def scheme_from_options(group_size: int | None, observer: str, asymmetric: bool, name: str = "w4a16") -> QuantScheme:
+    """The named scheme with the CLI's overrides; ``--group-size -1`` means one scale per output channel,
+    no ``--group-size`` the scheme's own (128 for w4a16, per channel for W8A8)."""
+    base = named_scheme(name)
+    group = base.group_size if group_size is None else (None if group_size == -1 else group_size)
+    return replace(base, group_size=group, observer=observer, symmetric=not asymmetric)  # type: ignore[arg-type]
 
 
 @app.command("quantize")
@@ -34,9 +38,12 @@ def scheme_from_options(group_size: int, observer: str, asymmetric: bool) -> Qua
 def quantize_cmd(
     model: Annotated[str, typer.Argument(help="Model folder (with config.json and safetensors) or hub id.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to create.")],
+    scheme: Annotated[str, typer.Option(help=f"What the decoder's Linears become: {', '.join(SCHEMES)}. w4a16: int4 weights, 16-bit activations (the default; decode-bound serving). w8a8-fp8: FP8 E4M3 weights per output channel, FP8 activations per token at run time (rtn only; vLLM on Ada/Hopper). w8a8-int8: int8 weights per output channel, int8 activations per token (rtn or gptq; vLLM on Turing+ and x86 CPUs). W8A8 runs prefill on 8-bit tensor cores.")] = "w4a16",
+    vision_scheme: Annotated[str, typer.Option(help=f"The vision tower and its embedder: bf16 (default) or {', '.join(SCHEMES)}, in a config group of its own, by RTN (e.g. --scheme w4a16 --vision-scheme w8a8-int8: the tower's prefill on 8-bit tensor cores). Refused where vLLM would build the towers in bf16 (Gemma-4: vision hidden/intermediate sizes not multiples of 64).")] = "bf16",
+    audio_scheme: Annotated[str, typer.Option(help=f"The audio tower and its embedder: bf16 (default) or {', '.join(SCHEMES)}, as --vision-scheme.")] = "bf16",
     method: Annotated[str, typer.Option(help="rtn (data-free unless --observer hessian), gptq, awq, or awq-gptq (AWQ smoothing, then GPTQ); calibrated ones run layer by layer and resume a killed run when rerun.")] = "rtn",
     observer: Annotated[str | None, typer.Option(help="Scale choice: minmax, mse (per-group clipping search), hessian (that search weighted by each input's calibration energy: output error, not weight error; calibrates, also with rtn), or grid (keep weights already on a symmetric int4 grid, e.g. QAT q4_0 with --group-size 32; rtn only). Default: hessian for gptq and awq-gptq (closest to bf16 outside the calibration text's domain), minmax otherwise.")] = None,
-    group_size: Annotated[int, typer.Option(help="Input channels per scale: 32, 64, 128, or -1 per channel.")] = 128,
+    group_size: Annotated[int | None, typer.Option(help="Input channels per scale: 32, 64, 128, or -1 per channel. Default: the scheme's (128 for w4a16; W8A8 is per channel only).")] = None,
     asymmetric: Annotated[bool, typer.Option(help="Store a zero point per group (default: symmetric).")] = False,
     preset: Annotated[str, typer.Option(help="Module selection: auto, gemma4-e, gemma4-e-mlpo, gemma4-e-int4-head, gemma4-e-int4-tables, text-decoder (see `ecoquant presets`).")] = "auto",
     embeddings: Annotated[str | None, typer.Option(help="Token tables (embeddings; Gemma-4 E: also the Per-Layer-Embedding table): bf16, int4 or int8 (default: the preset's). Quantized tables untie lm_head.")] = None,
@@ -58,7 +65,7 @@ def quantize_cmd(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Quantize source weights holding NaN or inf instead of refusing them (recorded in quant_recipe.json).")] = False,
 ) -> None:
-    """Quantize a model's language stack to int4 (W4A16) as a compressed-tensors pack-quantized checkpoint."""
+    """Quantize a model's language stack (int4 W4A16 by default; W8A8 FP8 or INT8 with --scheme) into a compressed-tensors checkpoint."""
     from ecoquant.api import QuantizeConfig, default_dampening, default_observer, default_scale_passes, quantize
     from ecoquant.calibrate.data import CalibrationConfig
     from ecoquant.export.footprint import human_bytes
@@ -71,7 +78,8 @@ def quantize_cmd(
         raise EcoquantError(f"--dampening is GPTQ's; use it with --method gptq or awq-gptq, not {method}")
     config = QuantizeConfig(
         method=method,  # type: ignore[arg-type]
-        scheme=scheme_from_options(group_size, observer or default_observer(method), asymmetric),
+        # FP8 has one observer; its default keeps the refusal of a calibrated method about the method.
+        scheme=scheme_from_options(group_size, observer or ("minmax" if named_scheme(scheme).type == "float" else default_observer(method)), asymmetric, scheme),
         preset=preset,
         targets=tuple(target or ()),
         ignore=tuple(ignore or ()),
@@ -86,6 +94,8 @@ def quantize_cmd(
         embeddings=embeddings,  # type: ignore[arg-type]
         lm_head=lm_head,  # type: ignore[arg-type]
         allow_nonfinite=allow_nonfinite,
+        vision_scheme=None if vision_scheme == "bf16" else named_scheme(vision_scheme),
+        audio_scheme=None if audio_scheme == "bf16" else named_scheme(audio_scheme),
     )
     result = quantize(model, out, config, show_progress=progress)
     console.print(

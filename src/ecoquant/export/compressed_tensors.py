@@ -1,4 +1,5 @@
-"""Write a compressed-tensors ``pack-quantized`` checkpoint, shard by shard.
+"""Write a compressed-tensors checkpoint (``pack-quantized``, or W8A8's ``int-quantized`` /
+``float-quantized``), shard by shard.
 
 The output is what llmcompressor writes for W4A16 and what vLLM's
 ``CompressedTensorsWNA16`` loader (Marlin kernels) and transformers read with
@@ -12,6 +13,13 @@ no ``quantization=`` argument: for every quantized Linear ``X``,
 and ``config.json`` gains a ``quantization_config`` built from compressed-tensors'
 own ``QuantizationConfig`` with the unquantized Linears listed in ``ignore``
 (as llmcompressor lists them).
+
+W8A8 schemes (:data:`ecoquant.quantize.scheme.SCHEMES`) write ``X.weight`` as
+int8 or FP8 E4M3 codes and ``X.weight_scale`` ``[out, 1]`` instead, with the
+config group's ``input_activations`` (dynamic, per token) taken from
+compressed-tensors' ``W8A8`` / ``FP8_DYNAMIC`` presets. Groups of different
+formats (W8A8 Linears beside packed int4 tables) make the top-level format
+``mixed-precision``, each group naming its own.
 
 Token tables (:mod:`ecoquant.models.tables`) may be quantized too, in the
 same packed layout along their width (what vLLM's
@@ -46,6 +54,7 @@ import torch
 
 from ecoquant.errors import EcoquantError
 from ecoquant.export.safetensors_stream import DTYPE_NAMES, PlannedTensor, read_tensor, write_streaming
+from ecoquant.models.components import ComponentSpec, component_schemes
 from ecoquant.models.loading import SIDECAR_FILES, TensorInfo, shard_files, shard_tensors
 from ecoquant.models.selection import Selection
 from ecoquant.quantize.primitives import QuantizedWeight, check_group_size
@@ -80,11 +89,19 @@ class HeadSpec:
 def packed_entries(module: str, shape: tuple[int, int], dtype: str, scheme: QuantScheme) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Names, dtypes and shapes of the tensors that replace ``module.weight``.
 
+    Weight-only schemes (``pack-quantized``): ``weight_packed`` int32 words, ``weight_scale``,
+    ``weight_shape`` (and ``weight_zero_point`` when asymmetric). W8A8 (``int-quantized`` /
+    ``float-quantized``): ``weight`` itself as int8 / FP8 E4M3 codes and ``weight_scale``
+    ``[out, 1]``: what llmcompressor writes and vLLM's W8A8 loaders read.
+
     Shared by the writer (to plan headers) and the footprint arithmetic (to
     price a checkpoint that does not exist yet, such as the E4B shape twin).
     """
     out_f, in_f = shape
     groups = scheme.groups_for(in_f)
+    if scheme.format != "pack-quantized":
+        code = "F8_E4M3" if scheme.type == "float" else "I8"
+        return {f"{module}.weight": (code, (out_f, in_f)), f"{module}.weight_scale": (dtype, (out_f, groups))}
     entries = {
         f"{module}.weight_packed": ("I32", (out_f, math.ceil(in_f * scheme.num_bits / 32))),
         f"{module}.weight_scale": (dtype, (out_f, groups)),
@@ -96,7 +113,10 @@ def packed_entries(module: str, shape: tuple[int, int], dtype: str, scheme: Quan
 
 
 def pack(qw: QuantizedWeight, scheme: QuantScheme, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A module's quantized tensors, packed with compressed-tensors' own ``pack_to_int32``."""
+    """A module's quantized tensors: packed with compressed-tensors' own ``pack_to_int32``, or for
+    W8A8 the one-byte codes as they are (the ``naive`` compressors' layout)."""
+    if scheme.format != "pack-quantized":
+        return {"weight": qw.q, "weight_scale": qw.scale.to(scale_dtype)}
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     tensors = {
@@ -115,33 +135,35 @@ def quantization_config(
     ignore: list[str],
     tables: Mapping[str, QuantScheme] | None = None,
     head: HeadSpec | None = None,
+    components: tuple[ComponentSpec, ...] = (),
 ) -> dict[str, Any]:
     """The ``quantization_config`` block of ``config.json``, built by compressed-tensors.
 
     ``group_0`` targets every Linear (minus ``ignore``); quantized token tables get one group per
-    scheme naming their modules; a quantized head gets its own group.
+    scheme naming their modules; a quantized head gets its own group; so does each component
+    quantized with its own scheme (``vision``, ``audio``), naming its modules (which then leave ``ignore``).
     """
     import compressed_tensors
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization import QuantizationConfig
 
-    groups = {
-        "group_0": QuantizationScheme(targets=["Linear"], weights=scheme.to_quantization_args(), format="pack-quantized")
-    }
+    groups = {"group_0": scheme.to_quantization_scheme(["Linear"])}
     by_scheme: dict[QuantScheme, list[str]] = {}
     for module, table_scheme in (tables or {}).items():
         by_scheme.setdefault(table_scheme, []).append(module)
     for i, (table_scheme, modules) in enumerate(by_scheme.items()):
-        groups[f"embeddings_{i}"] = QuantizationScheme(
-            targets=sorted(modules), weights=table_scheme.to_quantization_args(), format="pack-quantized"
-        )
+        groups[f"embeddings_{i}"] = table_scheme.to_quantization_scheme(sorted(modules))
     if head is not None and head.scheme is not None:
-        groups["lm_head"] = QuantizationScheme(
-            targets=[HEAD_TARGET], weights=head.scheme.to_quantization_args(), format="pack-quantized"
-        )
+        groups["lm_head"] = head.scheme.to_quantization_scheme([HEAD_TARGET])
         ignore = [n for n in ignore if n != head.module]
+    for component in components:
+        groups[component.name] = component.scheme.to_quantization_scheme(sorted(component.modules))
+    in_component = set(component_schemes(components))
+    ignore = [n for n in ignore if n not in in_component]
+    formats = {g.format for g in groups.values()}
     config = QuantizationConfig(
         config_groups=groups,
-        format="pack-quantized",
+        # One format for all: that one (what llmcompressor writes); several: each group names its own.
+        format=formats.pop() if len(formats) == 1 else "mixed-precision",
         quantization_status="compressed",
         ignore=ignore,
     )
@@ -179,6 +201,7 @@ def tensor_fates(
     scheme: QuantScheme,
     tables: Mapping[str, QuantScheme],
     head: HeadSpec | None,
+    components: Mapping[str, QuantScheme] | None = None,
 ) -> list[TensorFate]:
     """Where one source tensor goes: shared by the writer and the footprint arithmetic, so the two cannot drift.
 
@@ -195,6 +218,8 @@ def tensor_fates(
         fates.append(TensorFate("table", module, tables[module]))
     elif name.endswith(".weight") and module in selection:
         fates.append(TensorFate("linear", module, scheme))
+    elif name.endswith(".weight") and components and module in components:  # a tower Linear, with its component's scheme
+        fates.append(TensorFate("linear", module, components[module]))
     else:
         fates.append(TensorFate("copy", name))
     return fates
@@ -208,12 +233,13 @@ def plan_shard(
     replace: Mapping[str, torch.Tensor],
     tables: Mapping[str, QuantScheme] | None = None,
     head: HeadSpec | None = None,
+    components: Mapping[str, QuantScheme] | None = None,
 ) -> list[PlannedTensor]:
     """What one output shard holds: packed tensors for selected modules and tables, the rest copied or replaced;
     plus the untied head beside the embedding it is written from."""
     planned: list[PlannedTensor] = []
     for info in infos:
-        for fate in tensor_fates(info.name, selection, scheme, tables or {}, head):
+        for fate in tensor_fates(info.name, selection, scheme, tables or {}, head, components):
             if fate.kind == "copy":
                 value = replace.get(info.name)
                 if value is None:
@@ -295,8 +321,9 @@ def export_checkpoint(
     on_module: Callable[[str], None] | None = None,
     tables: Mapping[str, QuantScheme] | None = None,
     head: HeadSpec | None = None,
+    components: tuple[ComponentSpec, ...] = (),
 ) -> dict[str, int]:
-    """Stream ``source`` into a pack-quantized checkpoint at ``out``; return byte counts.
+    """Stream ``source`` into a compressed-tensors checkpoint at ``out``; return byte counts.
 
     Args:
         source: model folder with config.json and safetensors weights.
@@ -312,6 +339,7 @@ def export_checkpoint(
         on_module: progress callback, called after each quantized module is written.
         tables: token tables to quantize (RTN), module -> scheme (see the module docstring).
         head: an untied head to write from its embedding (needed when an embedding it is tied to is quantized).
+        components: towers quantized with their own schemes; ``quantize_fn`` is called for their modules too.
 
     Returns:
         ``{"source_bytes": ..., "output_bytes": ..., "quantized_modules": ...}``.
@@ -325,18 +353,21 @@ def export_checkpoint(
         for shard in shards:
             infos = shard_tensors(shard)
             source_bytes += sum(i.nbytes for i in infos)
-            planned = plan_shard(infos, selection, scheme, quantize_fn, replace, tables, head)
+            planned = plan_shard(infos, selection, scheme, quantize_fn, replace, tables, head, component_schemes(components))
 
             def written(t: PlannedTensor) -> None:
-                if t.name.endswith(".weight_shape"):
-                    module = t.name.removesuffix(".weight_shape")
+                if t.name.endswith(".weight_scale"):  # every format writes one scale tensor per module
+                    module = t.name.removesuffix(".weight_scale")
                     seen.add(module)
                     if on_module is not None:
                         on_module(module)
 
             output_bytes += write_streaming(tmp / shard.name, planned, {"format": "pt"}, on_tensor=written)
             weight_map.update({t.name: shard.name for t in planned})
-        expected = [*selection.modules, *(tables or {}), *([head.module] if head is not None and head.scheme else [])]
+        expected = [
+            *selection.modules, *(tables or {}), *([head.module] if head is not None and head.scheme else []),
+            *component_schemes(components),
+        ]
         missing = [m for m in expected if m not in seen]
         if missing:
             raise EcoquantError(
@@ -347,7 +378,7 @@ def export_checkpoint(
             index = {"metadata": {"total_size": output_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config = json.loads((source / "config.json").read_text())
-        config["quantization_config"] = quantization_config(scheme, ignore_linears, tables, head)
+        config["quantization_config"] = quantization_config(scheme, ignore_linears, tables, head, components)
         if head is not None:
             untie(config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -355,11 +386,13 @@ def export_checkpoint(
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
         tables_written = sum(1 for m in (tables or {}) if m in seen)
+        towers_written = sum(1 for m in component_schemes(components) if m in seen)
         sizes = {
             "source_bytes": source_bytes,
             "output_bytes": output_bytes,
-            "quantized_modules": len(seen) - tables_written - (1 if head is not None and head.scheme else 0),
+            "quantized_modules": len(seen) - tables_written - (1 if head is not None and head.scheme else 0) - towers_written,
             "quantized_tables": tables_written,
+            **({"quantized_tower_modules": towers_written} if components else {}),
         }
         if recipe is not None:
             (tmp / "quant_recipe.json").write_text(json.dumps(recipe(sizes), indent=2) + "\n")

@@ -18,7 +18,7 @@ from typing import Any
 from ecoquant.energy.costs import CostTerms, checkpoint_costs, plan_costs
 from ecoquant.errors import EcoquantError
 from ecoquant.models.loading import resolve_model, tensor_infos
-from ecoquant.models.quant_config import quantization_block
+from ecoquant.models.quant_config import quantization_block, quantized_module_names
 from ecoquant.models.selection import module_kind
 
 
@@ -56,7 +56,7 @@ def inspect_checkpoint(
     qconfig = quantization_block(config)
     if qconfig is not None:
         infos = list(tensor_infos(path))
-        modules = [t.name.removesuffix(".weight_packed") for t in infos if t.name.endswith(".weight_packed")]
+        modules = quantized_module_names(t.name for t in infos)
         recipe_file = path / "quant_recipe.json"
         recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else None
         before = recipe["footprint"]["weights_before_bytes"] if recipe else None

@@ -58,6 +58,7 @@ def build_recipe(
     calibration: dict[str, Any] | None,
     timings_s: dict[str, float],
     footprint: dict[str, int],
+    format: str = "pack-quantized",
 ) -> dict[str, Any]:
     """The recipe as a JSON-ready dict (one place defines its shape)."""
     return {
@@ -66,7 +67,7 @@ def build_recipe(
         "method": method,
         "method_config": method_config,
         "scheme": scheme,
-        "format": "pack-quantized",
+        "format": format,  # the decoder's (W8A8: int-quantized / float-quantized)
         "preset": preset,
         "targets": targets,
         "ignore": ignore,

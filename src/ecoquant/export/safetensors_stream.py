@@ -36,6 +36,7 @@ DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,  # W8A8-FP8 weights (safetensors' name for it)
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 _CHUNK = 64 << 20  # bytes per read when copying a tensor unchanged

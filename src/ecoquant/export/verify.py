@@ -27,8 +27,9 @@ import torch
 
 from ecoquant.errors import EcoquantError
 from ecoquant.export.safetensors_stream import read_tensor
-from ecoquant.models.dense import loadable
+from ecoquant.models.dense import decompress_now, loadable
 from ecoquant.models.loading import load_config, model_class, resolve_model, tensor_infos
+from ecoquant.models.quant_config import quantized_module_names
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Describe the picture in one sentence."
 
@@ -51,7 +52,7 @@ class Verification:
 
 
 def _quantized_modules(path: Path) -> list[str]:
-    return [t.name.removesuffix(".weight_packed") for t in tensor_infos(path) if t.name.endswith(".weight_packed")]
+    return quantized_module_names(t.name for t in tensor_infos(path))
 
 
 def _inputs(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
@@ -88,7 +89,7 @@ def _logits(path: Path, inputs: dict[str, torch.Tensor], keep: list[str] | None)
     # packed), or ecoquant's dense copy where that path would read mixed schemes wrong.
     with loadable(path, dense=bool(keep)) as (folder, extra), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        model = cls.from_pretrained(folder, dtype=torch.bfloat16, **extra)  # type: ignore[attr-defined]
+        model = decompress_now(cls.from_pretrained(folder, dtype=torch.bfloat16, **extra))  # type: ignore[attr-defined]
     model.eval()
     weights = {}
     if keep:

@@ -57,6 +57,8 @@ def check_fused_siblings(selection: Selection, linears: Mapping[str, tuple[int, 
 def marlin_warnings(selection: Selection, linears: Mapping[str, tuple[int, int]], scheme: QuantScheme) -> list[str]:
     """Reasons some selected layers would not run on Marlin (empty when all would)."""
     found: list[str] = []
+    if scheme.act_bits is not None:
+        return found  # W8A8 runs on vLLM's 8-bit scaled-matmul kernels, not Marlin
     if scheme.group_size not in MARLIN_GROUP_SIZES:
         found.append(f"group size {scheme.group_size} is not one of Marlin's (32, 64, 128, per channel)")
     if scheme.num_bits not in (4, 8):

@@ -8,7 +8,16 @@ transformers 5.23 with compressed-tensors 0.20 has two ways to load a
   initialise the ``weight`` the module no longer has);
 * ``dequantize=True`` loads packed embeddings, but decompresses *every*
   module with the first config group's scheme, so an int8 table or head next
-  to int4 Linears would be read as int4: silently wrong.
+  to int4 Linears would be read as int4: silently wrong; and it drops a W8A8
+  group's activation quantization, so the model would run its activations in
+  bf16, which vLLM never does.
+
+W8A8 (``int-quantized`` / ``float-quantized`` groups with dynamic per-token
+``input_activations``) loads right by default: compressed-tensors
+decompresses the weights on the first forward and fake-quantizes every
+targeted Linear's input per token (``set_forward_quantized``), as vLLM's
+kernels quantize it. Where a dense copy is needed, the copy keeps those
+groups' activation arguments (with no weights) so the same happens there.
 
 :func:`loadable` picks: the checkpoint itself when the default path is right
 (no packed tables) or when every group shares one scheme (then
@@ -42,10 +51,45 @@ from ecoquant.scratch import owned_tempdir
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
 
-def scheme_of(weights: Mapping[str, Any]) -> QuantScheme:
-    """A config group's ``weights`` args as the :class:`QuantScheme` that wrote them."""
-    group = weights.get("group_size") if weights.get("strategy") == "group" else None
-    return QuantScheme(num_bits=int(weights["num_bits"]), group_size=group, symmetric=bool(weights.get("symmetric", True)))
+def scheme_of(group: Mapping[str, Any]) -> QuantScheme:
+    """A config group (its ``weights`` and ``input_activations`` args) as the :class:`QuantScheme` that wrote it.
+
+    A bare ``weights`` mapping is read as a weight-only group.
+    """
+    weights = group.get("weights", group)
+    acts = group.get("input_activations") if "weights" in group else None
+    size = weights.get("group_size") if weights.get("strategy") == "group" else None
+    return QuantScheme(
+        num_bits=int(weights["num_bits"]),
+        group_size=size,
+        symmetric=bool(weights.get("symmetric", True)),
+        type=weights.get("type", "int"),
+        act_bits=int(acts["num_bits"]) if acts else None,
+    )
+
+
+def activation_config(qc: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``quantization_config`` a dense copy keeps: only the groups that quantize activations, with no weights.
+
+    Why: a W8A8 checkpoint's weights are decompressed into the copy, but its activations must still be
+    quantized per token at run time, as vLLM will; without this the copy would silently run them in
+    bf16. compressed-tensors' own forward (``set_forward_quantized``) does it when transformers loads a
+    ``dense`` group that has ``input_activations`` and no ``weights``. None when no group quantizes activations.
+    """
+    groups = {
+        name: {"targets": g["targets"], "input_activations": g["input_activations"], "format": "dense"}
+        for name, g in (qc.get("config_groups") or {}).items()
+        if g.get("input_activations")
+    }
+    if not groups:
+        return None
+    keep = ("quant_method", "version", "ignore", "kv_cache_scheme", "global_compression_ratio")
+    return {**{k: qc[k] for k in keep if k in qc}, "config_groups": groups, "format": "dense", "quantization_status": "frozen"}
+
+
+def quantizes_activations(qc: Mapping[str, Any] | None) -> bool:
+    """Whether any config group quantizes activations (W8A8)."""
+    return any(g.get("input_activations") for g in ((qc or {}).get("config_groups") or {}).values())
 
 
 def group_for(module: str, groups: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Any]:
@@ -78,7 +122,9 @@ def load_route(path: Path, dense: bool = False) -> Route:
         return "as-is"
     groups = qc.get("config_groups") or {}
     if not (dense or any(name.startswith("embeddings") for name in groups)):
-        return "as-is"
+        return "as-is"  # W8A8 included: compressed-tensors decompresses and quantizes activations per token
+    if quantizes_activations(qc):
+        return "dense-copy"  # transformers' dequantize path would drop the activation quantization
     one_scheme = len({json.dumps(g.get("weights"), sort_keys=True) for g in groups.values()}) == 1
     return "dequantize" if one_scheme else "dense-copy"
 
@@ -119,14 +165,20 @@ def write_dense_copy(path: Path, out: Path) -> Path:
                 if suffix == "weight_packed":
                     planned.append(_dense(module, infos, groups))
                 continue
+            if suffix == "weight" and f"{module}.weight_scale" in infos:  # W8A8: one int8 / FP8 code per weight
+                planned.append(_dense(module, infos, groups))
+                continue
             planned.append(PlannedTensor(name, info.dtype, info.shape, source=info))
         write_streaming(out / shard.name, planned, {"format": "pt"})
         weight_map.update({t.name: shard.name for t in planned})
     if (path / "model.safetensors.index.json").is_file():
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    activations = activation_config(quantization_block(config) or {})
     config.pop("quantization_config", None)
     if isinstance(config.get("text_config"), dict):
         config["text_config"].pop("quantization_config", None)
+    if activations is not None:
+        config["quantization_config"] = activations
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     for name in SIDECAR_FILES:
         if (path / name).is_file():
@@ -137,8 +189,14 @@ def write_dense_copy(path: Path, out: Path) -> Path:
 def _dense(module: str, infos: Mapping[str, Any], groups: Mapping[str, Mapping[str, Any]]) -> PlannedTensor:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    scheme = scheme_of(group_for(module, groups)["weights"])
+    scheme = scheme_of(group_for(module, groups))
     scale_info = infos[f"{module}.weight_scale"]
+    if scheme.format != "pack-quantized":
+        codes = infos[f"{module}.weight"]
+        return PlannedTensor(
+            f"{module}.weight", scale_info.dtype, codes.shape,
+            produce=lambda: dequantize(read_tensor(codes), read_tensor(scale_info), None, scheme),
+        )
     shape = tuple(int(v) for v in read_tensor(infos[f"{module}.weight_shape"]).tolist())
 
     def produce() -> torch.Tensor:
@@ -164,3 +222,17 @@ def loadable(path: Path, dense: bool = False) -> Iterator[tuple[Path, dict[str, 
         yield write_dense_copy(path, tmp / path.name), {}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def decompress_now(model: Any) -> Any:
+    """Decompress a compressed-tensors model at once instead of on its first ``forward``; returns it.
+
+    Why: transformers leaves int-/float-quantized (W8A8) Linears compressed and decompresses them
+    in a pre-hook on the top-level ``forward``. ``generate`` runs the vision tower before that
+    forward, so a W8A8 tower met its int8 weight undecompressed ("expected m1 and m2 to have the
+    same dtype"). Activation quantization is unaffected: it lives in each Linear's forward.
+    """
+    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    if compressor is not None and getattr(model, "ct_decompress_hook", None) is not None:
+        compressor.decompress_model(model)
+    return model

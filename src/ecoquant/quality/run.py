@@ -314,14 +314,14 @@ def _vocab_size(model: nn.Module) -> int:
 
 def load_for_eval(path: Path, dtype: str, device: torch.device) -> nn.Module:
     """A model folder loaded by the transformers class its config names, in eval mode on ``device``."""
-    from ecoquant.models.dense import loadable
+    from ecoquant.models.dense import decompress_now, loadable
     from ecoquant.models.loading import load_config, model_class, resolve_model
 
     folder = resolve_model(path)
     config = load_config(folder)
     cls: Any = model_class(config)
     with loadable(Path(folder)) as (where, kwargs):  # a dense copy where transformers would misread the schemes
-        model = cls.from_pretrained(where, dtype=DTYPES[dtype], **kwargs)
+        model = decompress_now(cls.from_pretrained(where, dtype=DTYPES[dtype], **kwargs))
     return model.to(device).eval()
 
 

@@ -18,6 +18,10 @@ scale as ``absmax / 7.5`` in bf16 and divides in bf16, and ecoquant's min-max
 RTN must give the very same integers. Callers that want float32 precision
 (GPTQ) pass float32 tensors.
 
+FP8 (``type="float"``) takes the same path with a code range of +-448 and a
+cast instead of ``round``: the scale is ``absmax / 448`` per output channel,
+as compressed-tensors computes it for llmcompressor's ``FP8_DYNAMIC``.
+
 Worked example (int4 symmetric, one group ``[0.3, -1.5, 0.75]``): the absolute
 max is 1.5, the scale is ``1.5 / 7.5 = 0.2`` (half the 15-step signed range),
 codes are ``round([1.5, -7.5, 3.75]) = [2, -8, 4]`` (round-half-to-even), and
@@ -27,7 +31,7 @@ dequantized weights are ``[0.4, -1.6, 0.8]``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,7 +44,7 @@ class QuantizedWeight:
     """Integer codes and their scales for one Linear weight.
 
     Attributes:
-        q: int8 codes in ``[qmin, qmax]``, shape ``[out, in]``.
+        q: codes in ``[qmin, qmax]``, shape ``[out, in]``: int8, or float8_e4m3fn for FP8 weights.
         scale: ``[out, groups]`` in the weight's dtype.
         zero_point: int8 ``[out, groups]``, or ``None`` when symmetric.
     """
@@ -111,12 +115,16 @@ def minmax_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, 
 def quantize(
     w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, scheme: QuantScheme
 ) -> torch.Tensor:
-    """Integer codes (int8) for ``w``: ``clamp(round(w / scale) + zp)``."""
+    """Codes for ``w``: int8 ``clamp(round(w / scale) + zp)``, or for FP8 the cast of ``clamp(w / scale)``
+    to float8_e4m3fn (round to the nearest FP8 number, ties to even: the rounding is the cast's)."""
     g = _grouped(w, scheme)
     x = g / scale.unsqueeze(-1)
     if zero_point is not None:
         x = x + zero_point.unsqueeze(-1).to(x.dtype)
-    return torch.clamp(x, scheme.qmin, scheme.qmax).round().to(torch.int8).reshape(w.shape)
+    x = torch.clamp(x, scheme.qmin, scheme.qmax)
+    if scheme.type == "float":
+        return x.to(torch.float8_e4m3fn).reshape(w.shape)
+    return x.round().to(torch.int8).reshape(w.shape)
 
 
 def dequantize(
@@ -352,3 +360,21 @@ def choose_qparams(
         scale, zp, _ = grid_qparams(w, scheme)
         return scale, zp
     return minmax_qparams(w, scheme)
+
+
+def fake_quantize_tokens(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Dynamic per-token activation quantization, then dequantization: what a W8A8 Linear's input becomes.
+
+    Each row of ``x`` (one token's features, the last dimension) gets its own
+    scale, ``absmax / 127.5`` for int8 or ``absmax / 448`` for FP8 (the
+    weights' min-max rule, with a token as the channel), computed at run time
+    from that token alone: nothing is calibrated. This is compressed-tensors'
+    fake quantization for ``strategy: token, dynamic: true``, so it is what
+    transformers computes when it loads a W8A8 checkpoint. (vLLM's int8
+    kernels divide by 127 instead of 127.5, a difference of under 0.4% of one
+    step.)
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    token = replace(scheme, group_size=None, observer="minmax")
+    scale, zp = minmax_qparams(rows, token)
+    return fake_quantize(rows, scale, zp, token).reshape(x.shape)

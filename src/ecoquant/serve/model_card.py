@@ -26,6 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ecoquant.quantize.scheme import QuantScheme
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.nf4 import NF4_KEEP
 from ecoquant.export.footprint import human_bytes
@@ -84,7 +85,10 @@ def _scheme_text(scheme: Mapping[str, Any]) -> str:
     group = scheme.get("group_size")
     grouping = f"group size {group}" if group else "one scale per output channel"
     sym = "symmetric" if scheme.get("symmetric", True) else "asymmetric (with zero points)"
-    return f"int{scheme.get('num_bits', 4)} weights, {sym}, {grouping}, {scheme.get('observer', 'minmax')} observer; bf16 activations"
+    kind = "FP8 E4M3" if scheme.get("type") == "float" else f"int{scheme.get('num_bits', 4)}"
+    acts = scheme.get("act_bits")
+    activations = f"{kind.split()[0]} activations quantized per token at run time" if acts else "bf16 activations"
+    return f"{kind} weights, {sym}, {grouping}, {scheme.get('observer', 'minmax')} observer; {activations}"
 
 
 def _license(config: Mapping[str, Any]) -> str:
@@ -192,12 +196,14 @@ def render_quantized_card(
     before = recipe.get("footprint", {}).get("weights_before_bytes")
     after = recipe.get("footprint", {}).get("weights_after_bytes")
     bits = scheme.get("num_bits", 4)
+    label = QuantScheme(**scheme).label if "mse_grid" in scheme else f"W{bits}A16"  # a full recipe record, or bare args
+    what = f"Int{bits} weight-only quantization" if label.endswith("A16") else f"{label} quantization (weights and activations)"
 
     lines = [
         MARKER,
-        f"# {title or model_path.name} · W{bits}A16 ({method.upper()}, compressed-tensors)",
+        f"# {title or model_path.name} · {label} ({method.upper()}, compressed-tensors)",
         "",
-        f"Int{bits} weight-only quantization of `{source}`, produced offline with ecoquant "
+        f"{what} of `{source}`, produced offline with ecoquant "
         f"{recipe.get('ecoquant', {}).get('version', '')}: {METHODS.get(method, method)}.",
         "",
         f"Saved in compressed-tensors `{recipe.get('format', qc.get('format', 'pack-quantized'))}` format: "

@@ -70,18 +70,22 @@ class VllmCheck:
 
 def check_with_vllm(
     model: str | Path, python: str | Path, *, prompt: str = "The total amount due is", max_model_len: int = 256,
-    timeout_s: float = 900.0, log_path: Path | None = None, force_avx2: bool = False,
+    timeout_s: float = 900.0, log_path: Path | None = None, force_avx2: bool = False, towers: bool = False,
 ) -> VllmCheck:
     """Run this file with the vLLM interpreter ``python`` on ``model``; see the module docstring.
 
     ``force_avx2`` makes vLLM's CPU platform load its AVX2 build even on an AVX-512 CPU (by
     answering "no" to the one check it dispatches on), to see what an AVX2-only machine does.
+    ``towers`` lets one image per prompt in, so vLLM builds the vision and audio towers and their
+    layers are listed too (by default multimodal inputs are off and the towers are never built).
     """
     from ecoquant.errors import EcoquantError
 
     cmd = [str(python), str(Path(__file__).resolve()), str(Path(model).resolve()), prompt, str(max_model_len)]
     if force_avx2:
         cmd.append("avx2")
+    if towers:
+        cmd.append("towers")
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
@@ -127,9 +131,9 @@ def _cpu_isa() -> str | None:
 
 
 def main(argv: list[str]) -> None:
-    """``python vllm_check.py MODEL PROMPT MAX_MODEL_LEN [avx2]``: print one ``RESULT_PREFIX`` JSON line."""
+    """``python vllm_check.py MODEL PROMPT MAX_MODEL_LEN [avx2] [towers]``: print one ``RESULT_PREFIX`` JSON line."""
     model, prompt, max_model_len = argv[0], argv[1], int(argv[2])
-    if argv[3:] == ["avx2"]:
+    if "avx2" in argv[3:]:
         import torch
 
         # vLLM's CpuPlatform.import_kernels loads _C_AVX2 when this says no (see check_with_vllm).
@@ -149,7 +153,7 @@ def main(argv: list[str]) -> None:
         gpu_memory_utilization=0.3 if on_cpu else 0.5,
         enforce_eager=True,
         distributed_executor_backend="uni",
-        limit_mm_per_prompt={"image": 0, "audio": 0, "video": 0},
+        limit_mm_per_prompt={"image": 1 if "towers" in argv[3:] else 0, "audio": 0, "video": 0},
         seed=0,
     )
     layers = llm.apply_model(_describe_layers)[0]

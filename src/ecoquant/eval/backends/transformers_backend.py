@@ -36,7 +36,7 @@ from ecoquant.eval.backends.base import (
     TextPart,
 )
 from ecoquant.eval.image_budget import check_max_soft_tokens, processor_kwargs
-from ecoquant.models.dense import loadable
+from ecoquant.models.dense import decompress_now, loadable
 from ecoquant.models.loading import load_config, model_class, resolve_model
 
 DTYPES = MappingProxyType({"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32})
@@ -163,7 +163,7 @@ class TransformersBackend:
             raise EcoquantError(f"{path} has no image processor: the evaluation suites ask about images")
         # Loaded on the CPU, then moved: ``device_map`` would need accelerate.
         with loadable(path) as (folder, kwargs):  # a dense copy where transformers would misread the schemes
-            loaded = cls_.from_pretrained(folder, dtype=DTYPES[options.dtype], **kwargs)  # type: ignore[attr-defined]
+            loaded = decompress_now(cls_.from_pretrained(folder, dtype=DTYPES[options.dtype], **kwargs))  # type: ignore[attr-defined]
         return cls(loaded.to(device).eval(), processor, str(model), options)
 
     def describe(self) -> dict[str, Any]:
