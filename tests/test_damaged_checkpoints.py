@@ -221,3 +221,14 @@ def test_the_header_check_reads_headers_only(tmp_path: Path) -> None:
     os.truncate(shard, 8 + len(header) + (1 << 31) - 2)
     with pytest.raises(EcoquantError, match="is truncated.*tensor w is cut off"):
         check_checkpoint(shard.parent)
+
+
+def test_nonfinite_counts_work_on_float8_weights() -> None:
+    """A W8A8-FP8 checkpoint is read back (verify, eval): torch has no isfinite for float8, so it is widened."""
+    import torch
+
+    from ecoquant.export.finite import NonFinite, count_nonfinite
+
+    w = torch.tensor([1.0, -2.0, 0.5, float("nan")]).to(torch.float8_e4m3fn)
+    assert count_nonfinite(w) == NonFinite(nan=1, inf=0)
+    assert count_nonfinite(w[:3]) == NonFinite()

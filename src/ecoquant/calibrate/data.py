@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
 
 from ecoquant.errors import EcoquantError
@@ -369,8 +370,14 @@ def _records_to_ids(tokenizer: Any, records: Sequence[Any], config: CalibrationC
     templated = False
     for record in records:
         if isinstance(record, dict) and isinstance(record.get("messages"), list):
-            ids = tokenizer.apply_chat_template(record["messages"], tokenize=True, truncation=True,
-                                                max_length=config.max_length)
+            if not record["messages"]:
+                raise EcoquantError("a calibration record has an empty 'messages' list: give each at least one turn")
+            try:
+                ids = tokenizer.apply_chat_template(record["messages"], tokenize=True, truncation=True,
+                                                    max_length=config.max_length)
+            except (TypeError, ValueError, KeyError, IndexError, jinja2.TemplateError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise EcoquantError(f"a calibration record's 'messages' cannot be rendered by the chat template ({first})") from None
             ids = ids["input_ids"] if isinstance(ids, dict) else ids
             out.append(list(ids)[: config.max_length])
             templated = True

@@ -64,12 +64,18 @@ def count_nonfinite(t: torch.Tensor) -> NonFinite:
     if not t.is_floating_point() or t.numel() == 0:
         return NonFinite()
     flat = t.reshape(-1)
+
+    def piece(i: int) -> torch.Tensor:
+        # torch has no isfinite/isnan for the float8 dtypes (a W8A8-FP8 checkpoint's weights): widen the slice.
+        part = flat[i : i + _SLICE]
+        return part.float() if part.element_size() == 1 else part
+
     bad = 0
     for i in range(0, flat.numel(), _SLICE):
-        bad += int((~torch.isfinite(flat[i : i + _SLICE])).sum())
+        bad += int((~torch.isfinite(piece(i))).sum())
     if not bad:
         return NonFinite()
-    nan = sum(int(torch.isnan(flat[i : i + _SLICE]).sum()) for i in range(0, flat.numel(), _SLICE))
+    nan = sum(int(torch.isnan(piece(i)).sum()) for i in range(0, flat.numel(), _SLICE))
     return NonFinite(nan, bad - nan)
 
 
