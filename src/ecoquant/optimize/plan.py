@@ -27,6 +27,12 @@ KEY_VERSION = 1
 
 SHORT_SUFFIX = "+short"
 
+
+def serving_suffix(candidate: Candidate) -> str:
+    """The folder suffix of a candidate whose files differ from its checkpoint's: ``+short``, ``+cap16``, both, or ''."""
+    suffix = SHORT_SUFFIX if candidate.response == "short" else ""
+    return suffix + ("" if candidate.answer_cap is None else f"+cap{candidate.answer_cap}")
+
 BackendKind = Literal["transformers", "vllm"]
 Keep = Literal["pick", "all"]
 
@@ -165,6 +171,7 @@ def eval_material(
         "response": "default" if candidate is None else candidate.response,
         "max_soft_tokens": None if candidate is None else candidate.max_soft_tokens,
         "serving": {} if candidate is None else dict(candidate.serving),
+        **({} if candidate is None or candidate.answer_cap is None else {"answer_cap": candidate.answer_cap}),
         "suite": {"spec": e.suite, "size": e.size, "limit": e.limit, "sha256": prepared.digest},
         "generation": e.generation.to_record(),
         "prompt_variant": "default",
@@ -225,8 +232,8 @@ def plan_optimize(
     for c in grid.candidates:
         qkey = digest(quant_material(source_hash["sha256"], c, grid))
         qdir = store.checkpoint_dir(f"{c.method}-{c.preset}", qkey)
-        folder = qdir if c.response == "default" else qdir.with_name(qdir.name + SHORT_SUFFIX)
-        material = eval_material(qkey + ("" if c.response == "default" else SHORT_SUFFIX), c, prepared, config, energy_measured)
+        folder = qdir.with_name(qdir.name + serving_suffix(c))
+        material = eval_material(qkey + serving_suffix(c), c, prepared, config, energy_measured)
         jobs.append(Job(c.name, "variant", c, qkey, qdir, folder, digest(material), material))
     cached_evals = frozenset(j.eval_key for j in jobs if store.load_eval(j.label, j.eval_key) is not None)
     cached_ckpts = frozenset(
@@ -240,7 +247,8 @@ def plan_optimize(
     for j in to_quantize.values():
         assert j.candidate is not None
         model_plan = plan_model(path, j.candidate.preset)
-        tables = plan_tables(model_plan, j.candidate.scheme, model_plan.preset.embeddings, model_plan.preset.lm_head)
+        head = j.candidate.lm_head or model_plan.preset.lm_head
+        tables = plan_tables(model_plan, j.candidate.scheme, model_plan.preset.embeddings, head)  # type: ignore[arg-type]
         disk += plan_footprint(model_plan, j.candidate.scheme, tables).after_bytes
     plan = Plan(
         path, model_type, grid, tuple(jobs), tuple(to_quantize.values()), cached_evals, cached_ckpts, disk, energy_measured

@@ -52,7 +52,7 @@ from ecoquant.eval.runner import (
     evaluate_model,
     open_backend,
 )
-from ecoquant.optimize.plan import SHORT_SUFFIX, Job, OptimizeConfig, Plan, plan_optimize
+from ecoquant.optimize.plan import Job, OptimizeConfig, Plan, plan_optimize, serving_suffix
 from ecoquant.optimize.select import Choice, choice_record, choose
 from ecoquant.optimize.store import SERVERS, Store, link_or_copy, write_json_atomic
 from ecoquant.progress import progress_bar
@@ -112,18 +112,21 @@ def _quantize_job(job: Job, plan: Plan, store: Store, config: OptimizeConfig, st
                 calibration=plan.grid.calibration,
                 gptq=GPTQConfig(scale_passes=c.passes, dampening_frac=c.damp),
                 device=config.quant_device,
+                lm_head=c.lm_head,  # type: ignore[arg-type]
             ),
             show_progress=show,
         )
         store.mark_checkpoint(job.quant_dir, job.quant_key, {"candidate": c.quant_record(), "recipe": "quant_recipe.json"})
 
 
-def _short_variant(job: Job, store: Store) -> None:
-    """The response-economy folder: the checkpoint's files hard-linked, its chat template wrapped."""
+def _serving_variant(job: Job, store: Store) -> None:
+    """A folder of the checkpoint's files hard-linked, with the response-economy chat template
+    and/or the answer cap (``max_new_tokens`` in ``generation_config.json``) the candidate ships."""
     from ecoquant.serve.chat_template import write_short_answer_template
 
-    assert job.quant_dir is not None and job.quant_key is not None
-    key = job.quant_key + SHORT_SUFFIX
+    c = job.candidate
+    assert c is not None and job.quant_dir is not None and job.quant_key is not None
+    key = job.quant_key + serving_suffix(c)
     if store.checkpoint_done(job.folder, key):
         return
     tmp = job.folder.with_name(f".{job.folder.name}.partial")
@@ -132,10 +135,31 @@ def _short_variant(job: Job, store: Store) -> None:
     for f in job.quant_dir.iterdir():
         if f.is_file() and not f.name.startswith("."):
             link_or_copy(f, tmp / f.name)
-    write_short_answer_template(tmp)
-    store.mark_checkpoint(tmp, key, {"from": job.quant_dir.name, "response": "short"})
+    if c.response == "short":
+        write_short_answer_template(tmp)
+    if c.answer_cap is not None:
+        write_answer_cap(tmp, c.answer_cap)
+    store.mark_checkpoint(tmp, key, {"from": job.quant_dir.name, "response": c.response, "answer_cap": c.answer_cap})
     shutil.rmtree(job.folder, ignore_errors=True)
     tmp.rename(job.folder)
+
+
+def write_answer_cap(folder: Path, cap: int) -> None:
+    """Set ``max_new_tokens`` in ``folder/generation_config.json`` (vLLM's default for requests without ``max_tokens``)."""
+    import json
+
+    path = folder / "generation_config.json"
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    data["max_new_tokens"] = cap
+    if path.is_file():
+        path.unlink()  # a hard link to the checkpoint's file: replace it, never write through it
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def capped(generation: Any, cap: int) -> Any:
+    """The generation settings a request without ``max_tokens`` gets from a shipped cap: each task's cap lowered to it."""
+    current = generation.max_new_tokens
+    return replace(generation, max_new_tokens=cap if current is None else min(current, cap))
 
 
 # ------------------------------------------------------------------ evaluate
@@ -221,6 +245,9 @@ def _evaluate_jobs(
             ref = ModelRef(job.label, str(job.folder), job.role)
             with stages.stage(job.label, f"evaluate ({config.backend}{where}, {prepared.suite.n_samples} samples)"):
                 budget = None if job.candidate is None else job.candidate.max_soft_tokens
+                job_eval = replace(config.eval, max_soft_tokens=budget)
+                if job.candidate is not None and job.candidate.answer_cap is not None:
+                    job_eval = replace(job_eval, generation=capped(job_eval.generation, job.candidate.answer_cap))
                 try:
                     # a bar per model on a terminal (one worker: parallel bars would interleave)
                     bar = show and len(config.gpus) <= 1
@@ -229,7 +256,7 @@ def _evaluate_jobs(
                             ref,
                             index[job.label],
                             prepared,
-                            replace(config.eval, max_soft_tokens=budget),
+                            job_eval,
                             meter=meters[gpu],
                             idle=idles[gpu],
                             backend_factory=backend_factory(gpu),
@@ -317,8 +344,8 @@ def optimize(
         _quantize_job(job, plan, store, config, stages, show)
         quantized.append(job.label)
     for job in plan.jobs:
-        if job.candidate is not None and job.candidate.response == "short" and job.eval_key not in plan.cached_evals:
-            _short_variant(job, store)
+        if job.candidate is not None and serving_suffix(job.candidate) and job.eval_key not in plan.cached_evals:
+            _serving_variant(job, store)
 
     if backend_factory is not None:
         factory_for: Callable[[int | None], BackendFactory] = lambda gpu: backend_factory  # noqa: E731
