@@ -202,7 +202,7 @@ def test_plot_marks_the_front_and_labels_the_axis_honestly(tmp_path: Path) -> No
     rows = report_rows(record(runs))
     fig = pareto_figure(rows, energy_measured=True)
     ax = fig.axes[0]
-    assert ax.get_xlabel() == "energy over the suite (J)"
+    assert ax.get_xlabel() == "energy over the suite (J), measured by NVML"
     (front_line,) = [line for line in ax.get_lines() if line.get_label() == "Pareto front"]
     assert list(front_line.get_xdata()) == [40.0, 60.0, 100.0]
 

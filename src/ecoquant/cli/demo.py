@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -42,11 +43,15 @@ def demo_cmd(
 
     n = result.record.suite["n_samples"]
     scores = Table(title=f"evaluation: {n} samples of the basic pages the model never trained on")
-    for col in ("model", "doc", "image", "recovery doc", "recovery image", "mean recovery", "gate"):
+    for col in ("model", "doc", "image", "recovery doc", "recovery image", "mean recovery", "90% interval", "gate"):
         scores.add_column(col)
 
     def pct(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.1%}"
+
+    def interval(bounds: Mapping[str, tuple[float, float] | None] | None) -> str:
+        mean = None if bounds is None else bounds.get("mean")
+        return "n/a" if mean is None else f"{mean[0]:.1%}–{mean[1]:.1%}"
 
     for row in report_rows(result.record):
         scores.add_row(
@@ -56,6 +61,7 @@ def demo_cmd(
             "—" if row.role == "base" else pct(row.recoveries.get("doc")),
             "—" if row.role == "base" else pct(row.recoveries.get("image")),
             "—" if row.role == "base" else pct(row.mean_recovery),
+            "—" if row.role == "base" else interval(row.recovery_interval),
             "—" if row.role == "base" else row.gate,
         )
     console.print(scores)

@@ -21,7 +21,9 @@ from ecoquant.eval.backends.base import GENERATION_PRESETS, generation_settings
 from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.economy import PROMPT_VARIANTS
 from ecoquant.eval.runner import EvalConfig, RunRecord, check_sources, model_refs, open_backend, run_eval
+from ecoquant.eval.bootstrap import DEFAULT_CONFIDENCE, BootstrapSpec
 from ecoquant.report import RESULTS_FILE, render_report
+from ecoquant.report.table import check_confidence
 
 READINGS_FILE = "energy_readings.json"
 SERVERS_DIR = "servers"
@@ -66,9 +68,12 @@ def eval_cmd(
     vllm_arg: Annotated[list[str] | None, typer.Option("--vllm-arg", help="vllm backend: extra argument for every server, appended last (repeatable).")] = None,
     server_timeout: Annotated[float, typer.Option(help="vllm backend: seconds a server may take to become ready.")] = 900.0,
     max_soft_tokens: Annotated[int | None, typer.Option(help="Image-token budget per image (Gemma-4: 70, 140, 280, 560 or 1120; default: the checkpoint's own).")] = None,
+    repeats: Annotated[int, typer.Option(help="Energy windows per model after warm-up (NVML only; the report shows their mean and min..max spread). Without NVML the suite runs once.")] = 3,
+    gate_confidence: Annotated[float | None, typer.Option(help="Gate on the lower bound of this bootstrap interval on mean recovery, e.g. 0.9 (default: on the point estimate; intervals shown at 90%).")] = None,
 ) -> None:
-    """Evaluate a base model and its variants: scores, recovery, tokens, wall time and energy, with a report."""
+    """Evaluate a base model and its variants: scores, recovery with bootstrap intervals, tokens, wall time and energy, with a report."""
     out = folder_arg(out_text)
+    check_confidence(gate_confidence)
     config = EvalConfig(
         suite=suite,
         size=size,
@@ -85,6 +90,7 @@ def eval_cmd(
         warmup_requests=warmup,
         idle_seconds=idle_seconds,
         max_soft_tokens=max_soft_tokens,
+        repeats=repeats,
     )
     check_sources(model_refs(base, tuple(variant or ())), config)  # a wrong path: one line, before anything is drawn
     factory = open_backend
@@ -111,18 +117,26 @@ def eval_cmd(
         )
     meter = open_meter(parse_gpus(gpus))
     if not meter.available:
-        console.print(f"[yellow]energy: not measured ({meter.description})[/]; reporting wall time and tokens", highlight=False)
+        console.print(
+            f"[yellow]energy: not measured ({meter.description})[/]; reporting wall time and tokens; the suite runs"
+            " once per model (--repeats needs a meter)",
+            highlight=False,
+        )
+    spec = BootstrapSpec(gate_confidence or DEFAULT_CONFIDENCE)
     try:
-        record = run_eval(base, tuple(variant or ()), config, meter=meter, backend_factory=factory, show_progress=progress)
+        record = run_eval(
+            base, tuple(variant or ()), config, meter=meter, backend_factory=factory, show_progress=progress, intervals=spec
+        )
     finally:
         if isinstance(meter, NvmlMeter):
             meter.close()
     results = record.save(out / RESULTS_FILE)
     if isinstance(meter, NvmlMeter):
         save_readings(meter.readings, out / READINGS_FILE)
-    files = render_report(record, out)
+    files = render_report(record, out, confidence=gate_confidence)
     typer.echo(files.table.read_text(encoding="utf-8"))
-    console.print(f"[green]wrote[/] {results}, {files.table}, {files.plot}", highlight=False)
+    extra = "" if files.parts is None else f", {files.parts}"
+    console.print(f"[green]wrote[/] {results}, {files.table}, {files.plot}{extra}", highlight=False)
     if record.failures:
         for failure in record.failures:
             console.print(f"[bold red]failed:[/] {failure.error}", highlight=False, soft_wrap=True)
@@ -134,10 +148,12 @@ def eval_cmd(
 def report_cmd(
     results: Annotated[Path, typer.Argument(help="A results.json written by `ecoquant eval`.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for report.md and pareto.png (default: beside results.json).")] = None,
+    gate_confidence: Annotated[float | None, typer.Option(help="Gate on the lower bound of this bootstrap interval on mean recovery, e.g. 0.9 (default: on the point estimate).")] = None,
 ) -> None:
     """Re-render the table and plot of an evaluation from its results.json."""
+    check_confidence(gate_confidence)
     record = RunRecord.load(results)
-    files = render_report(record, out if out is not None else results.expanduser().parent)
+    files = render_report(record, out if out is not None else results.expanduser().parent, confidence=gate_confidence)
     typer.echo(files.table.read_text(encoding="utf-8"))
     console.print(f"[green]wrote[/] {files.table}, {files.plot}", highlight=False)
 

@@ -39,6 +39,8 @@ def optimize_cmd(
     out_text: Annotated[str, typer.Option("--out", "-o", help="Working folder: checkpoints, evaluations, results, and submission/ (rerun to resume).")] = "ecoquant-optimize",
     grid: Annotated[Path | None, typer.Option(help="A grid YAML (grid: lists, candidates: one by one, calibration:); default: RTN, GPTQ, AWQ x presets x responses.")] = None,
     gate: Annotated[float, typer.Option(help="Minimum mean recovery in (0, 1] a candidate must keep.")] = GATE_RECOVERY,
+    gate_confidence: Annotated[float | None, typer.Option(help="Gate on the lower bound of this bootstrap interval on mean recovery, e.g. 0.9 (default: on the point estimate; intervals shown at 90%).")] = None,
+    repeats: Annotated[int, typer.Option(help="Energy windows per model after warm-up (NVML only): mean and min..max spread; a candidate within the cheapest one's spread ties with it and ties go to the higher mean recovery. Without NVML the suite runs once.")] = 3,
     backend: Annotated[str, typer.Option(help="transformers (load models here) or vllm (each model served by its own `vllm serve --config`).")] = "transformers",
     suite: Annotated[str, typer.Option(help="builtin, builtin-basic, builtin-realistic, doc, image, or a .jsonl path.")] = "builtin",
     size: Annotated[int, typer.Option(help="Built-in suite: pages, documents and charts per kind.")] = DEFAULT_SIZE,
@@ -69,6 +71,7 @@ def optimize_cmd(
         out=out,
         grid=load_grid(grid) if grid is not None else None,
         gate=gate,
+        gate_confidence=gate_confidence,
         backend=backend,  # type: ignore[arg-type]
         eval=EvalConfig(
             suite=suite,
@@ -81,6 +84,7 @@ def optimize_cmd(
             generation=generation_settings(sampling, max_new_tokens=max_new_tokens),
             warmup_requests=warmup,
             idle_seconds=idle_seconds,
+            repeats=repeats,
         ),
         quant_device=quant_device,
         keep=keep,  # type: ignore[arg-type]
@@ -104,7 +108,11 @@ def optimize_cmd(
         console.print(
             f"{len(plan.quantize)} checkpoints to write (about {human_bytes(plan.disk_needed_bytes)} of disk), "
             f"{to_run} of {len(plan.jobs)} evaluations to run; "
-            + ("energy measured by NVML." if plan.energy_measured else "energy not measured (no NVML device): ranked by wall time."),
+            + (
+                "energy measured by NVML."
+                if plan.energy_measured
+                else "energy not measured (no NVML device): ranked by modelled energy where the record has it, never by wall time."
+            ),
             highlight=False,
             soft_wrap=True,
         )

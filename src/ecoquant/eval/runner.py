@@ -21,8 +21,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,7 @@ from ecoquant.energy.meter import (
     measure_idle,
 )
 from ecoquant.errors import EcoquantError
+from ecoquant.eval.bootstrap import BootstrapSpec, per_task_scores, recovery_intervals
 from ecoquant.eval.backends.base import Backend, ChatRequest, Completion, GenerationSettings
 from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.economy import describe_variants, prompt_variant, suite_requests
@@ -74,6 +76,9 @@ class EvalConfig:
         idle_seconds: idle-power sampling before the first model (only with a real meter).
         max_soft_tokens: the image-token budget per image (transformers: passed to the processor; vllm:
             written into each server's ``mm_processor_kwargs``); None for each checkpoint's default.
+        repeats: energy windows per model and prompt variant after warm-up (only with a meter: without
+            one there is nothing to measure, so the suite runs once). The first window's answers are
+            scored; the energy reported is the mean over the windows, with their spread kept.
     """
 
     suite: str = "builtin"
@@ -92,6 +97,7 @@ class EvalConfig:
     warmup_requests: int = 2
     idle_seconds: float = 5.0
     max_soft_tokens: int | None = None
+    repeats: int = 3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "urls", tuple(self.urls))
@@ -119,6 +125,8 @@ class EvalConfig:
             )
         if self.warmup_requests < 0 or self.idle_seconds < 0:
             raise EcoquantError("warm-up requests and idle seconds cannot be negative")
+        if self.repeats < 1:
+            raise EcoquantError(f"--repeats must be at least 1, got {self.repeats}")
 
 
 @dataclass(frozen=True)
@@ -254,6 +262,19 @@ class EnergyResult:
             idle_corrected_j=idle_corrected_energy_j(m, idle),
         )
 
+    @classmethod
+    def mean_of(cls, repeats: Sequence[EnergyResult]) -> EnergyResult:
+        """The mean window of repeated windows (per GPU, total, time, above idle): what the table shows."""
+        n = len(repeats)
+        gpus = repeats[0].gpu_energy_j
+        corrected = [r.idle_corrected_j for r in repeats]
+        return cls(
+            time_s=math.fsum(r.time_s for r in repeats) / n,
+            gpu_energy_j={g: math.fsum(r.gpu_energy_j[g] for r in repeats) / n for g in gpus},
+            total_j=math.fsum(r.total_j for r in repeats) / n,
+            idle_corrected_j=None if None in corrected else math.fsum(c for c in corrected if c is not None) / n,
+        )
+
 
 @dataclass(frozen=True)
 class ModelRun:
@@ -273,10 +294,23 @@ class ModelRun:
     task_scores: dict[str, float]
     suite_scores: dict[str, float]
     samples: tuple[SampleResult, ...]
+    energy_repeats: tuple[EnergyResult, ...] = ()
+    """Each measured window (``--repeats``); ``energy`` is their mean. Empty without a meter."""
+    recovery_interval: dict[str, list[float] | None] | None = None
+    """Bootstrap interval per half and on the mean (``{"doc": [lo, hi], "image": ..., "mean": ...}``;
+    see :mod:`ecoquant.eval.bootstrap` and ``RunRecord.intervals``); None for a base run."""
 
     @property
     def energy_j(self) -> float | None:
         return None if self.energy is None else self.energy.total_j
+
+    @property
+    def energy_spread_j(self) -> tuple[float, float] | None:
+        """Min and max suite energy over the repeated windows; None without repeats."""
+        if not self.energy_repeats:
+            return None
+        totals = [r.total_j for r in self.energy_repeats]
+        return min(totals), max(totals)
 
     @classmethod
     def from_dict(cls, r: Mapping[str, Any]) -> ModelRun:
@@ -286,6 +320,7 @@ class ModelRun:
                 **r,
                 "energy": None if r["energy"] is None else EnergyResult(**r["energy"]),
                 "samples": tuple(SampleResult(**s) for s in r["samples"]),
+                "energy_repeats": tuple(EnergyResult(**e) for e in r.get("energy_repeats", ())),
             }
         )
 
@@ -353,6 +388,8 @@ class RunRecord:
     energy: EnergyInfo
     runs: tuple[ModelRun, ...]
     failures: tuple[FailedRun, ...] = ()
+    intervals: dict[str, Any] | None = None
+    """How each variant's ``recovery_interval`` was drawn (:meth:`BootstrapSpec.to_record`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -426,10 +463,12 @@ def _model_run(
     backend: Backend,
     items: Sequence[tuple[Task, Sample, ChatRequest]],
     completions: Sequence[Completion],
-    measurement: Measurement,
+    measurements: Sequence[Measurement],
     idle: IdleBaseline | None,
 ) -> ModelRun:
-    """Score one window's completions and assemble its record."""
+    """Score the first window's completions and assemble the record; energy is the mean over the windows."""
+    measurement = measurements[0]
+    windows = [e for m in measurements if (e := EnergyResult.from_measurement(m, idle)) is not None]
     scores = score_in_order([task for task, _, _ in items], [c.text for c in completions])
     per_sample = {(s.task, sid): v for s in scores for sid, v in s.per_sample.items()}
     samples = tuple(
@@ -452,13 +491,14 @@ def _model_run(
         recipe=read_recipe(ref.source),
         backend=backend.describe(),
         wall_time_s=measurement.time_s,
-        energy=EnergyResult.from_measurement(measurement, idle),
+        energy=EnergyResult.mean_of(windows) if windows else None,
         requests=len(completions),
         tokens_in=sum(c.tokens_in for c in completions),
         tokens_out=sum(c.tokens_out for c in completions),
         task_scores={s.task: s.score for s in scores},
         suite_scores=suite_scores(scores),
         samples=samples,
+        energy_repeats=tuple(windows) if len(windows) > 1 else (),
     )
 
 
@@ -523,6 +563,10 @@ def evaluate_model(
 ) -> list[ModelRun]:
     """One model over the whole suite, one energy window per prompt variant; warm-up first, backend closed last.
 
+    With a meter, each prompt variant's window is repeated ``config.repeats`` times (the first window's
+    answers are scored; the others only spend energy, which is their point). Without one there is nothing
+    to measure, so the suite runs once and CPU runs stay as fast as before.
+
     A :class:`BackendFailure` (from the factory or mid-suite) propagates: the
     caller decides whether the sweep goes on.
     """
@@ -538,8 +582,12 @@ def evaluate_model(
             window = f"{ref.label}/{name}"
             meter.begin_window(window)
             completions = backend.generate([r for _, _, r in items], settings, _steps(advance, f"{ref.label} · {name}"))
-            measurement = meter.end_window(window)
-            runs.append(_model_run(ref, name, backend, items, completions, measurement, idle))
+            measurements = [meter.end_window(window)]
+            for k in range(2, (config.repeats if meter.available else 1) + 1):
+                meter.begin_window(f"{window}#{k}")
+                backend.generate([r for _, _, r in items], settings)
+                measurements.append(meter.end_window(f"{window}#{k}"))
+            runs.append(_model_run(ref, name, backend, items, completions, measurements, idle))
     finally:
         backend.close()
     return runs
@@ -556,17 +604,39 @@ def energy_info(meter: EnergyMeter, idle: IdleBaseline | None, config: EvalConfi
     )
 
 
+def run_recovery_interval(record: RunRecord, run: ModelRun, spec: BootstrapSpec) -> dict[str, list[float] | None] | None:
+    """``run``'s bootstrap intervals against its prompt variant's base run (None for a base, or without one)."""
+    base = record.base_run(run.prompt_variant)
+    if run.role == "base" or base is None:
+        return None
+    halves = {t["name"]: t["suite"] for t in record.suite["tasks"]}
+
+    def scores(r: ModelRun) -> dict[str, dict[str, float]]:
+        return per_task_scores([(s.task, s.id, s.score) for s in r.samples])
+
+    found = recovery_intervals(scores(base), scores(run), halves, spec)
+    return {k: None if v is None else [v[0], v[1]] for k, v in found.items()}
+
+
+def with_intervals(record: RunRecord, spec: BootstrapSpec) -> RunRecord:
+    """The record with every variant's ``recovery_interval`` drawn by ``spec``, and ``spec`` in ``intervals``."""
+    runs = tuple(replace(r, recovery_interval=run_recovery_interval(record, r, spec)) for r in record.runs)
+    return replace(record, runs=runs, intervals=spec.to_record())
+
+
 def build_record(
     config: EvalConfig,
     prepared: PreparedSuite,
     energy: EnergyInfo,
     runs: Sequence[ModelRun],
     failures: Sequence[FailedRun] = (),
+    intervals: BootstrapSpec = BootstrapSpec(),
 ) -> RunRecord:
-    """Assemble ``results.json``'s record from finished runs (those of this process or cached ones)."""
+    """Assemble ``results.json``'s record from finished runs (those of this process or cached ones),
+    with each variant's recovery interval drawn by ``intervals``."""
     suite_record = _suite_record(config.suite, prepared.suite, config)
     suite_record["sha256"] = prepared.digest
-    return RunRecord(
+    record = RunRecord(
         schema=SCHEMA,
         created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         ecoquant=_ecoquant_record(),
@@ -577,6 +647,7 @@ def build_record(
         runs=tuple(runs),
         failures=tuple(failures),
     )
+    return with_intervals(record, intervals)
 
 
 def run_eval(
@@ -587,6 +658,7 @@ def run_eval(
     meter: EnergyMeter | None = None,
     backend_factory: Callable[[ModelRef, int, EvalConfig], Backend] = open_backend,
     show_progress: bool = True,
+    intervals: BootstrapSpec = BootstrapSpec(),
 ) -> RunRecord:
     """Evaluate ``base`` and each of ``variants`` on the configured suite; see the module docstring.
 
@@ -617,4 +689,4 @@ def run_eval(
                 )
             except BackendFailure as exc:
                 failures.append(FailedRun.from_failure(ref, exc))
-    return build_record(config, prepared, energy_info(meter, idle, config), runs, failures)
+    return build_record(config, prepared, energy_info(meter, idle, config), runs, failures, intervals)

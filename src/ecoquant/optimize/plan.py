@@ -20,7 +20,7 @@ from ecoquant.eval.runner import EvalConfig, PreparedSuite, prepare_suite
 from ecoquant.optimize.grid import Candidate, Grid, default_grid
 from ecoquant.optimize.store import Store, digest
 from ecoquant.quantize.scheme import ACTIVATION_AWARE
-from ecoquant.report.table import GATE_RECOVERY, check_threshold
+from ecoquant.report.table import GATE_RECOVERY, check_confidence, check_threshold
 
 KEY_VERSION = 1
 """Part of every key: bump it when what a key stands for changes, so old results are not reused."""
@@ -45,6 +45,8 @@ class OptimizeConfig:
         out: the working folder (checkpoints, evaluations, results, submission).
         grid: the candidates; None for :func:`~ecoquant.optimize.grid.default_grid` of the model's family.
         gate: minimum mean recovery, in (0, 1] (the challenge's 0.8).
+        gate_confidence: gate on the lower bound of this bootstrap interval on mean recovery, in (0, 1)
+            (None: on the point estimate); the intervals shown are drawn at this level (default 90%).
         backend: ``transformers`` (models loaded here) or ``vllm`` (each served by ``vllm serve --config``).
         eval: suite, generation, warm-up and backend settings (its ``backend`` is set from ``backend``).
         quant_device: where GPTQ/AWQ calibrate (``cpu``, ``cuda``).
@@ -57,6 +59,7 @@ class OptimizeConfig:
     out: Path
     grid: Grid | None = None
     gate: float = GATE_RECOVERY
+    gate_confidence: float | None = None
     backend: BackendKind = "transformers"
     eval: EvalConfig = field(default_factory=EvalConfig)
     quant_device: str = "cpu"
@@ -72,6 +75,7 @@ class OptimizeConfig:
         object.__setattr__(self, "gpus", tuple(self.gpus))
         object.__setattr__(self, "vllm_args", tuple(self.vllm_args))
         check_threshold(self.gate)
+        check_confidence(self.gate_confidence)
         if self.backend not in ("transformers", "vllm"):
             raise EcoquantError(f"unknown backend {self.backend!r} for optimize; use transformers or vllm")
         if self.keep not in ("pick", "all"):
@@ -178,6 +182,8 @@ def eval_material(
         "warmup_requests": e.warmup_requests,
         "backend": backend,
         "energy_measured": energy_measured,
+        # repeated windows change a measured result only; without a meter the suite runs once whatever --repeats says
+        **({"repeats": e.repeats} if energy_measured else {}),
     }
 
 

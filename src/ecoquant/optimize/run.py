@@ -38,6 +38,7 @@ from typing import Any
 from rich.console import Console
 
 from ecoquant.errors import EcoquantError
+from ecoquant.eval.bootstrap import DEFAULT_CONFIDENCE, BootstrapSpec
 from ecoquant.eval.backends.base import Backend
 from ecoquant.eval.runner import (
     BackendFailure,
@@ -57,7 +58,7 @@ from ecoquant.optimize.select import Choice, choice_record, choose
 from ecoquant.optimize.store import SERVERS, Store, link_or_copy, write_json_atomic
 from ecoquant.progress import progress_bar
 from ecoquant.report import RESULTS_FILE, render_report
-from ecoquant.report.table import report_rows
+from ecoquant.report.table import modelled_gpu, report_rows
 
 CHOICE_FILE = "choice.json"
 
@@ -374,10 +375,19 @@ def optimize(
         energy or EnergyInfo(False, "nothing evaluated", None, None, config.eval.warmup_requests),
         runs,
         [failures[j.label] for j in plan.jobs if j.label in failures],
+        BootstrapSpec(config.gate_confidence or DEFAULT_CONFIDENCE),
     )
     results = record.save(store.root / RESULTS_FILE)
-    render_report(record, store.root, config.gate)
-    choice = choose(report_rows(record, config.gate), config.gate, energy_measured)
+    choice = choose(
+        report_rows(record, config.gate, config.gate_confidence),
+        config.gate,
+        energy_measured,
+        confidence=config.gate_confidence,
+        modelled_for=modelled_gpu(record),
+    )
+    render_report(
+        record, store.root, config.gate, config.gate_confidence, pick=choice.pick, decision=choice.summary()
+    )
     write_json_atomic(store.root / CHOICE_FILE, choice_record(choice, plan.grid, record.failures))
     stages.line(f"optimize: {choice.summary()}")
 

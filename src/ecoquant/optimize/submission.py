@@ -28,6 +28,7 @@ from ecoquant.optimize.grid import RESPONSES
 from ecoquant.optimize.plan import Job, OptimizeConfig, Plan
 from ecoquant.optimize.select import Choice, choice_record
 from ecoquant.optimize.store import Store, link_or_copy, write_json_atomic
+from ecoquant.report.table import gate_rule
 from ecoquant.report import PLOT_FILE, RESULTS_FILE, TABLE_FILE
 from ecoquant.serve.config import CONFIG_FILE, ServeConfigOptions, build_serve_config
 from ecoquant.serve.model_card import write_model_card
@@ -70,7 +71,6 @@ def hardware(record: RunRecord) -> dict[str, Any]:
 def choice_section(choice: Choice, plan: Plan, record: RunRecord, config: OptimizeConfig, hw: Mapping[str, Any]) -> str:
     """The card's "How this was chosen" section: the rule, every candidate's standing, where it was measured."""
     by_name = {c.name: c for c in plan.grid.candidates}
-    unit = "J" if choice.metric == "energy_j" else "s"
     backend = "vLLM " + ", ".join(hw["vllm"]) + " (`vllm serve --config`, one server per model)" if hw.get("vllm") else config.backend
     where = ", ".join(hw["gpus"]) if hw["gpus"] else f"{hw['cpu']} ({hw['cores']} cores), no GPU"
     lines = [
@@ -78,29 +78,50 @@ def choice_section(choice: Choice, plan: Plan, record: RunRecord, config: Optimi
         "",
         f"`ecoquant optimize` compared {len(plan.grid.candidates)} candidates with the bf16 base on suite "
         f"`{record.suite['spec']}` ({record.suite['n_samples']} samples): the pick is the cheapest candidate "
-        f"with mean recovery ≥ {choice.threshold:.0%}; {choice.metric_note}. Served by {backend}, on {where}, torch {hw['torch']}.",
+        f"that keeps the gate ({gate_rule(choice.threshold, choice.confidence).removeprefix('gate = ')}); "
+        f"{choice.metric_note}. Served by {backend}, on {where}, torch {hw['torch']}.",
         "",
-        f"| candidate | method | preset | response | image budget | serving | cost ({unit}) | mean recovery | decision |",
-        "|---|---|---|---|---:|---|---:|---:|---|",
+        f"{choice.summary()}",
+        "",
+        f"| candidate | method | preset | response | image budget | serving | cost ({choice.cost_label}) | mean recovery "
+        f"| {choice.interval_confidence:.0%} interval | decision |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---|",
     ]
     for s in choice.standings:
         c = by_name.get(s.name)
         serving = json.dumps(dict(c.serving)) if c is not None and c.serving else "—"
         cost = "—" if s.cost is None else f"{s.cost:.2f}"
+        if s.spread is not None:
+            cost += f" ({s.spread[0]:.2f}..{s.spread[1]:.2f})"
         rec = "n/a" if s.mean_recovery is None else f"{s.mean_recovery:.2%}"
-        decision = "**pick**" if s.name == choice.pick else ("passes, costs more" if s.passed else s.why)
+        bounds = None if s.interval is None else s.interval.get("mean")
+        interval = "n/a" if bounds is None else f"{bounds[0]:.2%}–{bounds[1]:.2%}"
+        if s.name == choice.pick:
+            decision = "**pick**" + (" (tied on energy; higher recovery)" if s.tied else "")
+        elif s.passed:
+            decision = "passes, tied on energy, lower recovery" if s.tied else "passes, costs more"
+        else:
+            decision = s.why
         budget = "default" if c is None or c.max_soft_tokens is None else str(c.max_soft_tokens)
         lines.append(
             f"| {s.name} | {c.method if c else '?'} | {c.preset if c else '?'} | {c.response if c else '?'} | {budget} "
-            f"| {serving} | {cost} | {rec} | {decision} |"
+            f"| {serving} | {cost} | {rec} | {interval} | {decision} |"
         )
+    checked = [s for s in choice.standings if s.measured_over_modelled is not None]
+    if checked:
+        lines += [
+            "",
+            f"Measured / modelled energy ({choice.modelled_for or 'target GPU'} model): "
+            + ", ".join(f"{s.name} {s.measured_over_modelled:.2f}" for s in checked)
+            + ".",
+        ]
     for f in record.failures:
         lines.append(f"| {f.label} | | | | | | — | — | failed at {f.stage}: {f.error.splitlines()[0][:120]} |")
     pick = by_name.get(choice.pick or "")
     if pick is not None and pick.response != "default":
         lines += ["", f"Response policy: {RESPONSES[pick.response]} (`chat_template.jinja`); Gemma-4's thinking stays off."]
     if choice.base_cost is not None:
-        lines += ["", f"The bf16 base cost {choice.base_cost:.2f} {unit} on the same suite."]
+        lines += ["", f"The bf16 base cost {choice.base_cost:.2f} J ({choice.cost_label.removeprefix('J, ')}) on the same suite."]
     return "\n".join(lines)
 
 

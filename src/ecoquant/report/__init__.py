@@ -1,4 +1,5 @@
-"""The eval report: ``results.json`` -> ``report.md`` (table) and ``pareto.png`` (plot).
+"""The eval report: ``results.json`` -> ``report.md`` (table), ``pareto.png`` (the frontier) and, when the
+record has modelled energy, ``energy_parts.png`` (where each model's energy goes).
 
 Everything is derived from the :class:`~ecoquant.eval.runner.RunRecord`
 alone, so ``ecoquant report results.json`` re-renders exactly what
@@ -11,35 +12,72 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ecoquant.eval.runner import RunRecord
-from ecoquant.report.plot import write_plot
-from ecoquant.report.table import GATE_RECOVERY, markdown_report, report_rows
+from ecoquant.report.plot import write_parts_plot, write_plot
+from ecoquant.report.table import GATE_RECOVERY, gate_rule, markdown_report, modelled_gpu, report_rows
 
 RESULTS_FILE = "results.json"
 TABLE_FILE = "report.md"
 PLOT_FILE = "pareto.png"
+PARTS_FILE = "energy_parts.png"
 
 
 @dataclass(frozen=True)
 class ReportFiles:
     table: Path
     plot: Path
+    parts: Path | None = None
+    """``energy_parts.png``; None when no run has modelled energy parts."""
 
 
-def render_report(record: RunRecord, out_dir: Path | str, threshold: float = GATE_RECOVERY) -> ReportFiles:
-    """Write ``report.md`` and ``pareto.png`` for a record into ``out_dir`` (gate at ``threshold``)."""
+def modelled_parts(record: RunRecord, names: list[str]) -> dict[str, dict[str, float]]:
+    """Row name -> modelled energy parts (J) for the runs that have them (``ModelRun.modelled_energy``)."""
+    out = {}
+    for name, run in zip(names, record.runs, strict=True):
+        modelled = getattr(run, "modelled_energy", None)  # filled by the energy model; absent in older records
+        if modelled and modelled.get("parts"):
+            out[name] = {k: float(v) for k, v in modelled["parts"].items()}
+    return out
+
+
+def render_report(
+    record: RunRecord,
+    out_dir: Path | str,
+    threshold: float = GATE_RECOVERY,
+    confidence: float | None = None,
+    *,
+    pick: str | None = None,
+    decision: str | None = None,
+) -> ReportFiles:
+    """Write ``report.md``, ``pareto.png`` and (with modelled parts) ``energy_parts.png`` into ``out_dir``.
+
+    The gate is at ``threshold``, on the lower bound of the ``confidence`` interval when given; ``pick`` is
+    starred on the frontier and ``decision`` (the choice's summary line) closes the report.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = out / TABLE_FILE
-    table.write_text(markdown_report(record, threshold), encoding="utf-8")
+    text = markdown_report(record, threshold, confidence)
+    if decision:
+        text += f"\n## Decision\n\n{decision}\n"
+    table.write_text(text, encoding="utf-8")
+    rows = report_rows(record, threshold, confidence)
+    gpu = modelled_gpu(record)
     plot = write_plot(
-        report_rows(record, threshold),
+        rows,
         out / PLOT_FILE,
         energy_measured=record.energy.measured,
         title=f"{record.suite['name']}: cost vs mean recovery",
         no_energy_reason=record.energy.meter,
         threshold=threshold,
+        pick=pick,
+        modelled_for=gpu,
+        gate_label=gate_rule(threshold, confidence).removeprefix("gate = "),
     )
-    return ReportFiles(table=table, plot=plot)
+    stale = out / PARTS_FILE
+    parts = write_parts_plot(modelled_parts(record, [r.model for r in rows]), stale, gpu or "the target GPU")
+    if parts is None and stale.is_file():
+        stale.unlink()  # a re-render of a record without parts must not leave an older picture beside it
+    return ReportFiles(table=table, plot=plot, parts=parts)
 
 
-__all__ = ["PLOT_FILE", "RESULTS_FILE", "TABLE_FILE", "ReportFiles", "render_report"]
+__all__ = ["PARTS_FILE", "PLOT_FILE", "RESULTS_FILE", "TABLE_FILE", "ReportFiles", "render_report"]

@@ -1,9 +1,17 @@
-"""The report's figure: suite energy (or wall time) against mean recovery, Pareto front marked.
+"""The report's figures: the frontier (suite energy against mean recovery) and each candidate's energy parts.
 
-Without an energy meter the x axis is wall time and its label says so,
-including why energy is missing: the plot must not look like an energy plot
-when it is not one. Rows whose mean recovery is n/a cannot be placed and are
-named in a note under the axes.
+The frontier's x axis is measured energy when NVML measured it, else energy
+*modelled for the target GPU* -- and its label says which -- else (neither)
+wall time, labelled with why energy is missing: the plot must not look like
+a measured-energy plot when it is not one. Mean recovery carries its
+bootstrap interval as an error bar (and measured energy its min..max spread
+over the repeated windows); the gate is a dashed line and the pick, when
+there is one, a star. Rows whose mean recovery is n/a cannot be placed and
+are named in the title.
+
+The parts figure stacks each model's modelled energy by where it goes
+(prefill text, prefill image, vision encoder, decode, idle), so one can see
+*why* a candidate is cheaper; it is drawn only when the record has them.
 
 Uses matplotlib's object API with the Agg canvas (no pyplot), so plotting
 from a server thread or a test never touches global figure state.
@@ -12,7 +20,7 @@ from a server thread or a test never touches global figure state.
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,14 +31,37 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
+PARTS_ORDER: tuple[str, ...] = ("prefill_text", "prefill_image", "vision_encoder", "decode", "idle")
+"""The energy model's parts, bottom to top (``ModelledEnergy.parts``); other keys are stacked after them."""
+
+
 def x_axis(
-    rows: Sequence[ReportRow], energy_measured: bool, no_energy_reason: str = ""
+    rows: Sequence[ReportRow], energy_measured: bool, no_energy_reason: str = "", modelled_for: str | None = None
 ) -> tuple[list[float | None], str]:
-    """The cost of each row and the axis label: joules when measured, else wall seconds."""
+    """The cost of each row and the axis label: measured joules, else modelled joules, else wall seconds."""
     if energy_measured:
-        return [r.energy_j for r in rows], "energy over the suite (J)"
+        return [r.energy_j for r in rows], "energy over the suite (J), measured by NVML"
+    if any(r.modelled_energy_j is not None for r in rows):
+        gpu = modelled_for or "the target GPU"
+        return [r.modelled_energy_j for r in rows], f"energy over the suite (J), modelled for {gpu} — not measured"
     why = f" ({no_energy_reason})" if no_energy_reason else ""
     return [r.wall_time_s for r in rows], f"wall time over the suite (s) — energy not measured{why}"
+
+
+def _error_bars(
+    rows: Sequence[ReportRow], placed: Sequence[int], energy_measured: bool, costs: Sequence[float | None]
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """Per placed row: (y below, y above) in points of recovery and (x left, x right) in joules."""
+    ys, xs = [], []
+    for i in placed:
+        r = rows[i]
+        mean = float(r.mean_recovery) * 100  # type: ignore[arg-type]
+        bounds = None if r.recovery_interval is None else r.recovery_interval.get("mean")
+        ys.append((0.0, 0.0) if bounds is None else (max(mean - bounds[0] * 100, 0.0), max(bounds[1] * 100 - mean, 0.0)))
+        spread = r.energy_spread_j if energy_measured else None
+        x = float(costs[i])  # type: ignore[arg-type]
+        xs.append((0.0, 0.0) if spread is None else (max(x - spread[0], 0.0), max(spread[1] - x, 0.0)))
+    return ys, xs
 
 
 def pareto_figure(
@@ -39,9 +70,13 @@ def pareto_figure(
     title: str = "",
     no_energy_reason: str = "",
     threshold: float = GATE_RECOVERY,
+    *,
+    pick: str | None = None,
+    modelled_for: str | None = None,
+    gate_label: str | None = None,
 ) -> Figure:
-    """Cost vs mean recovery (%) with the front drawn as a step line and ringed points."""
-    costs, xlabel = x_axis(rows, energy_measured, no_energy_reason)
+    """Cost vs mean recovery (%) with its interval, the front as a step line and ringed points, the pick starred."""
+    costs, xlabel = x_axis(rows, energy_measured, no_energy_reason, modelled_for)
     placed = [i for i, r in enumerate(rows) if r.mean_recovery is not None and costs[i] is not None]
     points = [(float(costs[i]), float(rows[i].mean_recovery) * 100) for i in placed]  # type: ignore[arg-type]
     front = [placed[k] for k in pareto_front(points)]
@@ -53,18 +88,24 @@ def pareto_figure(
     fig = Figure(figsize=(7.5, 5.0), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for i, (x, y) in zip(placed, points, strict=True):
+    yerr, xerr = _error_bars(rows, placed, energy_measured, costs)
+    for i, (x, y), ye, xe in zip(placed, points, yerr, xerr, strict=True):
         base = rows[i].role == "base"
-        ax.scatter([x], [y], s=60, marker="s" if base else "o", color="tab:gray" if base else "tab:blue", zorder=3)
+        color = "tab:gray" if base else "tab:blue"
+        if any(ye) or any(xe):
+            ax.errorbar([x], [y], yerr=[[ye[0]], [ye[1]]], xerr=[[xe[0]], [xe[1]]], fmt="none", ecolor=color, alpha=0.6, capsize=3, zorder=2)
+        ax.scatter([x], [y], s=60, marker="s" if base else "o", color=color, zorder=3)
         ax.annotate(rows[i].model, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        if rows[i].model == pick:
+            ax.scatter([x], [y], s=320, marker="*", color="gold", edgecolors="black", zorder=5, label=f"pick: {pick}")
     if front:
         fx = [float(costs[i]) for i in front]  # type: ignore[arg-type]
         fy = [float(rows[i].mean_recovery) * 100 for i in front]  # type: ignore[arg-type]
         ax.step(fx, fy, where="post", color="tab:green", linewidth=1.5, label="Pareto front", zorder=2)
         ax.scatter(fx, fy, s=180, facecolors="none", edgecolors="tab:green", linewidths=1.5, zorder=4)
-    ax.axhline(threshold * 100, color="tab:red", linestyle="--", linewidth=1, label=f"{threshold:.0%} gate")
+    ax.axhline(threshold * 100, color="tab:red", linestyle="--", linewidth=1, label=gate_label or f"{threshold:.0%} gate")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("mean recovery vs base (%)")
+    ax.set_ylabel("mean recovery vs base (%), bars: bootstrap interval")
     missing = [rows[i].model for i in range(len(rows)) if i not in placed]
     heading = title or "cost vs quality kept"
     if missing:
@@ -85,6 +126,7 @@ def pareto_figure(
     ax.legend(loc="lower right", fontsize=8)
     if points:
         ys = [y for _, y in points] + [threshold * 100]
+        ys += [y - e[0] for (_, y), e in zip(points, yerr, strict=True)] + [y + e[1] for (_, y), e in zip(points, yerr, strict=True)]
         pad = max(2.0, (max(ys) - min(ys)) * 0.1)
         ax.set_ylim(min(ys) - pad, max(ys) + pad)
     return fig
@@ -97,9 +139,50 @@ def write_plot(
     title: str = "",
     no_energy_reason: str = "",
     threshold: float = GATE_RECOVERY,
+    *,
+    pick: str | None = None,
+    modelled_for: str | None = None,
+    gate_label: str | None = None,
 ) -> Path:
     """Render :func:`pareto_figure` to a PNG file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pareto_figure(rows, energy_measured, title, no_energy_reason, threshold).savefig(path, dpi=120)
+    fig = pareto_figure(
+        rows, energy_measured, title, no_energy_reason, threshold, pick=pick, modelled_for=modelled_for, gate_label=gate_label
+    )
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def parts_figure(parts: Mapping[str, Mapping[str, float]], gpu: str, title: str = "") -> Figure:
+    """A stacked bar per model of its modelled suite energy by part (J), labelled as modelled for ``gpu``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(parts)
+    keys = [k for k in PARTS_ORDER if any(k in p for p in parts.values())]
+    keys += sorted({k for p in parts.values() for k in p} - set(keys))
+    fig = Figure(figsize=(max(6.0, 1.1 * len(names) + 3), 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bottom = [0.0] * len(names)
+    for key in keys:
+        heights = [float(parts[n].get(key, 0.0)) for n in names]
+        ax.bar(names, heights, bottom=bottom, label=key)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.set_ylabel(f"energy over the suite (J), modelled for {gpu} — not measured")
+    ax.set_title(title or f"where each model's energy goes (modelled for {gpu})", fontsize=10)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    return fig
+
+
+def write_parts_plot(parts: Mapping[str, Mapping[str, float]], path: Path | str, gpu: str, title: str = "") -> Path | None:
+    """Render :func:`parts_figure` to a PNG file; None (and no file) when there are no parts to draw."""
+    if not parts:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts_figure(parts, gpu, title).savefig(path, dpi=120)
     return path

@@ -11,6 +11,11 @@ base's quality (mean recovery >= 0.80).
 
 Energy cells are ``—`` when there was no meter, and the table says why
 (``energy: not measured (no NVML device)``); no number stands in for it.
+
+Each variant's recovery carries a bootstrap interval (:mod:`ecoquant.eval.bootstrap`);
+with a gate confidence ``P`` the gate is applied to the lower bound of the ``P``
+interval on mean recovery instead of the point estimate, so "pass" means
+"passes even if this suite was a lucky draw".
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from types import MappingProxyType
 from typing import Literal
 
 from ecoquant.errors import EcoquantError
-from ecoquant.eval.runner import RunRecord
+from ecoquant.eval.bootstrap import DEFAULT_CONFIDENCE, BootstrapSpec
+from ecoquant.eval.runner import RunRecord, run_recovery_interval
 from ecoquant.eval.tasks import SUITE_KINDS
 
 GATE_RECOVERY = 0.80
@@ -62,6 +68,33 @@ def gate(mean: float | None, role: str = "variant", threshold: float = GATE_RECO
     return "pass" if mean >= threshold else "fail"
 
 
+def gated_value(
+    mean: float | None, interval: Mapping[str, tuple[float, float] | None] | None, confidence: float | None
+) -> float | None:
+    """What the gate compares with its threshold: the mean recovery, or with a gate confidence the lower
+    bound of that interval on it (None when it is n/a)."""
+    if confidence is None:
+        return mean
+    bounds = None if interval is None else interval.get("mean")
+    return None if bounds is None else bounds[0]
+
+
+def check_confidence(confidence: float | None) -> float | None:
+    """A gate confidence is a probability in (0, 1), e.g. 0.9; None gates on the point estimate."""
+    if confidence is not None and not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
+        raise EcoquantError(f"--gate-confidence is a probability in (0, 1), e.g. 0.9; got {confidence}")
+    return None if confidence is None else float(confidence)
+
+
+def interval_spec(record: RunRecord, confidence: float | None = None) -> BootstrapSpec:
+    """The intervals to show: at ``confidence`` when given, else as recorded, else the 90% default."""
+    stored = record.intervals or {}
+    return BootstrapSpec(
+        confidence=confidence if confidence is not None else float(stored.get("confidence", DEFAULT_CONFIDENCE)),
+        **{k: int(stored[k]) for k in ("resamples", "seed") if k in stored},
+    )
+
+
 def check_threshold(threshold: float) -> float:
     """A gate must be a fraction of the base's quality in (0, 1]; anything else is one clear error."""
     if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
@@ -94,18 +127,47 @@ class ReportRow:
     tokens_out: int
     requests: int
     wall_time_s: float
+    modelled_energy_j: float | None = None
+    recovery_interval: Mapping[str, tuple[float, float] | None] | None = None
+    """Bootstrap interval per half and on the mean (``"mean"``); None for the base."""
+    energy_spread_j: tuple[float, float] | None = None
+    """Min and max measured suite energy over the repeated windows; None without repeats."""
 
 
-def report_rows(record: RunRecord, threshold: float = GATE_RECOVERY) -> list[ReportRow]:
-    """The table's rows, in run order, each compared with its prompt variant's base run."""
+def modelled_gpu(record: RunRecord) -> str | None:
+    """The GPU the record's modelled energy is for (``ModelRun.modelled_energy["gpu"]``), if any run has one."""
+    for run in record.runs:
+        modelled = getattr(run, "modelled_energy", None)  # filled by the energy model; absent in older records
+        if modelled:
+            return str(modelled["gpu"])
+    return None
+
+
+def row_interval(record: RunRecord, run: object, spec: BootstrapSpec) -> dict[str, tuple[float, float] | None] | None:
+    """A run's intervals at ``spec``: the recorded ones when drawn the same way, else drawn now (same seed)."""
+    stored = getattr(run, "recovery_interval", None)
+    if stored is None or record.intervals != spec.to_record():
+        stored = run_recovery_interval(record, run, spec)  # type: ignore[arg-type]
+    return None if stored is None else {k: None if v is None else (v[0], v[1]) for k, v in stored.items()}
+
+
+def report_rows(
+    record: RunRecord, threshold: float = GATE_RECOVERY, confidence: float | None = None
+) -> list[ReportRow]:
+    """The table's rows, in run order, each compared with its prompt variant's base run.
+
+    ``confidence``: gate on the lower bound of this interval on mean recovery (None: on the mean itself).
+    """
     halves = [k for k in SUITE_KINDS if any(t["suite"] == k for t in record.suite["tasks"])]
     several = len(record.prompt_variants) > 1
+    spec = interval_spec(record, confidence)
     rows = []
     for run in record.runs:
         base = record.base_run(run.prompt_variant)
         scores = {k: run.suite_scores.get(k) for k in halves}
         recoveries = {k: recovery(scores[k], None if base is None else base.suite_scores.get(k)) for k in halves}
         mean = mean_recovery([recoveries[k] for k in halves])
+        interval = row_interval(record, run, spec)
         rows.append(
             ReportRow(
                 model=f"{run.label} · {run.prompt_variant}" if several else run.label,
@@ -117,11 +179,13 @@ def report_rows(record: RunRecord, threshold: float = GATE_RECOVERY) -> list[Rep
                 scores=scores,
                 recoveries=recoveries,
                 mean_recovery=mean,
-                gate=gate(mean, run.role, threshold),
+                gate=gate(gated_value(mean, interval, confidence), run.role, threshold),
                 tokens_in=run.tokens_in,
                 tokens_out=run.tokens_out,
                 requests=run.requests,
                 wall_time_s=run.wall_time_s,
+                recovery_interval=interval,
+                energy_spread_j=run.energy_spread_j,
             )
         )
     return rows
@@ -194,8 +258,16 @@ def energy_lines(record: RunRecord, rows: Sequence[ReportRow]) -> list[str]:
     """How energy was (or was not) measured, the idle baseline, and energy above idle."""
     e = record.energy
     if not e.measured:
-        return [f"energy: not measured ({e.meter})"]
+        return [f"energy: not measured ({e.meter}); the suite ran once per model (repeats need a meter)"]
     lines = [f"energy: {e.meter}; summed over the whole suite per row; {e.warmup_requests} warm-up requests excluded."]
+    spread = [r for r in rows if r.energy_spread_j is not None]
+    if spread:
+        lines.append(
+            "energy repeats: the suite's window was repeated after warm-up; the table shows the mean, spread"
+            " (min..max): "
+            + ", ".join(f"{r.model} {r.energy_spread_j[0]:.2f}..{r.energy_spread_j[1]:.2f} J" for r in spread)  # type: ignore[index]
+            + "."
+        )
     if e.idle_power_w is not None and e.idle_time_s is not None:
         above = ", ".join(f"{r.model} {_num(r.idle_corrected_j, 2)} J" for r in rows)
         lines.append(
@@ -203,6 +275,33 @@ def energy_lines(record: RunRecord, rows: Sequence[ReportRow]) -> list[str]:
             f" not subtracted above; energy above idle: {above}."
         )
     return lines
+
+
+def _bounds(interval: tuple[float, float] | None) -> str:
+    return "n/a" if interval is None else f"[{interval[0]:.1%}, {interval[1]:.1%}]"
+
+
+def interval_lines(record: RunRecord, rows: Sequence[ReportRow], confidence: float | None = None) -> list[str]:
+    """One line on how the recovery intervals were drawn and each variant's intervals."""
+    spec = interval_spec(record, confidence)
+    shown = [r for r in rows if r.recovery_interval is not None]
+    if not shown:
+        return []
+    parts = [
+        f"{r.model}: " + ", ".join(f"{k} {_bounds(v)}" for k, v in r.recovery_interval.items())  # type: ignore[union-attr]
+        for r in shown
+    ]
+    return [
+        f"recovery {spec.confidence:.0%} intervals (paired bootstrap: each resample scores base and variant on the"
+        f" same samples; {spec.resamples} resamples, seed {spec.seed}): " + "; ".join(parts) + "."
+    ]
+
+
+def gate_rule(threshold: float, confidence: float | None = None) -> str:
+    """The gate in words, as the report and the card state it."""
+    if confidence is None:
+        return f"gate = mean recovery ≥ {threshold:.0%}"
+    return f"gate = lower bound of the {confidence:.0%} interval on mean recovery ≥ {threshold:.0%}"
 
 
 def failure_lines(record: RunRecord) -> list[str]:
@@ -215,9 +314,9 @@ def failure_lines(record: RunRecord) -> list[str]:
     return lines
 
 
-def markdown_report(record: RunRecord, threshold: float = GATE_RECOVERY) -> str:
-    """The whole ``report.md``: title, table, failed models, energy notes, what was run."""
-    rows = report_rows(record, threshold)
+def markdown_report(record: RunRecord, threshold: float = GATE_RECOVERY, confidence: float | None = None) -> str:
+    """The whole ``report.md``: title, table, failed models, energy notes, intervals, what was run."""
+    rows = report_rows(record, threshold, confidence)
     suite = record.suite
     gen = record.generation
     sampling = (
@@ -240,7 +339,8 @@ def markdown_report(record: RunRecord, threshold: float = GATE_RECOVERY) -> str:
         + ", ".join(f"{r.model} {r.tokens_in}/{r.tokens_out}" for r in rows)
         + ".",
         f"- recovery = score / base score per half with the same prompt variant; mean recovery = mean over halves;"
-        f" gate = mean recovery ≥ {threshold:.0%}; n/a where the base scored 0.",
+        f" {gate_rule(threshold, confidence)}; n/a where the base scored 0.",
+        *(f"- {line}" for line in interval_lines(record, rows, confidence)),
         f"- suite: {suite['spec']} ({suite['n_samples']} samples: {tasks}).",
         f"- generation: {sampling}, seed {gen['seed']}{cap}. prompt variants: {variants}.",
         f"- ecoquant {record.ecoquant.get('version')} ({record.ecoquant.get('git_sha') or 'no git'}), {record.created_utc}.",

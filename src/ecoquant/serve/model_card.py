@@ -94,7 +94,7 @@ def _license(config: Mapping[str, Any]) -> str:
 
 def _results_section(results: Path, model_path: Path, nf4: bool, this_row: str | None = None) -> list[str]:
     from ecoquant.eval.runner import RunRecord
-    from ecoquant.report.table import energy_lines, markdown_table, report_rows
+    from ecoquant.report.table import energy_lines, interval_lines, markdown_table, report_rows
 
     record = RunRecord.load(results)
     rows = report_rows(record)
@@ -120,6 +120,7 @@ def _results_section(results: Path, model_path: Path, nf4: bool, this_row: str |
         *(f"- {line}" for line in energy_lines(record, rows)),
         "- Recovery = score / base score per half (doc analysis, image understanding); the challenge counts a "
         "variant only with mean recovery ≥ 80%.",
+        *(f"- {line}" for line in interval_lines(record, rows)),
         "",
     ]
     return lines
