@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from ecoquant.calibrate.data import CalibrationConfig
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.image_budget import check_max_soft_tokens
 from ecoquant.eval.runner import EvalConfig, PreparedSuite, prepare_suite
 from ecoquant.optimize.grid import Candidate, Grid, default_grid
+from ecoquant.optimize.levers import FamilyLevers
 from ecoquant.optimize.store import Store, digest
 from ecoquant.quantize.scheme import ACTIVATION_AWARE
 from ecoquant.report.table import GATE_RECOVERY, check_confidence, check_threshold
@@ -38,6 +40,41 @@ Keep = Literal["pick", "all"]
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    """The staged search's bounds (:mod:`ecoquant.optimize.stages`; used when no grid is given).
+
+    Attributes:
+        budget: at most this many candidate evaluations over all stages (the base's, one per suite
+            setting, are not counted); None: no bound.
+        subset: samples per task in stages 1 and 2 (the first ones of each task, in the suite's own
+            seeded order); stage 3 runs the whole suite.
+        keep: weights candidates that go on to stage 2 (the best by mean recovery per joule).
+        finalists: candidates that go on to stage 3.
+        levers: the levers to pull; None for the model family's entry in
+            :data:`~ecoquant.optimize.levers.FAMILY_LEVERS`.
+        calibration: GPTQ/AWQ calibration as given; None for
+            :func:`~ecoquant.calibrate.sizing.sized_calibration` of the model, with ``calib_samples``
+            and ``calib_length`` (``--calib-samples``, ``--calib-length``) overriding its size.
+    """
+
+    budget: int | None = None
+    subset: int = 2
+    keep: int = 2
+    finalists: int = 2
+    levers: FamilyLevers | None = None
+    calibration: CalibrationConfig | None = None
+    calib_samples: int | None = None
+    calib_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and self.budget < 1:
+            raise EcoquantError(f"--budget must be at least 1 evaluation, got {self.budget}")
+        for name in ("subset", "keep", "finalists"):
+            if getattr(self, name) < 1:
+                raise EcoquantError(f"search {name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class OptimizeConfig:
     """Everything ``ecoquant optimize`` decides besides the model.
 
@@ -54,6 +91,7 @@ class OptimizeConfig:
         gpus: NVML indices; more than one evaluates candidates in parallel, one per GPU, each metered alone.
         repo_id: the submission's ``vllm_config.yaml`` names this as ``model`` (default: ``.``, the folder itself).
         vllm_python, vllm_args, server_timeout_s: for ``--backend vllm``.
+        search: the staged search's bounds, used when ``grid`` is None.
     """
 
     out: Path
@@ -69,6 +107,7 @@ class OptimizeConfig:
     vllm_python: Path | None = None
     vllm_args: tuple[str, ...] = ()
     server_timeout_s: float = 900.0
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out).expanduser())

@@ -101,6 +101,7 @@ def _quantize_job(job: Job, plan: Plan, store: Store, config: OptimizeConfig, st
 
     c = job.candidate
     assert c is not None and job.quant_dir is not None and job.quant_key is not None
+    t0 = time.perf_counter()
     with stages.stage(c.name, f"quantize ({c.method}, preset {c.preset}, g{c.group_size} {c.scheme.observer})"):
         quantize(
             plan.model,
@@ -117,7 +118,10 @@ def _quantize_job(job: Job, plan: Plan, store: Store, config: OptimizeConfig, st
             ),
             show_progress=show,
         )
-        store.mark_checkpoint(job.quant_dir, job.quant_key, {"candidate": c.quant_record(), "recipe": "quant_recipe.json"})
+        seconds = time.perf_counter() - t0
+        store.mark_checkpoint(
+            job.quant_dir, job.quant_key, {"candidate": c.quant_record(), "recipe": "quant_recipe.json", "seconds": seconds}
+        )
 
 
 def _serving_variant(job: Job, store: Store) -> None:
@@ -244,6 +248,7 @@ def _evaluate_jobs(
         try:
             where = "" if gpu is None else f" on GPU {gpu}"
             ref = ModelRef(job.label, str(job.folder), job.role)
+            t0 = time.perf_counter()
             with stages.stage(job.label, f"evaluate ({config.backend}{where}, {prepared.suite.n_samples} samples)"):
                 budget = None if job.candidate is None else job.candidate.max_soft_tokens
                 job_eval = replace(config.eval, max_soft_tokens=budget)
@@ -272,6 +277,7 @@ def _evaluate_jobs(
                     stages.line(f"optimize: {job.label}: FAILED: {str(exc).splitlines()[0]}")
                     return
             payload = {
+                "seconds": time.perf_counter() - t0,  # loading included: what the dry run's estimate needs
                 "runs": [asdict(r) for r in runs],
                 "gpu": gpu,
                 "meter": meters[gpu].description,
@@ -304,20 +310,40 @@ def _evaluate_jobs(
 # ------------------------------------------------------------------ the whole job
 
 
-def optimize(
-    model: str | Path,
+@dataclass(frozen=True)
+class Runner:
+    """How one ``optimize`` call quantizes and evaluates: progress, meter, backend (shared by every stage)."""
+
+    stages: Stages
+    show: bool
+    energy_measured: bool
+    meter_factory: MeterFactory
+    backend_factory: BackendFactory | None
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One grid's candidates quantized and evaluated (with the base) under one evaluation setting."""
+
+    plan: Plan
+    store: Store
+    record: RunRecord
+    quantized: tuple[str, ...]
+    evaluated: tuple[str, ...]
+
+    def rows(self, config: OptimizeConfig) -> list[Any]:
+        return report_rows(self.record, config.gate, config.gate_confidence)
+
+
+def open_runner(
     config: OptimizeConfig,
     *,
     show_progress: bool | None = None,
     console: Console | None = None,
     meter_factory: MeterFactory = _open_meter,
     backend_factory: BackendFactory | None = None,
-) -> OptimizeResult:
-    """Quantize, evaluate, decide and write ``config.out/submission`` (see the module docstring).
-
-    ``meter_factory`` and ``backend_factory`` exist for tests (a recorded NVML,
-    a scripted backend); by default NVML and the configured backend are used.
-    """
+) -> Runner:
+    """Check the meter and backend once, before any work (a missing vLLM or GPU is one line)."""
     console = console or Console(stderr=True)
     show = console.is_terminal if show_progress is None else show_progress
     stages = Stages(console, enabled=show_progress is not False)
@@ -331,9 +357,14 @@ def optimize(
         from ecoquant.serve.launch import require_vllm
 
         require_vllm(config.vllm_python)  # before any quantization: one line if vLLM is missing
+    return Runner(stages, show, energy_measured, meter_factory, backend_factory)
 
+
+def run_grid(model: str | Path, config: OptimizeConfig, runner: Runner) -> GridRun:
+    """Quantize what ``config.grid`` needs and evaluate base and candidates, reusing what the store holds."""
+    stages, show = runner.stages, runner.show
     # not a stage: a bad input here is one error line, with no progress lines around it
-    plan, store, prepared, _ = plan_optimize(model, config, energy_measured=energy_measured)
+    plan, store, prepared, _ = plan_optimize(model, config, energy_measured=runner.energy_measured)
     cached = len(plan.cached_evals)
     stages.line(
         f"optimize: {len(plan.jobs) - 1} candidates + base; {cached} evaluations and "
@@ -348,6 +379,7 @@ def optimize(
         if job.candidate is not None and serving_suffix(job.candidate) and job.eval_key not in plan.cached_evals:
             _serving_variant(job, store)
 
+    backend_factory = runner.backend_factory
     if backend_factory is not None:
         factory_for: Callable[[int | None], BackendFactory] = lambda gpu: backend_factory  # noqa: E731
     elif config.backend == "vllm":
@@ -356,7 +388,7 @@ def optimize(
         factory_for = lambda gpu: _transformers_factory(config, gpu)  # noqa: E731
     todo = [j for j in plan.jobs if j.eval_key not in plan.cached_evals]
     evaluated, failures, info = _evaluate_jobs(
-        todo, plan, store, prepared, config, stages, meter_factory, factory_for, show
+        todo, plan, store, prepared, config, stages, runner.meter_factory, factory_for, show
     )
 
     runs: list[ModelRun] = []
@@ -377,30 +409,69 @@ def optimize(
         [failures[j.label] for j in plan.jobs if j.label in failures],
         BootstrapSpec(config.gate_confidence or DEFAULT_CONFIDENCE),
     )
+    return GridRun(plan, store, record, tuple(quantized), tuple(evaluated))
+
+
+def decide(
+    run: GridRun, config: OptimizeConfig, runner: Runner, search: dict[str, Any] | None = None
+) -> OptimizeResult:
+    """Write results, report and ``choice.json`` for ``run``, pick, and write the submission folder.
+
+    ``search``: the staged search's record (stages, budget, what each stage kept), added to ``choice.json``.
+    """
+    plan, store, record = run.plan, run.store, run.record
     results = record.save(store.root / RESULTS_FILE)
     choice = choose(
-        report_rows(record, config.gate, config.gate_confidence),
+        run.rows(config),
         config.gate,
-        energy_measured,
+        runner.energy_measured,
         confidence=config.gate_confidence,
         modelled_for=modelled_gpu(record),
     )
     render_report(
         record, store.root, config.gate, config.gate_confidence, pick=choice.pick, decision=choice.summary()
     )
-    write_json_atomic(store.root / CHOICE_FILE, choice_record(choice, plan.grid, record.failures))
-    stages.line(f"optimize: {choice.summary()}")
+    extra = {} if search is None else {"search": search}
+    write_json_atomic(store.root / CHOICE_FILE, choice_record(choice, plan.grid, record.failures) | extra)
+    runner.stages.line(f"optimize: {choice.summary()}")
 
     submission = None
     if choice.pick is not None:
         from ecoquant.optimize.submission import write_submission
 
         pick = next(j for j in plan.jobs if j.label == choice.pick)
-        with stages.stage(pick.label, "write the submission folder"):
+        with runner.stages.stage(pick.label, "write the submission folder"):
             submission = write_submission(store, pick, plan, record, choice, config)
     if config.keep == "pick":
         _discard_losers(plan, store, choice)
-    return OptimizeResult(plan, record, choice, submission, tuple(quantized), tuple(evaluated), results)
+    return OptimizeResult(plan, record, choice, submission, run.quantized, run.evaluated, results)
+
+
+def optimize(
+    model: str | Path,
+    config: OptimizeConfig,
+    *,
+    show_progress: bool | None = None,
+    console: Console | None = None,
+    meter_factory: MeterFactory = _open_meter,
+    backend_factory: BackendFactory | None = None,
+) -> OptimizeResult:
+    """Quantize, evaluate, decide and write ``config.out/submission`` (see the module docstring).
+
+    With a grid (``config.grid``) every candidate is evaluated on the whole
+    suite (a product); without one, the staged search of
+    :mod:`ecoquant.optimize.stages` chooses what to evaluate.
+    ``meter_factory`` and ``backend_factory`` exist for tests (a recorded NVML,
+    a scripted backend); by default NVML and the configured backend are used.
+    """
+    runner = open_runner(
+        config, show_progress=show_progress, console=console, meter_factory=meter_factory, backend_factory=backend_factory
+    )
+    if config.grid is None:
+        from ecoquant.optimize.stages import staged_optimize
+
+        return staged_optimize(model, config, runner)
+    return decide(run_grid(model, config, runner), config, runner)
 
 
 def _transformers_factory(config: OptimizeConfig, gpu: int | None) -> BackendFactory:
