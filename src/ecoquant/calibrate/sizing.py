@@ -47,7 +47,7 @@ CALIBRATION_TIERS: tuple[CalibrationTier, ...] = (
         32,
         256,
         "tiny VLM (6.3M parameters, d=64): GPTQ's text KL and answer-token KL at 32 x 256 within the spread of "
-        "two calibration draws of the same size, and no lower at 256 x 2048 (64x the tokens, 30x the time)",
+        "two calibration draws of the same size, and no lower at 256 x 2048 (64x the tokens, about 20x the GPTQ time)",
     ),
     CalibrationTier(
         1e9,
