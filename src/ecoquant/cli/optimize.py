@@ -30,7 +30,13 @@ from ecoquant.signals import exit_code
 def optimize_cmd(
     model: Annotated[str, typer.Argument(help="The bf16 base model: a folder or hub id.")],
     out_text: Annotated[str, typer.Option("--out", "-o", help="Working folder: checkpoints, evaluations, results, and submission/ (rerun to resume).")] = "ecoquant-optimize",
-    grid: Annotated[Path | None, typer.Option(help="A grid YAML (grid: lists, candidates: one by one, calibration:); default: RTN, GPTQ, AWQ x presets x responses.")] = None,
+    grid: Annotated[Path | None, typer.Option(help="A grid YAML (grid: lists, candidates: one by one, calibration:): evaluate exactly that product on the whole suite. Default: the staged search over the model family's levers.")] = None,
+    budget: Annotated[int | None, typer.Option(help="Staged search: at most this many candidate evaluations over all three stages (the base's are extra).")] = None,
+    subset: Annotated[int, typer.Option(help="Staged search: samples per task in stages 1 and 2 (the first of each task, in the suite's seeded order).")] = 2,
+    keep_weights: Annotated[int, typer.Option(help="Staged search: weights candidates whose serving levers stage 2 tries (the best by mean recovery per joule).")] = 2,
+    finalists: Annotated[int, typer.Option(help="Staged search: candidates stage 3 runs on the whole suite.")] = 2,
+    calib_samples: Annotated[int | None, typer.Option(help="Staged search: GPTQ/AWQ calibration windows (default: sized to the model, see docs/optimize.md).")] = None,
+    calib_length: Annotated[int | None, typer.Option(help="Staged search: tokens per calibration window (default: sized to the model).")] = None,
     gate: Annotated[float, typer.Option(help="Minimum mean recovery in (0, 1] a candidate must keep.")] = GATE_RECOVERY,
     gate_confidence: Annotated[float | None, typer.Option(help="Gate on the lower bound of this bootstrap interval on mean recovery, e.g. 0.9 (default: on the point estimate; intervals shown at 90%).")] = None,
     repeats: Annotated[int, typer.Option(help="Energy windows per model after warm-up (NVML only): mean and min..max spread; a candidate within the cheapest one's spread ties with it and ties go to the higher mean recovery. Without NVML the suite runs once.")] = 3,
@@ -58,10 +64,11 @@ def optimize_cmd(
     target_concurrency: Annotated[int, typer.Option(help="Requests the target server runs at once, for the modelled energy (1: one at a time, the worst case).")] = 1,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Quantize source weights holding NaN or inf instead of refusing them (recorded in each quant_recipe.json).")] = False,
 ) -> None:
-    """Quantize a grid of W4A16 candidates, evaluate base and candidates, pick the cheapest that keeps the gate, write DIR/submission."""
+    """Search the levers that move suite energy (weights, then serving, then finalists on the whole suite), pick the cheapest candidate that keeps the gate, write DIR/submission."""
     out = folder_arg(out_text)
     from ecoquant.export.footprint import human_bytes  # these pull in torch: only when the command runs
     from ecoquant.optimize import OptimizeConfig, load_grid, optimize, plan_optimize
+    from ecoquant.optimize.plan import SearchConfig
 
     config = OptimizeConfig(
         out=out,
@@ -92,7 +99,18 @@ def optimize_cmd(
         vllm_args=tuple(vllm_arg or ()),
         server_timeout_s=server_timeout,
         allow_nonfinite=allow_nonfinite,
+        search=SearchConfig(
+            budget=budget,
+            subset=subset,
+            keep=keep_weights,
+            finalists=finalists,
+            calib_samples=calib_samples,
+            calib_length=calib_length,
+        ),
     )
+    if dry_run and grid is None:
+        _print_preview(model, config)
+        return
     if dry_run:
         plan, store, _, _ = plan_optimize(model, config)
         table = Table(title=f"optimize plan for {plan.model.name} ({plan.grid.source} grid) in {store.root}")
@@ -126,3 +144,24 @@ def optimize_cmd(
     if result.submission is None:
         raise typer.Exit(code=1)
     console.print(f"[green]submission:[/] {result.submission} (vllm serve --config vllm_config.yaml, from inside it)", highlight=False, soft_wrap=True)
+
+
+def _print_preview(model: str, config: object) -> None:
+    """The staged search's dry run: its stages, their evaluations and the time estimate."""
+    from ecoquant.optimize.stages import preview
+
+    p = preview(model, config)  # type: ignore[arg-type]
+    table = Table(title=f"optimize: staged search for {model} in {config.out}")  # type: ignore[attr-defined]
+    for column in ("stage", "evaluations", "samples each", "checkpoints to write", "cached", "what"):
+        table.add_column(column)
+    for s in p.stages:
+        table.add_row(s.name, str(s.evaluations), str(s.samples), str(s.quantizations), str(s.cached), s.what)
+    Console(stderr=True, width=max(console.width, 200)).print(table)
+    c = p.calibration
+    estimate = "no estimate" if p.seconds is None else f"about {p.seconds / 60:.1f} min"
+    console.print(
+        f"{p.evaluations} candidate evaluations at most (+ the base once per suite setting); {estimate} ({p.basis}); "
+        f"calibration {c.num_samples} x {c.max_length} tokens ({c.source}); levers: {p.levers_note}.",
+        highlight=False,
+        soft_wrap=True,
+    )

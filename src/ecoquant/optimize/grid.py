@@ -77,6 +77,11 @@ class Candidate:
         max_soft_tokens: the image-token budget it is served with (:mod:`ecoquant.eval.image_budget`);
             both backends honour it; None for the checkpoint's default.
         serving: vLLM engine arguments added to its ``vllm_config.yaml`` (need ``--backend vllm``).
+        lm_head: ``int4`` or ``int8`` writes the output head quantized (RTN, untied; see
+            ``ecoquant quantize --lm-head``); None keeps the preset's (bf16).
+        answer_cap: shipped as ``max_new_tokens`` in ``generation_config.json``, which vLLM applies to
+            any request that sets no ``max_tokens``; the evaluation lowers each task's cap to it, which
+            is what such a request gets. None ships no cap.
     """
 
     name: str
@@ -89,6 +94,8 @@ class Candidate:
     response: Response = "default"
     max_soft_tokens: int | None = None
     serving: Mapping[str, Any] = field(default_factory=dict)
+    lm_head: str | None = None
+    answer_cap: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "serving", MappingProxyType(dict(self.serving)))
@@ -98,6 +105,12 @@ class Candidate:
             raise EcoquantError(f"candidate {self.name}: unknown method {self.method!r}; use rtn, gptq, awq or awq-gptq")
         if self.response not in RESPONSES:
             raise EcoquantError(f"candidate {self.name}: unknown response {self.response!r}; use {' or '.join(RESPONSES)}")
+        if self.lm_head not in (None, "bf16", "int4", "int8"):
+            raise EcoquantError(f"candidate {self.name}: lm_head must be bf16, int4 or int8, not {self.lm_head!r}")
+        if self.answer_cap is not None and (
+            not isinstance(self.answer_cap, int) or isinstance(self.answer_cap, bool) or self.answer_cap < 1
+        ):
+            raise EcoquantError(f"candidate {self.name}: answer_cap must be a positive number of tokens, not {self.answer_cap!r}")
         self.scheme  # a bad group size or observer fails here, before any work
         if self.scheme.observer == "grid" and self.method != "rtn":
             raise EcoquantError(f"candidate {self.name}: the grid observer works with method rtn only (see ecoquant quantize)")
@@ -133,6 +146,8 @@ class Candidate:
     def quant_record(self) -> dict[str, Any]:
         """What decides the checkpoint (not the response or serving, which reuse it)."""
         record: dict[str, Any] = {"method": self.method, "preset": self.preset, "scheme": self.scheme.to_dict()}
+        if self.lm_head not in (None, "bf16"):  # absent when bf16, so older keys stay valid
+            record["lm_head"] = self.lm_head
         if self.method in GPTQ_METHODS:
             record["scale_passes"] = self.passes
             record["dampening"] = self.damp
@@ -180,6 +195,9 @@ def auto_name(
     max_soft_tokens: int | None = None,
     scale_passes: int | None = None,
     dampening: float | None = None,
+    *,
+    lm_head: str | None = None,
+    answer_cap: int | None = None,
 ) -> str:
     """``gptq-auto``, ``rtn-gemma4-e-mlpo-g64-mse+short``, ``gptq-auto-minmax-1pass``, ``awq-auto+img140``,
     ``awq-auto+s1a2b3c``: readable, unique per choice (a method's default observer, passes and dampening add nothing)."""
@@ -192,8 +210,12 @@ def auto_name(
         name += f"-{scale_passes}pass"
     if dampening is not None and dampening != default_dampening(method):
         name += f"-damp{dampening:g}"
+    if lm_head not in (None, "bf16"):
+        name += f"-head{lm_head}"
     if response != "default":
         name += f"+{response}"
+    if answer_cap is not None:
+        name += f"+cap{answer_cap}"
     if max_soft_tokens is not None:
         name += f"+img{max_soft_tokens}"
     if serving:
@@ -240,6 +262,8 @@ def _candidate(spec: Mapping[str, Any], where: str) -> Candidate:
         values.get("max_soft_tokens"),
         values.get("scale_passes"),
         values.get("dampening"),
+        lm_head=values.get("lm_head"),
+        answer_cap=values.get("answer_cap"),
     )
     try:
         return Candidate(str(name), **values)

@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from ecoquant.calibrate.data import CalibrationConfig
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.image_budget import check_max_soft_tokens
 from ecoquant.eval.runner import EvalConfig, PreparedSuite, prepare_suite
 from ecoquant.optimize.grid import Candidate, Grid, default_grid
+from ecoquant.optimize.levers import FamilyLevers
 from ecoquant.optimize.store import Store, digest
 from ecoquant.quantize.scheme import ACTIVATION_AWARE
 from ecoquant.report.table import GATE_RECOVERY, check_confidence, check_threshold
@@ -27,8 +29,49 @@ KEY_VERSION = 1
 
 SHORT_SUFFIX = "+short"
 
+
+def serving_suffix(candidate: Candidate) -> str:
+    """The folder suffix of a candidate whose files differ from its checkpoint's: ``+short``, ``+cap16``, both, or ''."""
+    suffix = SHORT_SUFFIX if candidate.response == "short" else ""
+    return suffix + ("" if candidate.answer_cap is None else f"+cap{candidate.answer_cap}")
+
 BackendKind = Literal["transformers", "vllm"]
 Keep = Literal["pick", "all"]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The staged search's bounds (:mod:`ecoquant.optimize.stages`; used when no grid is given).
+
+    Attributes:
+        budget: at most this many candidate evaluations over all stages (the base's, one per suite
+            setting, are not counted); None: no bound.
+        subset: samples per task in stages 1 and 2 (the first ones of each task, in the suite's own
+            seeded order); stage 3 runs the whole suite.
+        keep: weights candidates that go on to stage 2 (the best by mean recovery per joule).
+        finalists: candidates that go on to stage 3.
+        levers: the levers to pull; None for the model family's entry in
+            :data:`~ecoquant.optimize.levers.FAMILY_LEVERS`.
+        calibration: GPTQ/AWQ calibration as given; None for
+            :func:`~ecoquant.calibrate.sizing.sized_calibration` of the model, with ``calib_samples``
+            and ``calib_length`` (``--calib-samples``, ``--calib-length``) overriding its size.
+    """
+
+    budget: int | None = None
+    subset: int = 2
+    keep: int = 2
+    finalists: int = 2
+    levers: FamilyLevers | None = None
+    calibration: CalibrationConfig | None = None
+    calib_samples: int | None = None
+    calib_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and self.budget < 1:
+            raise EcoquantError(f"--budget must be at least 1 evaluation, got {self.budget}")
+        for name in ("subset", "keep", "finalists"):
+            if getattr(self, name) < 1:
+                raise EcoquantError(f"search {name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +92,7 @@ class OptimizeConfig:
         repo_id: the submission's ``vllm_config.yaml`` names this as ``model`` (default: ``.``, the folder itself).
         vllm_python, vllm_args, server_timeout_s: for ``--backend vllm``.
         allow_nonfinite: quantize source weights holding NaN or inf (recorded in each recipe) instead of refusing.
+        search: the staged search's bounds, used when ``grid`` is None.
     """
 
     out: Path
@@ -65,6 +109,7 @@ class OptimizeConfig:
     vllm_args: tuple[str, ...] = ()
     server_timeout_s: float = 900.0
     allow_nonfinite: bool = False
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out).expanduser())
@@ -171,6 +216,7 @@ def eval_material(
         "response": "default" if candidate is None else candidate.response,
         "max_soft_tokens": None if candidate is None else candidate.max_soft_tokens,
         "serving": {} if candidate is None else dict(candidate.serving),
+        **({} if candidate is None or candidate.answer_cap is None else {"answer_cap": candidate.answer_cap}),
         "suite": {"spec": e.suite, "size": e.size, "limit": e.limit, "sha256": prepared.digest},
         "generation": e.generation.to_record(),
         "prompt_variant": "default",
@@ -233,8 +279,8 @@ def plan_optimize(
     for c in grid.candidates:
         qkey = digest(quant_material(source_hash["sha256"], c, grid))
         qdir = store.checkpoint_dir(f"{c.method}-{c.preset}", qkey)
-        folder = qdir if c.response == "default" else qdir.with_name(qdir.name + SHORT_SUFFIX)
-        material = eval_material(qkey + ("" if c.response == "default" else SHORT_SUFFIX), c, prepared, config, energy_measured)
+        folder = qdir.with_name(qdir.name + serving_suffix(c))
+        material = eval_material(qkey + serving_suffix(c), c, prepared, config, energy_measured)
         jobs.append(Job(c.name, "variant", c, qkey, qdir, folder, digest(material), material))
     cached_evals = frozenset(j.eval_key for j in jobs if store.load_eval(j.label, j.eval_key) is not None)
     cached_ckpts = frozenset(
@@ -248,7 +294,8 @@ def plan_optimize(
     for j in to_quantize.values():
         assert j.candidate is not None
         model_plan = plan_model(path, j.candidate.preset)
-        tables = plan_tables(model_plan, j.candidate.scheme, model_plan.preset.embeddings, model_plan.preset.lm_head)
+        head = j.candidate.lm_head or model_plan.preset.lm_head
+        tables = plan_tables(model_plan, j.candidate.scheme, model_plan.preset.embeddings, head)  # type: ignore[arg-type]
         disk += plan_footprint(model_plan, j.candidate.scheme, tables).after_bytes
     plan = Plan(
         path, model_type, grid, tuple(jobs), tuple(to_quantize.values()), cached_evals, cached_ckpts, disk, energy_measured

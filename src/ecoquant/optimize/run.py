@@ -53,7 +53,7 @@ from ecoquant.eval.runner import (
     evaluate_model,
     open_backend,
 )
-from ecoquant.optimize.plan import SHORT_SUFFIX, Job, OptimizeConfig, Plan, plan_optimize
+from ecoquant.optimize.plan import Job, OptimizeConfig, Plan, plan_optimize, serving_suffix
 from ecoquant.optimize.select import Choice, choice_record, choose
 from ecoquant.optimize.store import SERVERS, Store, link_or_copy, write_json_atomic
 from ecoquant.progress import progress_bar
@@ -101,6 +101,7 @@ def _quantize_job(job: Job, plan: Plan, store: Store, config: OptimizeConfig, st
 
     c = job.candidate
     assert c is not None and job.quant_dir is not None and job.quant_key is not None
+    t0 = time.perf_counter()
     with stages.stage(c.name, f"quantize ({c.method}, preset {c.preset}, g{c.group_size} {c.scheme.observer})"):
         quantize(
             plan.model,
@@ -114,18 +115,24 @@ def _quantize_job(job: Job, plan: Plan, store: Store, config: OptimizeConfig, st
                 gptq=GPTQConfig(scale_passes=c.passes, dampening_frac=c.damp),
                 device=config.quant_device,
                 allow_nonfinite=config.allow_nonfinite,
+                lm_head=c.lm_head,  # type: ignore[arg-type]
             ),
             show_progress=show,
         )
-        store.mark_checkpoint(job.quant_dir, job.quant_key, {"candidate": c.quant_record(), "recipe": "quant_recipe.json"})
+        seconds = time.perf_counter() - t0
+        store.mark_checkpoint(
+            job.quant_dir, job.quant_key, {"candidate": c.quant_record(), "recipe": "quant_recipe.json", "seconds": seconds}
+        )
 
 
-def _short_variant(job: Job, store: Store) -> None:
-    """The response-economy folder: the checkpoint's files hard-linked, its chat template wrapped."""
+def _serving_variant(job: Job, store: Store) -> None:
+    """A folder of the checkpoint's files hard-linked, with the response-economy chat template
+    and/or the answer cap (``max_new_tokens`` in ``generation_config.json``) the candidate ships."""
     from ecoquant.serve.chat_template import write_short_answer_template
 
-    assert job.quant_dir is not None and job.quant_key is not None
-    key = job.quant_key + SHORT_SUFFIX
+    c = job.candidate
+    assert c is not None and job.quant_dir is not None and job.quant_key is not None
+    key = job.quant_key + serving_suffix(c)
     if store.checkpoint_done(job.folder, key):
         return
     tmp = job.folder.with_name(f".{job.folder.name}.partial")
@@ -134,10 +141,31 @@ def _short_variant(job: Job, store: Store) -> None:
     for f in job.quant_dir.iterdir():
         if f.is_file() and not f.name.startswith("."):
             link_or_copy(f, tmp / f.name)
-    write_short_answer_template(tmp)
-    store.mark_checkpoint(tmp, key, {"from": job.quant_dir.name, "response": "short"})
+    if c.response == "short":
+        write_short_answer_template(tmp)
+    if c.answer_cap is not None:
+        write_answer_cap(tmp, c.answer_cap)
+    store.mark_checkpoint(tmp, key, {"from": job.quant_dir.name, "response": c.response, "answer_cap": c.answer_cap})
     shutil.rmtree(job.folder, ignore_errors=True)
     tmp.rename(job.folder)
+
+
+def write_answer_cap(folder: Path, cap: int) -> None:
+    """Set ``max_new_tokens`` in ``folder/generation_config.json`` (vLLM's default for requests without ``max_tokens``)."""
+    import json
+
+    path = folder / "generation_config.json"
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    data["max_new_tokens"] = cap
+    if path.is_file():
+        path.unlink()  # a hard link to the checkpoint's file: replace it, never write through it
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def capped(generation: Any, cap: int) -> Any:
+    """The generation settings a request without ``max_tokens`` gets from a shipped cap: each task's cap lowered to it."""
+    current = generation.max_new_tokens
+    return replace(generation, max_new_tokens=cap if current is None else min(current, cap))
 
 
 # ------------------------------------------------------------------ evaluate
@@ -221,8 +249,12 @@ def _evaluate_jobs(
         try:
             where = "" if gpu is None else f" on GPU {gpu}"
             ref = ModelRef(job.label, str(job.folder), job.role)
+            t0 = time.perf_counter()
             with stages.stage(job.label, f"evaluate ({config.backend}{where}, {prepared.suite.n_samples} samples)"):
                 budget = None if job.candidate is None else job.candidate.max_soft_tokens
+                job_eval = replace(config.eval, max_soft_tokens=budget)
+                if job.candidate is not None and job.candidate.answer_cap is not None:
+                    job_eval = replace(job_eval, generation=capped(job_eval.generation, job.candidate.answer_cap))
                 try:
                     # a bar per model on a terminal (one worker: parallel bars would interleave)
                     bar = show and len(config.gpus) <= 1
@@ -231,7 +263,7 @@ def _evaluate_jobs(
                             ref,
                             index[job.label],
                             prepared,
-                            replace(config.eval, max_soft_tokens=budget),
+                            job_eval,
                             meter=meters[gpu],
                             idle=idles[gpu],
                             backend_factory=backend_factory(gpu),
@@ -246,6 +278,7 @@ def _evaluate_jobs(
                     stages.line(f"optimize: {job.label}: FAILED: {str(exc).splitlines()[0]}")
                     return
             payload = {
+                "seconds": time.perf_counter() - t0,  # loading included: what the dry run's estimate needs
                 "runs": [asdict(r) for r in runs],
                 "gpu": gpu,
                 "meter": meters[gpu].description,
@@ -278,20 +311,40 @@ def _evaluate_jobs(
 # ------------------------------------------------------------------ the whole job
 
 
-def optimize(
-    model: str | Path,
+@dataclass(frozen=True)
+class Runner:
+    """How one ``optimize`` call quantizes and evaluates: progress, meter, backend (shared by every stage)."""
+
+    stages: Stages
+    show: bool
+    energy_measured: bool
+    meter_factory: MeterFactory
+    backend_factory: BackendFactory | None
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One grid's candidates quantized and evaluated (with the base) under one evaluation setting."""
+
+    plan: Plan
+    store: Store
+    record: RunRecord
+    quantized: tuple[str, ...]
+    evaluated: tuple[str, ...]
+
+    def rows(self, config: OptimizeConfig) -> list[Any]:
+        return report_rows(self.record, config.gate, config.gate_confidence)
+
+
+def open_runner(
     config: OptimizeConfig,
     *,
     show_progress: bool | None = None,
     console: Console | None = None,
     meter_factory: MeterFactory = _open_meter,
     backend_factory: BackendFactory | None = None,
-) -> OptimizeResult:
-    """Quantize, evaluate, decide and write ``config.out/submission`` (see the module docstring).
-
-    ``meter_factory`` and ``backend_factory`` exist for tests (a recorded NVML,
-    a scripted backend); by default NVML and the configured backend are used.
-    """
+) -> Runner:
+    """Check the meter and backend once, before any work (a missing vLLM or GPU is one line)."""
     console = console or Console(stderr=True)
     show = console.is_terminal if show_progress is None else show_progress
     stages = Stages(console, enabled=show_progress is not False)
@@ -305,9 +358,14 @@ def optimize(
         from ecoquant.serve.launch import require_vllm
 
         require_vllm(config.vllm_python)  # before any quantization: one line if vLLM is missing
+    return Runner(stages, show, energy_measured, meter_factory, backend_factory)
 
+
+def run_grid(model: str | Path, config: OptimizeConfig, runner: Runner) -> GridRun:
+    """Quantize what ``config.grid`` needs and evaluate base and candidates, reusing what the store holds."""
+    stages, show = runner.stages, runner.show
     # not a stage: a bad input here is one error line, with no progress lines around it
-    plan, store, prepared, _ = plan_optimize(model, config, energy_measured=energy_measured)
+    plan, store, prepared, _ = plan_optimize(model, config, energy_measured=runner.energy_measured)
     cached = len(plan.cached_evals)
     stages.line(
         f"optimize: {len(plan.jobs) - 1} candidates + base; {cached} evaluations and "
@@ -319,9 +377,10 @@ def optimize(
         _quantize_job(job, plan, store, config, stages, show)
         quantized.append(job.label)
     for job in plan.jobs:
-        if job.candidate is not None and job.candidate.response == "short" and job.eval_key not in plan.cached_evals:
-            _short_variant(job, store)
+        if job.candidate is not None and serving_suffix(job.candidate) and job.eval_key not in plan.cached_evals:
+            _serving_variant(job, store)
 
+    backend_factory = runner.backend_factory
     if backend_factory is not None:
         factory_for: Callable[[int | None], BackendFactory] = lambda gpu: backend_factory  # noqa: E731
     elif config.backend == "vllm":
@@ -330,7 +389,7 @@ def optimize(
         factory_for = lambda gpu: _transformers_factory(config, gpu)  # noqa: E731
     todo = [j for j in plan.jobs if j.eval_key not in plan.cached_evals]
     evaluated, failures, info = _evaluate_jobs(
-        todo, plan, store, prepared, config, stages, meter_factory, factory_for, show
+        todo, plan, store, prepared, config, stages, runner.meter_factory, factory_for, show
     )
 
     runs: list[ModelRun] = []
@@ -351,30 +410,69 @@ def optimize(
         [failures[j.label] for j in plan.jobs if j.label in failures],
         BootstrapSpec(config.gate_confidence or DEFAULT_CONFIDENCE),
     )
+    return GridRun(plan, store, record, tuple(quantized), tuple(evaluated))
+
+
+def decide(
+    run: GridRun, config: OptimizeConfig, runner: Runner, search: dict[str, Any] | None = None
+) -> OptimizeResult:
+    """Write results, report and ``choice.json`` for ``run``, pick, and write the submission folder.
+
+    ``search``: the staged search's record (stages, budget, what each stage kept), added to ``choice.json``.
+    """
+    plan, store, record = run.plan, run.store, run.record
     results = record.save(store.root / RESULTS_FILE)
     choice = choose(
-        report_rows(record, config.gate, config.gate_confidence),
+        run.rows(config),
         config.gate,
-        energy_measured,
+        runner.energy_measured,
         confidence=config.gate_confidence,
         modelled_for=modelled_gpu(record),
     )
     render_report(
         record, store.root, config.gate, config.gate_confidence, pick=choice.pick, decision=choice.summary()
     )
-    write_json_atomic(store.root / CHOICE_FILE, choice_record(choice, plan.grid, record.failures))
-    stages.line(f"optimize: {choice.summary()}")
+    extra = {} if search is None else {"search": search}
+    write_json_atomic(store.root / CHOICE_FILE, choice_record(choice, plan.grid, record.failures) | extra)
+    runner.stages.line(f"optimize: {choice.summary()}")
 
     submission = None
     if choice.pick is not None:
         from ecoquant.optimize.submission import write_submission
 
         pick = next(j for j in plan.jobs if j.label == choice.pick)
-        with stages.stage(pick.label, "write the submission folder"):
+        with runner.stages.stage(pick.label, "write the submission folder"):
             submission = write_submission(store, pick, plan, record, choice, config)
     if config.keep == "pick":
         _discard_losers(plan, store, choice)
-    return OptimizeResult(plan, record, choice, submission, tuple(quantized), tuple(evaluated), results)
+    return OptimizeResult(plan, record, choice, submission, run.quantized, run.evaluated, results)
+
+
+def optimize(
+    model: str | Path,
+    config: OptimizeConfig,
+    *,
+    show_progress: bool | None = None,
+    console: Console | None = None,
+    meter_factory: MeterFactory = _open_meter,
+    backend_factory: BackendFactory | None = None,
+) -> OptimizeResult:
+    """Quantize, evaluate, decide and write ``config.out/submission`` (see the module docstring).
+
+    With a grid (``config.grid``) every candidate is evaluated on the whole
+    suite (a product); without one, the staged search of
+    :mod:`ecoquant.optimize.stages` chooses what to evaluate.
+    ``meter_factory`` and ``backend_factory`` exist for tests (a recorded NVML,
+    a scripted backend); by default NVML and the configured backend are used.
+    """
+    runner = open_runner(
+        config, show_progress=show_progress, console=console, meter_factory=meter_factory, backend_factory=backend_factory
+    )
+    if config.grid is None:
+        from ecoquant.optimize.stages import staged_optimize
+
+        return staged_optimize(model, config, runner)
+    return decide(run_grid(model, config, runner), config, runner)
 
 
 def _transformers_factory(config: OptimizeConfig, gpu: int | None) -> BackendFactory:
