@@ -1,71 +1,96 @@
-"""``ecoquant demo``: the whole job on an embedded default, offline."""
+"""``ecoquant demo``: the decision on an embedded default, offline."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from ecoquant.cli.app import app, console, guarded
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _interval(bounds: Sequence[float] | None) -> str:
+    return "n/a" if not bounds else f"{bounds[0]:.1%}–{bounds[1]:.1%}"
+
+
+def _stage_table(search: Mapping[str, Any], gate: float, gpu: str) -> Table:
+    """Every candidate each stage evaluated (stages 1-2 on a subset of the pages): recovery and modelled energy."""
+    table = Table(title=f"staged search: every candidate evaluated (energy modelled for {gpu}, not measured)")
+    for col in ("stage", "candidate", "mean recovery", "90% interval", f"J modelled for {gpu}", f"gate {gate:.0%}"):
+        table.add_column(col)
+    for stage, outcomes in search.get("stages", {}).items():
+        for name, o in outcomes.items():
+            cost = o.get("cost")
+            table.add_row(
+                stage,
+                name,
+                _pct(o.get("mean_recovery")),
+                _interval(o.get("interval")),
+                "n/a" if cost is None else f"{cost:.3f}",
+                "pass" if o.get("passes_gate_on_subset") else "fail",
+            )
+    return table
+
+
+def _final_table(rows: Sequence[Any], gpu: str) -> Table:
+    """The finalists on every page, with the modelled energy split into its parts."""
+    from ecoquant.energy.roofline import PARTS
+
+    table = Table(title=f"finalists on the whole suite (energy modelled for {gpu}, not measured)")
+    for col in ("model", "mean recovery", "90% interval", "gate", f"J modelled for {gpu}", *PARTS):
+        table.add_column(col)
+    for row in rows:
+        parts = (row.modelled_energy or {}).get("parts", {})
+        total = row.modelled_energy_j
+        interval = (row.recovery_interval or {}).get("mean")
+        table.add_row(
+            row.model + (" (base)" if row.role == "base" else ""),
+            _pct(row.mean_recovery),
+            "—" if row.role == "base" else _interval(interval),
+            "—" if row.role == "base" else row.gate,
+            "n/a" if total is None else f"{total:.3f}",
+            *("n/a" if not total or p not in parts else f"{parts[p]:.3f} ({parts[p] / total:.0%})" for p in PARTS),
+        )
+    return table
+
+
 @app.command("demo")
 @guarded
 def demo_cmd(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's checkpoints (replaced on each run).")] = Path(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's store, report and submission (a rerun reuses what it holds).")] = Path(
         "ecoquant-demo"
     ),
 ) -> None:
-    """Quantize the shipped trained tiny Gemma-4 VLM (RTN min-max, RTN MSE, GPTQ, AWQ), verify, evaluate, report. No network needed."""
+    """Run optimize's staged search on the shipped trained tiny Gemma-4 VLM, show the decision and the folder to upload. No network needed."""
     from ecoquant.demo import run_demo
-    from ecoquant.export.footprint import human_bytes
-    from ecoquant.export.verify import summary
+    from ecoquant.energy.gpus import DEFAULT_GPU
+    from ecoquant.optimize.run import CHOICE_FILE
     from ecoquant.report.table import report_rows
 
     result = run_demo(out)
-    table = Table(title=f"ecoquant demo: trained tiny Gemma-4 VLM ({result.base})")
-    for col in ("variant", "modules", "weights", "mean rel. weight error", "top-1 agreement", "checkpoint"):
-        table.add_column(col)
-    for v in result.variants:
-        s = summary(v.verification)
-        table.add_row(
-            v.name,
-            str(v.result.modules),
-            f"{human_bytes(v.result.source_bytes)} -> {human_bytes(v.result.output_bytes)}",
-            f"{s['relative_error_mean']:.4f}",
-            f"{s['top1_agreement']:.3f}",
-            str(v.result.out),
-        )
-    console.print(table)
-
-    n = result.record.suite["n_samples"]
-    scores = Table(title=f"evaluation: {n} samples of the basic pages the model never trained on")
-    for col in ("model", "doc", "image", "recovery doc", "recovery image", "mean recovery", "90% interval", "gate"):
-        scores.add_column(col)
-
-    def pct(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.1%}"
-
-    def interval(bounds: Mapping[str, tuple[float, float] | None] | None) -> str:
-        mean = None if bounds is None else bounds.get("mean")
-        return "n/a" if mean is None else f"{mean[0]:.1%}–{mean[1]:.1%}"
-
-    for row in report_rows(result.record):
-        scores.add_row(
-            row.model + (" (base)" if row.role == "base" else ""),
-            f"{row.scores.get('doc', 0.0):.3f}",
-            f"{row.scores.get('image', 0.0):.3f}",
-            "—" if row.role == "base" else pct(row.recoveries.get("doc")),
-            "—" if row.role == "base" else pct(row.recoveries.get("image")),
-            "—" if row.role == "base" else pct(row.mean_recovery),
-            "—" if row.role == "base" else interval(row.recovery_interval),
-            "—" if row.role == "base" else row.gate,
-        )
-    console.print(scores)
-    console.print(f"evaluation report: {result.report.table}  plot: {result.report.plot}")
+    choice = json.loads((result.results.parent / CHOICE_FILE).read_text(encoding="utf-8"))
+    gpu = result.choice.modelled_for or DEFAULT_GPU
+    # tables are read in logs too: never squeeze a candidate's name to a narrow terminal
+    wide = Console(width=max(console.width, 160))
+    wide.print(_stage_table(choice.get("search") or {}, result.choice.threshold, gpu))
+    wide.print(_final_table(report_rows(result.record), gpu))
+    report = result.results.parent / "report.md"
+    console.print(f"report: {report}  (pareto.png, energy_parts.png beside it)", highlight=False, soft_wrap=True)
+    console.print(result.choice.summary(), highlight=False, soft_wrap=True)
+    if result.submission is None:
+        raise typer.Exit(code=1)
     console.print(
-        "next: [bold]ecoquant inspect[/] on a checkpoint, [bold]ecoquant quantize MODEL --out DIR[/] on a real model"
+        f"[green]pick:[/] {result.choice.pick}  [green]submission folder:[/] {result.submission} "
+        "(weights, vllm_config.yaml, README.md, quant_recipe.json: `vllm serve --config vllm_config.yaml` from inside it)",
+        highlight=False,
+        soft_wrap=True,
     )

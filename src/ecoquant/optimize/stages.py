@@ -198,7 +198,10 @@ def staged_optimize(model: str | Path, config: OptimizeConfig, runner: Runner) -
     from ecoquant.optimize.run import GridRun, decide, run_grid
     from ecoquant.optimize.select import row_cost
 
+    from ecoquant.eval.runner import prepare_suite
+
     path = resolve_model(model)
+    prepare_suite(config.eval)  # a bad --suite is one line before stage 1 starts, not after it
     model_type = _model_type(path)
     levers, serving = search_space(path, model_type, config)
     calibration = search_calibration(path, config.search)
