@@ -302,14 +302,14 @@ def test_gptq_candidates_are_quantized_as_ecoquant_quantize_would(finished: Path
 
 def test_candidates_default_to_the_method_s_observer_and_scale_passes() -> None:
     gptq, rtn, awq = Candidate("a", method="gptq"), Candidate("b"), Candidate("c", method="awq")
-    assert (gptq.scheme.observer, gptq.passes) == ("hessian", 2)
-    assert (rtn.scheme.observer, rtn.passes) == ("minmax", 1) and (awq.scheme.observer, awq.passes) == ("minmax", 1)
+    assert (gptq.quant_scheme.observer, gptq.passes) == ("hessian", 2)
+    assert (rtn.quant_scheme.observer, rtn.passes) == ("minmax", 1) and (awq.quant_scheme.observer, awq.passes) == ("minmax", 1)
     # The checkpoint's key holds the resolved choice, so a default that changes re-quantizes it.
     assert gptq.quant_record()["scale_passes"] == 2 and gptq.quant_record()["scheme"]["observer"] == "hessian"
     assert gptq.quant_record()["dampening"] == 0.1 == gptq.damp
     assert "scale_passes" not in rtn.quant_record()
     explicit = Candidate("d", method="gptq", observer="minmax", scale_passes=1)
-    assert (explicit.scheme.observer, explicit.passes) == ("minmax", 1) and explicit.quant_record() != gptq.quant_record()
+    assert (explicit.quant_scheme.observer, explicit.passes) == ("minmax", 1) and explicit.quant_record() != gptq.quant_record()
     grid = grid_from_mapping({"candidates": [{"method": "gptq"}, {"method": "gptq", "observer": "minmax", "scale_passes": 1},
                                              {"method": "rtn", "observer": "hessian"}, {"method": "gptq", "dampening": 0.01}]})
     assert [c.name for c in grid.candidates] == ["gptq-auto", "gptq-auto-minmax-1pass", "rtn-auto-hessian", "gptq-auto-damp0.01"]

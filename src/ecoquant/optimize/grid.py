@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -35,7 +35,7 @@ from typing import Any, Literal
 from ecoquant.calibrate.data import CalibrationConfig
 from ecoquant.errors import EcoquantError
 from ecoquant.quantize.defaults import GPTQ_METHODS, default_dampening, default_observer, default_scale_passes
-from ecoquant.quantize.scheme import QuantScheme
+from ecoquant.quantize.scheme import SCHEMES, QuantScheme, named_scheme
 
 Method = Literal["rtn", "gptq", "awq", "awq-gptq"]
 Response = Literal["default", "short"]
@@ -66,9 +66,10 @@ class Candidate:
         name: unique in the grid; the report's row label and the checkpoint folder's name.
         method: ``rtn``, ``gptq``, ``awq`` or ``awq-gptq`` (see ``ecoquant quantize --help``).
         preset: a module preset (``auto``, ``gemma4-e-mlpo``...; see ``ecoquant presets``).
-        group_size, observer: the int4 scheme (W4A16, symmetric); observer None is the method's
+        group_size, observer: the scheme's group size and scale choice; observer None is the method's
             default (:func:`~ecoquant.quantize.defaults.default_observer`: hessian for gptq and
-            awq-gptq, min-max for rtn and awq).
+            awq-gptq, min-max for rtn and awq; always min-max for FP8). W8A8 is per output channel
+            only, so with a W8A8 ``scheme`` the default 128 means the scheme's own (per channel).
         scale_passes: GPTQ's scale passes (gptq and awq-gptq only); None is the method's default
             (:func:`~ecoquant.quantize.defaults.default_scale_passes`: 2, act-order being on).
         dampening: GPTQ's dampening fraction (gptq and awq-gptq only); None is the method's default
@@ -82,6 +83,9 @@ class Candidate:
         answer_cap: shipped as ``max_new_tokens`` in ``generation_config.json``, which vLLM applies to
             any request that sets no ``max_tokens``; the evaluation lowers each task's cap to it, which
             is what such a request gets. None ships no cap.
+        scheme: what the decoder's Linears become, a name in :data:`~ecoquant.quantize.scheme.SCHEMES`
+            (``w4a16``, ``w8a8-int8``, ``w8a8-fp8``; see ``ecoquant quantize --scheme``). W8A8 runs
+            prefill on 8-bit tensor cores; FP8 is data-free (rtn only).
     """
 
     name: str
@@ -96,6 +100,7 @@ class Candidate:
     serving: Mapping[str, Any] = field(default_factory=dict)
     lm_head: str | None = None
     answer_cap: int | None = None
+    scheme: str = "w4a16"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "serving", MappingProxyType(dict(self.serving)))
@@ -111,8 +116,12 @@ class Candidate:
             not isinstance(self.answer_cap, int) or isinstance(self.answer_cap, bool) or self.answer_cap < 1
         ):
             raise EcoquantError(f"candidate {self.name}: answer_cap must be a positive number of tokens, not {self.answer_cap!r}")
-        self.scheme  # a bad group size or observer fails here, before any work
-        if self.scheme.observer == "grid" and self.method != "rtn":
+        if self.scheme not in SCHEMES:
+            raise EcoquantError(f"candidate {self.name}: unknown scheme {self.scheme!r}; use one of: {', '.join(SCHEMES)}")
+        if SCHEMES[self.scheme].type == "float" and self.method != "rtn":
+            raise EcoquantError(f"candidate {self.name}: FP8 weights are data-free; use method rtn with {self.scheme}, not {self.method}")
+        self.quant_scheme  # a bad group size or observer fails here, before any work
+        if self.quant_scheme.observer == "grid" and self.method != "rtn":
             raise EcoquantError(f"candidate {self.name}: the grid observer works with method rtn only (see ecoquant quantize)")
         if self.scale_passes is not None:
             if not isinstance(self.scale_passes, int) or isinstance(self.scale_passes, bool) or self.scale_passes < 1:
@@ -126,12 +135,22 @@ class Candidate:
                 raise EcoquantError(f"candidate {self.name}: dampening must be a fraction between 0 and 1, not {self.dampening!r}")
 
     @property
-    def scheme(self) -> QuantScheme:
-        observer = default_observer(self.method) if self.observer is None else self.observer
+    def quant_scheme(self) -> QuantScheme:
+        """The named scheme with this candidate's group size and observer (as ``ecoquant quantize --scheme`` resolves them)."""
+        base = named_scheme(self.scheme)
+        group = base.group_size if self.scheme != "w4a16" and self.group_size == 128 else self.group_size
+        default = "minmax" if base.type == "float" else default_observer(self.method)
+        observer = default if self.observer is None else self.observer
         try:
-            return QuantScheme(group_size=self.group_size, observer=observer)  # type: ignore[arg-type]
+            return replace(base, group_size=group, observer=observer)  # type: ignore[arg-type]
         except (ValueError, EcoquantError) as exc:
             raise EcoquantError(f"candidate {self.name}: {exc}") from None
+
+    @property
+    def scheme_label(self) -> str:
+        """``g128 minmax``, ``w8a8-int8 hessian``: the weights format in a few characters, for progress lines."""
+        size = f"g{self.group_size}" if self.scheme == "w4a16" else self.scheme
+        return f"{size} {self.quant_scheme.observer}"
 
     @property
     def passes(self) -> int:
@@ -145,9 +164,11 @@ class Candidate:
 
     def quant_record(self) -> dict[str, Any]:
         """What decides the checkpoint (not the response or serving, which reuse it)."""
-        record: dict[str, Any] = {"method": self.method, "preset": self.preset, "scheme": self.scheme.to_dict()}
+        record: dict[str, Any] = {"method": self.method, "preset": self.preset, "scheme": self.quant_scheme.to_dict()}
         if self.lm_head not in (None, "bf16"):  # absent when bf16, so older keys stay valid
             record["lm_head"] = self.lm_head
+        if self.scheme != "w4a16":  # absent for the default, so older keys stay valid
+            record["scheme_name"] = self.scheme
         if self.method in GPTQ_METHODS:
             record["scale_passes"] = self.passes
             record["dampening"] = self.damp
@@ -198,11 +219,15 @@ def auto_name(
     *,
     lm_head: str | None = None,
     answer_cap: int | None = None,
+    scheme: str = "w4a16",
 ) -> str:
     """``gptq-auto``, ``rtn-gemma4-e-mlpo-g64-mse+short``, ``gptq-auto-minmax-1pass``, ``awq-auto+img140``,
-    ``awq-auto+s1a2b3c``: readable, unique per choice (a method's default observer, passes and dampening add nothing)."""
+    ``awq-auto+s1a2b3c``, ``rtn-auto-w8a8-int8``: readable, unique per choice (a method's default observer,
+    passes and dampening, and W8A8's own per-channel group size, add nothing)."""
     name = f"{method}-{preset}"
-    if group_size != 128:
+    if scheme != "w4a16":
+        name += f"-{scheme}"
+    if group_size != 128 and not (scheme != "w4a16" and group_size is None):
         name += f"-g{group_size}" if group_size else "-channel"
     if observer is not None and observer != default_observer(method):
         name += f"-{observer}"
@@ -264,6 +289,7 @@ def _candidate(spec: Mapping[str, Any], where: str) -> Candidate:
         values.get("dampening"),
         lm_head=values.get("lm_head"),
         answer_cap=values.get("answer_cap"),
+        scheme=str(values.get("scheme", defaults.scheme)),
     )
     try:
         return Candidate(str(name), **values)

@@ -38,6 +38,15 @@ WEIGHTS_COMMON: tuple[Mapping[str, Any], ...] = (
 )
 """Weights candidates every family gets (all W4A16, group 128, the ``auto`` preset)."""
 
+WEIGHTS_W8A8: tuple[Mapping[str, Any], ...] = (
+    # W8A8 INT8 by RTN (data-free, per channel): prefill on int8 tensor cores, twice W4A16's decode bytes;
+    # wins where prefill (image tokens) dominates the suite's energy. vLLM W8A8Int8 runs on Turing and later.
+    {"method": "rtn", "scheme": "w8a8-int8"},
+    # W8A8 FP8 (E4M3, data-free: RTN only): the same trade on fp8 tensor cores (the L4 is Ada, sm89).
+    {"method": "rtn", "scheme": "w8a8-fp8"},
+)
+"""Cheap W8A8 weights candidates (RTN, no calibration) for families whose towers and decoder vLLM serves in W8A8."""
+
 
 @dataclass(frozen=True)
 class FamilyLevers:
@@ -72,10 +81,11 @@ DEFAULT_LEVERS = FamilyLevers(note="any family without an entry: the common weig
 FAMILY_LEVERS: Mapping[str, FamilyLevers] = MappingProxyType(
     {
         # Gemma-4 (E2B/E4B and the tiny fixtures): also the seed's MLP + attention-output set, which keeps
-        # q/k/v in bf16 (the seed's conservative Round-2 artifact).
+        # q/k/v in bf16 (the seed's conservative Round-2 artifact), and the two RTN W8A8 schemes (image-heavy
+        # prompts make prefill a large share of the suite's energy; both are data-free, so stage 1 stays cheap).
         "gemma4": FamilyLevers(
-            weights=(*WEIGHTS_COMMON, {"method": "gptq", "preset": "gemma4-e-mlpo"}),
-            note="adds the seed's gemma4-e-mlpo module set",
+            weights=(*WEIGHTS_COMMON, {"method": "gptq", "preset": "gemma4-e-mlpo"}, *WEIGHTS_W8A8),
+            note="adds the seed's gemma4-e-mlpo module set and RTN W8A8 (int8, fp8)",
         ),
     }
 )
@@ -147,5 +157,5 @@ def auto_name_for(c: Candidate) -> str:
     """The grid's automatic name for ``c`` (see :func:`ecoquant.optimize.grid.auto_name`)."""
     return auto_name(
         c.method, c.preset, c.group_size, c.observer, c.response, c.serving, c.max_soft_tokens, c.scale_passes,
-        c.dampening, lm_head=c.lm_head, answer_cap=c.answer_cap,
+        c.dampening, lm_head=c.lm_head, answer_cap=c.answer_cap, scheme=c.scheme,
     )

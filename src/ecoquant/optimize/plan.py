@@ -169,7 +169,7 @@ class Plan:
                     "name": job.label,
                     "method": "bf16 base" if c is None else c.method,
                     "preset": "" if c is None else c.preset,
-                    "scheme": "" if c is None else f"g{c.group_size} {c.scheme.observer}",
+                    "scheme": "" if c is None else c.scheme_label,
                     "response": "default" if c is None else c.response,
                     "image budget": "" if c is None or c.max_soft_tokens is None else str(c.max_soft_tokens),
                     "serving": "" if c is None or not c.serving else json.dumps(dict(c.serving)),
@@ -191,7 +191,7 @@ def _model_type(path: Path) -> str | None:
 
 def quant_material(source_sha: str, candidate: Candidate, grid: Grid) -> dict[str, Any]:
     """What decides a candidate's checkpoint."""
-    calibrated = candidate.method != "rtn" or candidate.scheme.observer in ACTIVATION_AWARE
+    calibrated = candidate.method != "rtn" or candidate.quant_scheme.observer in ACTIVATION_AWARE
     return {
         "v": KEY_VERSION,
         "source": source_sha,
@@ -295,8 +295,8 @@ def plan_optimize(
         assert j.candidate is not None
         model_plan = plan_model(path, j.candidate.preset)
         head = j.candidate.lm_head or model_plan.preset.lm_head
-        tables = plan_tables(model_plan, j.candidate.scheme, model_plan.preset.embeddings, head)  # type: ignore[arg-type]
-        disk += plan_footprint(model_plan, j.candidate.scheme, tables).after_bytes
+        tables = plan_tables(model_plan, j.candidate.quant_scheme, model_plan.preset.embeddings, head)  # type: ignore[arg-type]
+        disk += plan_footprint(model_plan, j.candidate.quant_scheme, tables).after_bytes
     plan = Plan(
         path, model_type, grid, tuple(jobs), tuple(to_quantize.values()), cached_evals, cached_ckpts, disk, energy_measured
     )

@@ -102,13 +102,13 @@ def _quantize_job(job: Job, plan: Plan, store: Store, config: OptimizeConfig, st
     c = job.candidate
     assert c is not None and job.quant_dir is not None and job.quant_key is not None
     t0 = time.perf_counter()
-    with stages.stage(c.name, f"quantize ({c.method}, preset {c.preset}, g{c.group_size} {c.scheme.observer})"):
+    with stages.stage(c.name, f"quantize ({c.method}, preset {c.preset}, {c.scheme_label})"):
         quantize(
             plan.model,
             job.quant_dir,
             QuantizeConfig(
                 method=c.method,
-                scheme=c.scheme,
+                scheme=c.quant_scheme,
                 preset=c.preset,
                 overwrite=True,
                 calibration=plan.grid.calibration,
