@@ -7,7 +7,7 @@ pages, see :mod:`ecoquant.fixtures.tiny_vlm`):
 
 1. every weights candidate of the family's levers (:mod:`ecoquant.optimize.levers`:
    W4A16 by RTN, GPTQ and AWQ + GPTQ, the untied int4 head, the seed's module
-   set, W8A8 where the levers list it) on a seeded subset of the pages;
+   set, W8A8 INT8 and FP8 by RTN) on a seeded subset of the pages;
 2. the serving levers (image budget, short response, answer cap) on the best
    few by recovery per joule;
 3. the finalists on every page;
