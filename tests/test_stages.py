@@ -6,8 +6,9 @@ than on the whole suite, as a small sample is noisier), so each case runs in
 milliseconds: the staged search picks what evaluating the whole product
 picks, it never spends more evaluations than its budget, and a run stopped
 between stages resumes from the stored results without evaluating them
-again. One end-to-end run on the trained tiny VLM is in
-``test_staged_optimize_end_to_end``.
+again. The end-to-end run on the trained tiny VLM (real quantization and
+evaluation, every stage, the pick and a rerun that reuses everything) is
+``tests/test_tiny_vlm.py::test_demo_is_the_decision_and_a_rerun_reuses_everything``.
 """
 
 from __future__ import annotations
