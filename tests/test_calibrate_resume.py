@@ -95,6 +95,7 @@ KILLER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # over 2 min on 2 cores; .ci/run always runs it
 def test_cli_rerun_after_sigkill_resumes_and_matches(tiny_gemma4: Path, tmp_path: Path) -> None:
     """`ecoquant quantize --method gptq` killed by SIGKILL after layer 1; the same command again finishes it."""
     args = [str(tiny_gemma4), "--method", "gptq", "--calib", "corpus", "--calib-samples", "4", "--calib-length", "48",

@@ -31,7 +31,7 @@ from ecoquant.models.integrity import DTYPE_BITS, check_checkpoint
 from ecoquant.models.loading import tensor_infos
 
 FUZZ = settings(max_examples=40, deadline=timedelta(seconds=5), suppress_health_check=list(HealthCheck),
-                database=None)
+                database=None, derandomize=True)  # the same examples on every run: CI never fails by chance
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),

@@ -224,6 +224,7 @@ def test_cli_rtn_with_the_hessian_observer_calibrates_and_records_it(tiny_gemma4
     assert (out / "model.safetensors").read_bytes() != (minmax / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow  # over 2 min on 2 cores; .ci/run always runs it
 def test_cli_awq_gptq_and_refine_steps_run_and_refuse_what_does_not_fit(tiny_gemma4, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 

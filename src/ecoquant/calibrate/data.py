@@ -372,10 +372,12 @@ def _records_to_ids(tokenizer: Any, records: Sequence[Any], config: CalibrationC
         if isinstance(record, dict) and isinstance(record.get("messages"), list):
             if not record["messages"]:
                 raise EcoquantError("a calibration record has an empty 'messages' list: give each at least one turn")
+            if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in record["messages"]):
+                raise EcoquantError("a calibration record's 'messages' must be objects with a 'role' and a 'content'")
             try:
                 ids = tokenizer.apply_chat_template(record["messages"], tokenize=True, truncation=True,
                                                     max_length=config.max_length)
-            except (TypeError, ValueError, KeyError, IndexError, jinja2.TemplateError) as exc:
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError, jinja2.TemplateError) as exc:
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise EcoquantError(f"a calibration record's 'messages' cannot be rendered by the chat template ({first})") from None
             ids = ids["input_ids"] if isinstance(ids, dict) else ids
