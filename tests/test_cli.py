@@ -188,3 +188,12 @@ def test_inspect_prints_the_energy_models_cost_terms(twin: Path) -> None:
     text = captured.get()
     assert "decode reads" in text and "prefill GFLOPs per prompt token: decoder 7.780 (bf16)" in text
     assert "1120: 8,054.5" in text
+
+
+def test_demo_with_an_empty_out_is_one_line_and_writes_nothing(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An unset shell variable (``--out ""``) must not turn the current folder into the demo's store."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["demo", "--out", ""])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == "error: --out is empty; pass the folder to write into"
+    assert list(tmp_path.iterdir()) == []

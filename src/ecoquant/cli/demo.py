@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ecoquant.cli.app import app, console, guarded
+from ecoquant.cli.app import app, console, folder_arg, guarded
 
 
 def _pct(x: float | None) -> str:
@@ -66,9 +65,7 @@ def _final_table(rows: Sequence[Any], gpu: str) -> Table:
 @app.command("demo")
 @guarded
 def demo_cmd(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's store, report and submission (a rerun reuses what it holds).")] = Path(
-        "ecoquant-demo"
-    ),
+    out_text: Annotated[str, typer.Option("--out", help="Folder for the demo's store, report and submission (a rerun reuses what it holds).")] = "ecoquant-demo",
 ) -> None:
     """Run optimize's staged search on the shipped trained tiny Gemma-4 VLM, show the decision and the folder to upload. No network needed."""
     from ecoquant.demo import run_demo
@@ -76,7 +73,7 @@ def demo_cmd(
     from ecoquant.optimize.run import CHOICE_FILE
     from ecoquant.report.table import report_rows
 
-    result = run_demo(out)
+    result = run_demo(folder_arg(out_text))
     choice = json.loads((result.results.parent / CHOICE_FILE).read_text(encoding="utf-8"))
     gpu = result.choice.modelled_for or DEFAULT_GPU
     # tables are read in logs too: never squeeze a candidate's name to a narrow terminal
