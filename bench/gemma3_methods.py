@@ -29,7 +29,11 @@ layer), llmc-gptq-stack (the whole text model as one sequential target)
 Issue 23's W8A8 rows: w8a8-fp8 (``--scheme w8a8-fp8``, data-free), w8a8-int8-rtn,
 w8a8-int8-gptq (``--scheme w8a8-int8 --method gptq`` with its defaults), and
 llmcompressor's llmc-fp8-dynamic and llmc-w8a8 (``QuantizationModifier`` with
-the ``FP8_DYNAMIC`` / ``W8A8`` presets, no smoothing). Activations of the W8A8
+the ``FP8_DYNAMIC`` / ``W8A8`` presets, no smoothing); w8a8-int8-sq and
+w8a8-int8-sq-gptq (``--method smoothquant`` / ``smoothquant-gptq``, strength
+0.5) beside llmcompressor's SmoothQuant + GPTQ W8A8 recipe, llmc-sq-gptq-w8a8
+(the mappings it registers for Gemma-3) and llmc-sq-gptq-w8a8-ffn (the MLP
+mapping named by hand on ``pre_feedforward_layernorm``). Activations of the W8A8
 rows are quantized per token when scored, as transformers loads them.
 Every calibrated method sees the same 128 windows of the shipped corpus.
 Each variant is scored on every ``--texts`` evaluation text: ``austen``
@@ -134,6 +138,24 @@ def commands(base: Path, work: Path, args: argparse.Namespace) -> dict[str, Call
         "w8a8-int8-gptq": lambda out: [*gptq_any, "--out", str(out), "--scheme", "w8a8-int8", "--dampening", "0.1", *hess, *two, *calib_bf16],
         "llmc-fp8-dynamic": lambda out: uv_isolated(LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--scheme", "FP8_DYNAMIC"),
         "llmc-w8a8": lambda out: uv_isolated(LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--scheme", "W8A8"),
+        # SmoothQuant (strength 0.5), then GPTQ int8 per channel: ecoquant's two calibrated W8A8 INT8 methods.
+        "w8a8-int8-sq": lambda out: [*ours, "--out", str(out), "--scheme", "w8a8-int8", "--method", "smoothquant", *mm, *calib_bf16],
+        "w8a8-int8-sq-gptq": lambda out: [*ours, "--out", str(out), "--scheme", "w8a8-int8", "--method", "smoothquant-gptq",
+                                          "--dampening", "0.1", *hess, *two, *calib_bf16],
+        # llmcompressor's W8A8 recipe: SmoothQuantModifier(0.5) + GPTQModifier(W8A8), as its examples write it,
+        # with the mappings it registers for Gemma3ForCausalLM (input_layernorm -> q/k/v,
+        # post_attention_layernorm -> gate/up) ...
+        "llmc-sq-gptq-w8a8": lambda out: uv_isolated(
+            LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--method", "gptq", "--pipeline", "sequential",
+            "--scheme", "W8A8", "--smoothquant", "0.5", "--dampening", "0.1",
+            "--calib-json", cj(), "--max-length", str(args.seq_len)),
+        # ... and with the norm that really feeds Gemma-3's MLP (pre_feedforward_layernorm) named by hand.
+        "llmc-sq-gptq-w8a8-ffn": lambda out: uv_isolated(
+            LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--method", "gptq", "--pipeline", "sequential",
+            "--scheme", "W8A8", "--smoothquant", "0.5", "--dampening", "0.1",
+            "--sq-mapping", "re:.*q_proj,re:.*k_proj,re:.*v_proj:re:.*input_layernorm",
+            "--sq-mapping", "re:.*gate_proj,re:.*up_proj:re:.*pre_feedforward_layernorm",
+            "--calib-json", cj(), "--max-length", str(args.seq_len)),
         "llmc-gptq-basic": lambda out: uv_isolated(
             LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--method", "gptq", "--pipeline", "basic",
             "--calib-json", cj(), "--max-length", str(args.seq_len)),

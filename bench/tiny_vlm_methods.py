@@ -18,6 +18,11 @@ match), recovery = variant / bf16, and the mean KL(bf16 || variant) over the
 gold answer tokens (teacher-forced: the prompt as ``eval`` sends it, then the
 gold answer and ``<turn|>``).
 
+Issue 23's rows (:data:`SCHEME_VARIANTS`) put the vision tower (and its
+embedder) in W8A8 beside a W4A16 GPTQ decoder, and the decoder itself in W8A8
+(RTN, SmoothQuant, SmoothQuant + GPTQ); transformers quantizes their
+activations per token as vLLM would, so the KL includes that.
+
 Usage::
 
     uv run python bench/tiny_vlm_methods.py --work /tmp/vlm-bench [--pages 40] [--methods a,b,...]
@@ -52,6 +57,17 @@ METHODS = (
     "gptqmodel-g128", "autoround-g128",
 )
 
+#: Issue 23: decoder method and scheme, and the vision tower's scheme (None: bf16), per variant.
+SCHEME_VARIANTS: dict[str, tuple[str, str, str | None]] = {
+    "gptq-g128+vision-w8a8-int8": ("gptq", "w4a16", "w8a8-int8"),
+    "gptq-g128+vision-w8a8-fp8": ("gptq", "w4a16", "w8a8-fp8"),
+    "w8a8-int8-rtn": ("rtn", "w8a8-int8", None),
+    "w8a8-int8-smoothquant": ("smoothquant", "w8a8-int8", None),
+    "w8a8-int8-smoothquant-gptq": ("smoothquant-gptq", "w8a8-int8", None),
+    "w8a8-int8-smoothquant-gptq+vision-w8a8-int8": ("smoothquant-gptq", "w8a8-int8", "w8a8-int8"),
+    "w8a8-fp8+vision-w8a8-fp8": ("rtn", "w8a8-fp8", "w8a8-fp8"),
+}
+
 
 def uv_isolated(deps: list[str], *args: str) -> list[str]:
     uv = shutil.which("uv") or "uv"
@@ -82,6 +98,8 @@ def make_variant(name: str, base: Path, work: Path) -> dict[str, Any]:
     out = work / name
     if name == "bf16" or (out / "config.json").exists():
         return {"seconds": None, "error": None}
+    if name in SCHEME_VARIANTS:
+        return make_scheme_variant(name, base, out)
     method, group = name.rsplit("-g", 1)
     t0 = time.perf_counter()
     if method in ("gptqmodel", "autoround"):
@@ -107,6 +125,32 @@ def make_variant(name: str, base: Path, work: Path) -> dict[str, Any]:
         method="rtn" if method in rtn_observer else method,  # type: ignore[arg-type]
         scheme=scheme,
         calibration=DEMO_CALIBRATION,
+    )
+    quantize(base, out, config, show_progress=False)
+    return {"seconds": time.perf_counter() - t0, "error": None}
+
+
+def make_scheme_variant(name: str, base: Path, out: Path) -> dict[str, Any]:
+    """An issue-23 row: ``ecoquant quantize``'s defaults for the method, with the decoder and tower schemes named."""
+    from dataclasses import replace
+
+    from ecoquant.api import QuantizeConfig, quantize
+    from ecoquant.demo import DEMO_CALIBRATION
+    from ecoquant.quantize.defaults import default_dampening, default_observer, default_scale_passes
+    from ecoquant.quantize.gptq import GPTQConfig
+    from ecoquant.quantize.scheme import named_scheme
+
+    method, scheme_name, vision = SCHEME_VARIANTS[name]
+    scheme = named_scheme(scheme_name)
+    if scheme.type != "float":
+        scheme = replace(scheme, observer=default_observer(method))  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    config = QuantizeConfig(
+        method=method,  # type: ignore[arg-type]
+        scheme=scheme,
+        calibration=DEMO_CALIBRATION,
+        gptq=GPTQConfig(dampening_frac=default_dampening(method), scale_passes=default_scale_passes(method, True)),
+        vision_scheme=None if vision is None else named_scheme(vision),
     )
     quantize(base, out, config, show_progress=False)
     return {"seconds": time.perf_counter() - t0, "error": None}

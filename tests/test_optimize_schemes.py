@@ -28,6 +28,8 @@ def test_grid_yaml_takes_a_scheme_axis_and_names_non_default_schemes() -> None:
     assert int8.to_record()["scheme"] == "w8a8-int8"
     gptq = grid_from_mapping({"candidates": [{"method": "gptq", "scheme": "w8a8-int8"}]}).candidates[0]
     assert (gptq.name, gptq.quant_scheme.observer) == ("gptq-auto-w8a8-int8", "hessian")
+    sq = grid_from_mapping({"candidates": [{"method": "smoothquant-gptq", "scheme": "w8a8-int8"}]}).candidates[0]
+    assert (sq.name, sq.quant_scheme.observer, sq.quant_scheme.act_bits) == ("smoothquant-gptq-auto-w8a8-int8", "hessian", 8)
 
 
 @pytest.mark.parametrize(
@@ -36,6 +38,8 @@ def test_grid_yaml_takes_a_scheme_axis_and_names_non_default_schemes() -> None:
         ({"scheme": "w8a8"}, "unknown scheme 'w8a8'; use one of: w4a16, w8a8-fp8, w8a8-int8"),
         ({"scheme": "w8a8-fp8", "method": "gptq"}, "FP8 weights are data-free; use method rtn"),
         ({"scheme": "w8a8-int8", "group_size": 64}, "group"),
+        ({"method": "smoothquant"}, "smoothquant smooths 8-bit activations; use it with scheme w8a8-int8"),
+        ({"method": "bogus"}, "unknown method 'bogus'; use rtn, gptq, awq, awq-gptq, smoothquant or smoothquant-gptq"),
     ],
 )
 def test_bad_schemes_are_one_line(spec: dict[str, object], message: str) -> None:

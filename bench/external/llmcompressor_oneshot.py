@@ -11,7 +11,10 @@ calibration data, exactly the seed model card's recipe; ``--scheme`` names
 another preset (``FP8_DYNAMIC``, ``W8A8``: dynamic per-token activations, so
 still no calibration data). ``--method gptq``
 runs ``GPTQModifier`` with the given pipeline on text calibration samples
-read from a JSON list of strings.
+read from a JSON list of strings; ``--smoothquant ALPHA`` puts
+``SmoothQuantModifier(smoothing_strength=ALPHA)`` before it (llmcompressor's
+W8A8 recipe), with the architecture's registered mappings unless
+``--sq-mapping BALANCE1,BALANCE2:SMOOTH`` (regexes) names them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--scheme", default="W4A16", help="compressed-tensors preset: W4A16, FP8_DYNAMIC, W8A8")
+    p.add_argument("--smoothquant", type=float, default=None, help="gptq: SmoothQuant first, at this strength")
+    p.add_argument("--sq-mapping", action="append", default=None, help="BALANCE,...:SMOOTH regexes")
+    p.add_argument("--dampening", type=float, default=0.01)
     args = p.parse_args()
 
     from llmcompressor import oneshot
@@ -56,7 +62,14 @@ def main() -> None:
         texts = json.load(open(args.calib_json))
         enc = [tok(t, truncation=True, max_length=args.max_length, add_special_tokens=True) for t in texts]
         ds = Dataset.from_list([{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in enc])
-        recipe = GPTQModifier(targets="Linear", scheme=args.scheme, ignore=args.ignore, dampening_frac=0.01)
+        recipe = [GPTQModifier(targets="Linear", scheme=args.scheme, ignore=args.ignore, dampening_frac=args.dampening)]
+        if args.smoothquant is not None:
+            from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+            mappings = None
+            if args.sq_mapping:
+                mappings = [[m.split(":")[0].split(","), m.split(":")[1]] for m in args.sq_mapping]
+            recipe.insert(0, SmoothQuantModifier(smoothing_strength=args.smoothquant, mappings=mappings))
         kwargs = {}
         if args.sequential_target:
             kwargs["sequential_targets"] = args.sequential_target

@@ -38,18 +38,22 @@ from ecoquant.calibrate.data import CORPUS_SOURCE, DEFAULT_SOURCE, CalibrationCo
 from ecoquant.quantize.awq import AWQConfig
 from ecoquant.quantize.defaults import (  # noqa: F401 - part of this API
     GPTQ_METHODS,
+    METHODS,
+    SMOOTHING_METHODS,
+    SMOOTHQUANT_METHODS,
     default_dampening,
     default_observer,
     default_scale_passes,
+    methods_text,
 )
 from ecoquant.quantize.gptq import GPTQConfig
 from ecoquant.models.components import component_schemes, plan_components
 from ecoquant.models.topology import require_awq_mappings, topology_for
 from ecoquant.quantize.rtn import rtn_quantize, rtn_quantize_counting_grid
 from ecoquant.quantize.scheme import ACTIVATION_AWARE, QuantScheme
+from ecoquant.quantize.smoothquant import SmoothQuantConfig
 
-Method = Literal["rtn", "gptq", "awq", "awq-gptq"]
-METHODS: tuple[str, ...] = ("rtn", "gptq", "awq", "awq-gptq")
+Method = Literal["rtn", "gptq", "awq", "awq-gptq", "smoothquant", "smoothquant-gptq"]
 
 
 def _existing_parent(out: Path) -> Path:
@@ -140,6 +144,7 @@ class QuantizeConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     awq: AWQConfig = field(default_factory=AWQConfig)
+    smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
     device: str = "cpu"
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     embeddings: TableBits | None = None
@@ -150,7 +155,7 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise EcoquantError(f"unknown method {self.method!r}; use rtn, gptq, awq or awq-gptq")
+            raise EcoquantError(f"unknown method {self.method!r}; use {methods_text()}")
         if self.calibrated:
             from ecoquant.calibrate.run import calibration_device
 
@@ -164,12 +169,17 @@ class QuantizeConfig:
             raise EcoquantError(
                 f"FP8 weights are data-free (min-max scales, a cast per weight); use --method rtn, not {self.method}"
             )
+        if self.method in SMOOTHQUANT_METHODS and not (self.scheme.act_bits == 8 and self.scheme.type == "int"):
+            raise EcoquantError(
+                f"{self.method} smooths activations for 8-bit quantization; use it with --scheme w8a8-int8 "
+                f"(for {self.scheme.label}, awq is the weight-only counterpart)"
+            )
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise EcoquantError(f"unknown compute dtype {self.compute_dtype!r}; use auto, float32 or bfloat16")
         if self.gptq.refine_steps and self.method not in GPTQ_METHODS:
-            raise EcoquantError(f"--refine-steps refines GPTQ's result; use it with --method gptq or awq-gptq, not {self.method}")
+            raise EcoquantError(f"--refine-steps refines GPTQ's result; use it with a GPTQ method ({', '.join(GPTQ_METHODS)}), not {self.method}")
         if self.gptq.scale_passes > 1 and self.method not in GPTQ_METHODS:
-            raise EcoquantError(f"--scale-passes re-runs GPTQ; use it with --method gptq or awq-gptq, not {self.method}")
+            raise EcoquantError(f"--scale-passes re-runs GPTQ; use it with a GPTQ method ({', '.join(GPTQ_METHODS)}), not {self.method}")
         if self.gptq.scale_passes > 1 and not self.gptq.act_order:
             raise EcoquantError("--scale-passes works on act-order's static groups; drop --no-act-order "
                                 "(in column order each group's scale is already chosen from the updated weights)")
@@ -233,6 +243,7 @@ def _calibrate_resumable(
             scheme=config.scheme,
             gptq=config.gptq,
             awq=config.awq,
+            smoothquant=config.smoothquant,
             device=config.device,
             dtype=fast_dtype(load_config(path), calibration_device(config.device))
             if config.compute_dtype == "auto" else getattr(torch, config.compute_dtype),
@@ -275,7 +286,7 @@ def quantize(
     )
     towers = component_schemes(components)
     check_components(plan, components)
-    if config.method in ("awq", "awq-gptq"):  # before hashing the source and loading calibration data
+    if config.method in SMOOTHING_METHODS:  # before hashing the source and loading calibration data
         require_awq_mappings(topology_for(plan.config), plan.config)
     console = Console(stderr=True, soft_wrap=True)  # log lines stay whole off a terminal
     if show_progress:
@@ -315,8 +326,10 @@ def quantize(
             quantize_fn, replaced = result.quantize_fn, result.replace
             calibration_block = calib.describe()
             settings: dict[str, Any] = {}
-            if config.method in ("gptq", "awq-gptq"):
+            if config.method in GPTQ_METHODS:
                 settings.update(asdict(config.gptq))
+            if config.method in SMOOTHQUANT_METHODS:
+                settings.update(asdict(config.smoothquant))
             if config.method in ("awq", "awq-gptq"):
                 settings.update(asdict(config.awq))
             method_config = {"settings": settings, "device": config.device, "stats": result.stats}

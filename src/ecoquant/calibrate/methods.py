@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -39,6 +39,7 @@ from ecoquant.quantize.primitives import QuantizedWeight
 from ecoquant.quantize.refine import dampened, refine
 from ecoquant.quantize.rtn import rtn_quantize
 from ecoquant.quantize.scheme import ACTIVATION_AWARE, QuantScheme
+from ecoquant.quantize.smoothquant import SmoothQuantConfig, smoothing_scales, update_range
 
 
 @dataclass
@@ -287,6 +288,53 @@ class AWQCalibrator:
         return _AWQSession(unit, self.scheme, self.cfg, self.max_tokens, self.then_gptq)
 
 
+class SmoothQuantCalibrator:
+    """SmoothQuant for W8A8 INT8: smooth what each norm feeds, then round to nearest or run GPTQ.
+
+    The layer walk, the folds (Gemma-3's ``(1 + w)`` included) and GPTQ's
+    rescaled Hessian are AWQ's (:class:`_AWQSession`); only the scale rule
+    differs: :func:`~ecoquant.quantize.smoothquant.smoothing_scales` from each
+    input channel's range over every calibration token, instead of a search
+    on the weights' rounding error. Mappings whose producer is a Linear
+    (``up -> down``, ``v -> o``) are left out, as in the paper and in
+    llmcompressor, and so is AWQ's clipping search (a weight-only tool).
+
+    Args:
+        scheme: the quantization format (a W8A8 one; the caller checks).
+        cfg: the migration strength.
+        max_tokens: activations kept per input stream for the ``hessian`` observer.
+        then_gptq: ``smoothquant-gptq``: GPTQ after smoothing instead of rounding to nearest.
+    """
+
+    def __init__(
+        self,
+        scheme: QuantScheme,
+        cfg: SmoothQuantConfig = SmoothQuantConfig(),
+        max_tokens: int = 16384,
+        then_gptq: GPTQConfig | None = None,
+    ) -> None:
+        if max_tokens < 1:
+            raise EcoquantError(f"SmoothQuant max_tokens={max_tokens} must be positive")
+        self.scheme = scheme
+        self.cfg = cfg
+        self.max_tokens = max_tokens
+        self.then_gptq = then_gptq
+        self.name = "smoothquant" if then_gptq is None else "smoothquant-gptq"
+
+    def describe(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"method": self.name, "smoothquant": asdict(self.cfg)}
+        if self.then_gptq is not None:
+            doc["gptq"] = asdict(self.then_gptq)
+        return doc
+
+    def begin(self, unit: Unit) -> Session:
+        norms = tuple(m for m in unit.mappings if not isinstance(m.smooth, nn.Linear))
+        unit = replace(unit, mappings=norms)
+        return _AWQSession(
+            unit, self.scheme, AWQConfig(clip_search=False), self.max_tokens, self.then_gptq, smoothquant=self.cfg
+        )
+
+
 def _evenly(x: torch.Tensor, keep: int) -> torch.Tensor:
     """``keep`` rows of ``x [tokens, ch]``, evenly spaced (deterministic, no RNG)."""
     if x.shape[0] <= keep:
@@ -296,10 +344,20 @@ def _evenly(x: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 class _AWQSession:
+    """One unit of AWQ (scales searched on the rounding error) or, given ``smoothquant``, of SmoothQuant."""
+
     def __init__(
-        self, unit: Unit, scheme: QuantScheme, cfg: AWQConfig, max_tokens: int, then_gptq: GPTQConfig | None
+        self,
+        unit: Unit,
+        scheme: QuantScheme,
+        cfg: AWQConfig,
+        max_tokens: int,
+        then_gptq: GPTQConfig | None,
+        smoothquant: SmoothQuantConfig | None = None,
     ) -> None:
         self.unit = unit
+        self.smoothquant = smoothquant
+        self.ranges: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.scheme = scheme
         self.cfg = cfg
         self.max_tokens = max_tokens
@@ -312,6 +370,8 @@ class _AWQSession:
         total = max(self.unit.total_tokens, x.shape[0])
         keep = max(1, math.ceil(x.shape[0] * self.max_tokens / total))
         self.acts.setdefault(names, []).append(_evenly(x, keep).clone())
+        if self.smoothquant is not None:  # SmoothQuant's ranges are over every token, not the kept ones
+            self.ranges[names] = update_range(self.ranges.get(names), x)
         if self.then_gptq is not None:
             H, n = self.hessians.get(names, (None, 0))
             self.hessians[names] = accumulate_hessian(H, n, x)
@@ -345,7 +405,7 @@ class _AWQSession:
             stream = self._stream(name)
             if stream is None:
                 raise EcoquantError(
-                    f"{name} never ran on the calibration data, so AWQ has no activations for it; "
+                    f"{name} never ran on the calibration data, so smoothing has no activations for it; "
                     "add it to --ignore (or calibrate with inputs that reach it, e.g. --calib-multimodal)"
                 )
             W = _weight(unit, name)
@@ -388,11 +448,16 @@ class _AWQSession:
             return info
         x = torch.cat(self.acts[stream])
         weights = [_weight(unit, b) for b in balance_full]
-        result = search_scales(x, weights, self.scheme, self.cfg)
-        info.update(result.summary())
-        if result.ratio is None:
-            return info
-        s = result.scales.to(x.device)
+        if self.smoothquant is not None:
+            lo, hi = self.ranges[stream]
+            s = smoothing_scales(hi - lo, weights, self.smoothquant.alpha).to(x.device)
+            info.update({"alpha": self.smoothquant.alpha, "scale_min": float(s.min()), "scale_max": float(s.max())})
+        else:
+            result = search_scales(x, weights, self.scheme, self.cfg)
+            info.update(result.summary())
+            if result.ratio is None:
+                return info
+            s = result.scales.to(x.device)
 
         smooth = m.smooth
         src = unit.source_dtype
@@ -410,7 +475,7 @@ class _AWQSession:
             weight = getattr(smooth, "weight", None)
             if offset is None or not isinstance(weight, torch.Tensor):
                 raise EcoquantError(
-                    f"cannot fold AWQ scales into {smooth_full} ({type(smooth).__name__}): its weight convention "
+                    f"cannot fold smoothing scales into {smooth_full} ({type(smooth).__name__}): its weight convention "
                     "is unknown; add the class to ecoquant.quantize.awq.NORM_WEIGHT_OFFSET"
                 )
             w_src = weight.detach().to(src.get(f"{smooth_full}.weight", weight.dtype))

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from ecoquant.calibrate.capture import Batch
-from ecoquant.calibrate.methods import AWQCalibrator, Calibrator, GPTQCalibrator, RTNCalibrator
+from ecoquant.calibrate.methods import AWQCalibrator, Calibrator, GPTQCalibrator, RTNCalibrator, SmoothQuantCalibrator
 from ecoquant.calibrate.result import CalibrationResult
 from ecoquant.calibrate.sequential import WALK_FILE, LayerObserver, LayerWalk, build_meta_model
 from ecoquant.errors import EcoquantError
@@ -25,13 +25,15 @@ from ecoquant.models.loading import load_config, resolve_model
 from ecoquant.models.selection import Selection
 from ecoquant.models.topology import require_awq_mappings, topology_for
 from ecoquant.quantize.awq import AWQConfig
+from ecoquant.quantize.defaults import SMOOTHING_METHODS
 from ecoquant.quantize.gptq import GPTQConfig
 from ecoquant.quantize.scheme import QuantScheme
+from ecoquant.quantize.smoothquant import SmoothQuantConfig
 
-CalibratedMethod = Literal["rtn", "gptq", "awq", "awq-gptq"]
+CalibratedMethod = Literal["rtn", "gptq", "awq", "awq-gptq", "smoothquant", "smoothquant-gptq"]
 
-#: Methods that smooth by the family's AWQ mappings (and so need them).
-AWQ_METHODS = frozenset({"awq", "awq-gptq"})
+#: Methods that smooth by the family's mappings (and so need them).
+AWQ_METHODS = frozenset(SMOOTHING_METHODS)
 
 
 def calibration_device(device: str) -> torch.device:
@@ -92,6 +94,7 @@ def make_calibrator(
     gptq: GPTQConfig | None = None,
     awq: AWQConfig | None = None,
     awq_max_tokens: int = 16384,
+    smoothquant: SmoothQuantConfig | None = None,
 ) -> Calibrator:
     """The calibrator for a method name (``rtn`` here is RTN with an activation-aware observer)."""
     if method == "rtn":
@@ -102,7 +105,15 @@ def make_calibrator(
         return AWQCalibrator(scheme, awq or AWQConfig(), max_tokens=awq_max_tokens)
     if method == "awq-gptq":
         return AWQCalibrator(scheme, awq or AWQConfig(), max_tokens=awq_max_tokens, then_gptq=gptq or GPTQConfig())
-    raise EcoquantError(f"unknown calibrated method {method!r}; use rtn, gptq, awq or awq-gptq")
+    if method == "smoothquant":
+        return SmoothQuantCalibrator(scheme, smoothquant or SmoothQuantConfig(), max_tokens=awq_max_tokens)
+    if method == "smoothquant-gptq":
+        return SmoothQuantCalibrator(
+            scheme, smoothquant or SmoothQuantConfig(), max_tokens=awq_max_tokens, then_gptq=gptq or GPTQConfig()
+        )
+    raise EcoquantError(
+        f"unknown calibrated method {method!r}; use rtn, gptq, awq, awq-gptq, smoothquant or smoothquant-gptq"
+    )
 
 
 def calibrate(
@@ -116,6 +127,7 @@ def calibrate(
     gptq: GPTQConfig | None = None,
     awq: AWQConfig | None = None,
     awq_max_tokens: int = 16384,
+    smoothquant: SmoothQuantConfig | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     seed: int = 42,
@@ -135,7 +147,7 @@ def calibrate(
         work_dir: an empty (or new) folder for quantized weights, spooled
             activations and ``result.json``; keep it until the export is written.
         scheme: the quantization format.
-        gptq, awq: the algorithms' settings (defaults when None).
+        gptq, awq, smoothquant: the algorithms' settings (defaults when None).
         awq_max_tokens: activations AWQ keeps per input stream.
         device: where layers run (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         dtype: compute dtype; default float32 on CPU, the checkpoint's dtype on GPU.
@@ -163,7 +175,7 @@ def calibrate(
     if isinstance(method, str):
         if method in AWQ_METHODS:
             require_awq_mappings(topology, config)
-        calibrator = make_calibrator(method, scheme, gptq, awq, awq_max_tokens)
+        calibrator = make_calibrator(method, scheme, gptq, awq, awq_max_tokens, smoothquant)
     else:
         calibrator = method
     names = list(selection.modules if isinstance(selection, Selection) else selection)

@@ -38,11 +38,11 @@ def scheme_from_options(group_size: int | None, observer: str, asymmetric: bool,
 def quantize_cmd(
     model: Annotated[str, typer.Argument(help="Model folder (with config.json and safetensors) or hub id.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to create.")],
-    scheme: Annotated[str, typer.Option(help=f"What the decoder's Linears become: {', '.join(SCHEMES)}. w4a16: int4 weights, 16-bit activations (the default; decode-bound serving). w8a8-fp8: FP8 E4M3 weights per output channel, FP8 activations per token at run time (rtn only; vLLM on Ada/Hopper). w8a8-int8: int8 weights per output channel, int8 activations per token (rtn or gptq; vLLM on Turing+ and x86 CPUs). W8A8 runs prefill on 8-bit tensor cores.")] = "w4a16",
+    scheme: Annotated[str, typer.Option(help=f"What the decoder's Linears become: {', '.join(SCHEMES)}. w4a16: int4 weights, 16-bit activations (the default; decode-bound serving). w8a8-fp8: FP8 E4M3 weights per output channel, FP8 activations per token at run time (rtn only; vLLM on Ada/Hopper). w8a8-int8: int8 weights per output channel, int8 activations per token (rtn, gptq, smoothquant or smoothquant-gptq; vLLM on Turing+ and x86 CPUs). W8A8 runs prefill on 8-bit tensor cores.")] = "w4a16",
     vision_scheme: Annotated[str, typer.Option(help=f"The vision tower and its embedder: bf16 (default) or {', '.join(SCHEMES)}, in a config group of its own, by RTN (e.g. --scheme w4a16 --vision-scheme w8a8-int8: the tower's prefill on 8-bit tensor cores). Refused where vLLM would build the towers in bf16 (Gemma-4: vision hidden/intermediate sizes not multiples of 64).")] = "bf16",
     audio_scheme: Annotated[str, typer.Option(help=f"The audio tower and its embedder: bf16 (default) or {', '.join(SCHEMES)}, as --vision-scheme.")] = "bf16",
-    method: Annotated[str, typer.Option(help="rtn (data-free unless --observer hessian), gptq, awq, or awq-gptq (AWQ smoothing, then GPTQ); calibrated ones run layer by layer and resume a killed run when rerun.")] = "rtn",
-    observer: Annotated[str | None, typer.Option(help="Scale choice: minmax, mse (per-group clipping search), hessian (that search weighted by each input's calibration energy: output error, not weight error; calibrates, also with rtn), or grid (keep weights already on a symmetric int4 grid, e.g. QAT q4_0 with --group-size 32; rtn only). Default: hessian for gptq and awq-gptq (closest to bf16 outside the calibration text's domain), minmax otherwise.")] = None,
+    method: Annotated[str, typer.Option(help="rtn (data-free unless --observer hessian), gptq, awq, awq-gptq (AWQ smoothing, then GPTQ), smoothquant or smoothquant-gptq (w8a8-int8: activation outliers moved into the weights, folded into the norms, then RTN or GPTQ); calibrated ones run layer by layer and resume a killed run when rerun.")] = "rtn",
+    observer: Annotated[str | None, typer.Option(help="Scale choice: minmax, mse (per-group clipping search), hessian (that search weighted by each input's calibration energy: output error, not weight error; calibrates, also with rtn), or grid (keep weights already on a symmetric int4 grid, e.g. QAT q4_0 with --group-size 32; rtn only). Default: hessian for the GPTQ methods (closest to bf16 outside the calibration text's domain), minmax otherwise.")] = None,
     group_size: Annotated[int | None, typer.Option(help="Input channels per scale: 32, 64, 128, or -1 per channel. Default: the scheme's (128 for w4a16; W8A8 is per channel only).")] = None,
     asymmetric: Annotated[bool, typer.Option(help="Store a zero point per group (default: symmetric).")] = False,
     preset: Annotated[str, typer.Option(help="Module selection: auto, gemma4-e, gemma4-e-mlpo, gemma4-e-int4-head, gemma4-e-int4-tables, text-decoder (see `ecoquant presets`).")] = "auto",
@@ -56,9 +56,10 @@ def quantize_cmd(
     calib_length: Annotated[int, typer.Option(help="gptq/awq: tokens per calibration sample at most.")] = 2048,
     calib_multimodal: Annotated[bool, typer.Option(help="gptq/awq: make half the samples image+question pairs through the processor.")] = False,
     act_order: Annotated[bool, typer.Option(help="gptq: process columns by Hessian diagonal (static groups: no g_idx, Marlin-friendly); --no-act-order for column order.")] = True,
-    dampening: Annotated[float | None, typer.Option(help="gptq/awq-gptq: dampening as a fraction of the mean Hessian diagonal. Default: 0.1 (closer to bf16 outside the calibration text's domain than the reference's 0.01).")] = None,
-    refine_steps: Annotated[int, typer.Option(help="gptq/awq-gptq: rounds of code and scale refinement against each Linear's output error after GPTQ (0: off; e.g. 4).")] = 0,
-    scale_passes: Annotated[int | None, typer.Option(help="gptq/awq-gptq with act-order: 2 re-chooses each group's scale from the weights GPTQ's first pass rounded and keeps the pass with the lower layer error (1: scales from the original weights). Default: 2 for gptq and awq-gptq with act-order, else 1.")] = None,
+    dampening: Annotated[float | None, typer.Option(help="GPTQ methods: dampening as a fraction of the mean Hessian diagonal. Default: 0.1 (closer to bf16 outside the calibration text's domain than the reference's 0.01).")] = None,
+    refine_steps: Annotated[int, typer.Option(help="GPTQ methods: rounds of code and scale refinement against each Linear's output error after GPTQ (0: off; e.g. 4).")] = 0,
+    scale_passes: Annotated[int | None, typer.Option(help="GPTQ methods with act-order: 2 re-chooses each group's scale from the weights GPTQ's first pass rounded and keeps the pass with the lower layer error (1: scales from the original weights). Default: 2 for GPTQ methods with act-order, else 1.")] = None,
+    smoothing_strength: Annotated[float, typer.Option(help="smoothquant methods: how much of each activation channel's range moves into the weights, 0..1 (SmoothQuant's alpha).")] = 0.5,
     device: Annotated[str, typer.Option(help="gptq/awq: where layers run during calibration (cpu, cuda).")] = "cpu",
     calib_dtype: Annotated[str, typer.Option(help="gptq/awq: dtype of the calibration forwards: auto (the checkpoint's on GPU, and bf16 on CPUs with AVX512-BF16/AMX: about 2x faster forwards; float32 on other CPUs), float32 (exact against the references), or bfloat16. Solves and Hessians stay float32.")] = "auto",
     seed: Annotated[int, typer.Option(help="gptq/awq: seed for sample selection.")] = 42,
@@ -70,12 +71,15 @@ def quantize_cmd(
     from ecoquant.calibrate.data import CalibrationConfig
     from ecoquant.export.footprint import human_bytes
     from ecoquant.errors import EcoquantError
-    from ecoquant.quantize.defaults import GPTQ_METHODS
+    from ecoquant.quantize.defaults import GPTQ_METHODS, SMOOTHQUANT_METHODS
     from ecoquant.quantize.gptq import GPTQConfig
+    from ecoquant.quantize.smoothquant import SmoothQuantConfig
 
     if dampening is not None and method not in GPTQ_METHODS:
         # The config cannot tell (GPTQConfig always holds a dampening); only here is "given" known.
-        raise EcoquantError(f"--dampening is GPTQ's; use it with --method gptq or awq-gptq, not {method}")
+        raise EcoquantError(f"--dampening is GPTQ's; use it with a GPTQ method ({', '.join(GPTQ_METHODS)}), not {method}")
+    if smoothing_strength != 0.5 and method not in SMOOTHQUANT_METHODS:
+        raise EcoquantError(f"--smoothing-strength is SmoothQuant's; use it with --method smoothquant or smoothquant-gptq, not {method}")
     config = QuantizeConfig(
         method=method,  # type: ignore[arg-type]
         # FP8 has one observer; its default keeps the refusal of a calibrated method about the method.
@@ -89,6 +93,7 @@ def quantize_cmd(
         ),
         gptq=GPTQConfig(dampening_frac=default_dampening(method) if dampening is None else dampening, act_order=act_order, refine_steps=refine_steps,
                         scale_passes=default_scale_passes(method, act_order) if scale_passes is None else scale_passes),
+        smoothquant=SmoothQuantConfig(alpha=smoothing_strength),
         device=device,
         compute_dtype=calib_dtype,  # type: ignore[arg-type]
         embeddings=embeddings,  # type: ignore[arg-type]

@@ -34,10 +34,18 @@ from typing import Any, Literal
 
 from ecoquant.calibrate.data import CalibrationConfig
 from ecoquant.errors import EcoquantError
-from ecoquant.quantize.defaults import GPTQ_METHODS, default_dampening, default_observer, default_scale_passes
+from ecoquant.quantize.defaults import (
+    GPTQ_METHODS,
+    METHODS,
+    SMOOTHQUANT_METHODS,
+    default_dampening,
+    default_observer,
+    default_scale_passes,
+    methods_text,
+)
 from ecoquant.quantize.scheme import SCHEMES, QuantScheme, named_scheme
 
-Method = Literal["rtn", "gptq", "awq", "awq-gptq"]
+Method = Literal["rtn", "gptq", "awq", "awq-gptq", "smoothquant", "smoothquant-gptq"]
 Response = Literal["default", "short"]
 
 RESPONSES: Mapping[str, str] = MappingProxyType(
@@ -64,7 +72,8 @@ class Candidate:
 
     Attributes:
         name: unique in the grid; the report's row label and the checkpoint folder's name.
-        method: ``rtn``, ``gptq``, ``awq`` or ``awq-gptq`` (see ``ecoquant quantize --help``).
+        method: ``rtn``, ``gptq``, ``awq``, ``awq-gptq``, or (with ``w8a8-int8``) ``smoothquant`` or
+            ``smoothquant-gptq`` (see ``ecoquant quantize --help``).
         preset: a module preset (``auto``, ``gemma4-e-mlpo``...; see ``ecoquant presets``).
         group_size, observer: the scheme's group size and scale choice; observer None is the method's
             default (:func:`~ecoquant.quantize.defaults.default_observer`: hessian for gptq and
@@ -106,8 +115,8 @@ class Candidate:
         object.__setattr__(self, "serving", MappingProxyType(dict(self.serving)))
         if not self.name or any(c in self.name for c in "/\\ \t\n") or self.name.startswith("."):
             raise EcoquantError(f"candidate name {self.name!r} must be a plain folder name (no spaces, slashes or leading dot)")
-        if self.method not in ("rtn", "gptq", "awq", "awq-gptq"):
-            raise EcoquantError(f"candidate {self.name}: unknown method {self.method!r}; use rtn, gptq, awq or awq-gptq")
+        if self.method not in METHODS:
+            raise EcoquantError(f"candidate {self.name}: unknown method {self.method!r}; use {methods_text()}")
         if self.response not in RESPONSES:
             raise EcoquantError(f"candidate {self.name}: unknown response {self.response!r}; use {' or '.join(RESPONSES)}")
         if self.lm_head not in (None, "bf16", "int4", "int8"):
@@ -120,6 +129,8 @@ class Candidate:
             raise EcoquantError(f"candidate {self.name}: unknown scheme {self.scheme!r}; use one of: {', '.join(SCHEMES)}")
         if SCHEMES[self.scheme].type == "float" and self.method != "rtn":
             raise EcoquantError(f"candidate {self.name}: FP8 weights are data-free; use method rtn with {self.scheme}, not {self.method}")
+        if self.method in SMOOTHQUANT_METHODS and self.scheme != "w8a8-int8":
+            raise EcoquantError(f"candidate {self.name}: {self.method} smooths 8-bit activations; use it with scheme w8a8-int8")
         self.quant_scheme  # a bad group size or observer fails here, before any work
         if self.quant_scheme.observer == "grid" and self.method != "rtn":
             raise EcoquantError(f"candidate {self.name}: the grid observer works with method rtn only (see ecoquant quantize)")
@@ -127,10 +138,10 @@ class Candidate:
             if not isinstance(self.scale_passes, int) or isinstance(self.scale_passes, bool) or self.scale_passes < 1:
                 raise EcoquantError(f"candidate {self.name}: scale_passes must be 1 or more, not {self.scale_passes!r}")
             if self.scale_passes > 1 and self.method not in GPTQ_METHODS:
-                raise EcoquantError(f"candidate {self.name}: scale_passes re-runs GPTQ; use it with method gptq or awq-gptq")
+                raise EcoquantError(f"candidate {self.name}: scale_passes re-runs GPTQ; use it with a GPTQ method ({', '.join(GPTQ_METHODS)})")
         if self.dampening is not None:
             if self.method not in GPTQ_METHODS:
-                raise EcoquantError(f"candidate {self.name}: dampening is GPTQ's; use it with method gptq or awq-gptq")
+                raise EcoquantError(f"candidate {self.name}: dampening is GPTQ's; use it with a GPTQ method ({', '.join(GPTQ_METHODS)})")
             if not isinstance(self.dampening, (int, float)) or isinstance(self.dampening, bool) or not 0 < self.dampening < 1:
                 raise EcoquantError(f"candidate {self.name}: dampening must be a fraction between 0 and 1, not {self.dampening!r}")
 

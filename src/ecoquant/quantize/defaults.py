@@ -7,11 +7,26 @@ candidate written as ``method: gptq`` is the checkpoint ``ecoquant quantize
 
 from __future__ import annotations
 
+#: Every ``--method``, in the order ``--help`` names them.
+METHODS: tuple[str, ...] = ("rtn", "gptq", "awq", "awq-gptq", "smoothquant", "smoothquant-gptq")
+
+#: SmoothQuant eases 8-bit activation quantization, so these need a W8A8 INT8 scheme (for
+#: W4A16, AWQ is the weight-only counterpart; FP8 weights are data-free).
+SMOOTHQUANT_METHODS: tuple[str, ...] = ("smoothquant", "smoothquant-gptq")
+
+#: Methods that fold scales by the family's smoothing mappings (and so need them).
+SMOOTHING_METHODS: tuple[str, ...] = ("awq", "awq-gptq", *SMOOTHQUANT_METHODS)
+
 #: Methods that end in GPTQ: ``ecoquant quantize`` gives them the hessian observer and two scale
 #: passes unless told otherwise. Chosen by the out-of-domain figure (bench/RESULTS.md, issue 14:
 #: on Gemma-3 270M, KL to bf16 on SQLite's documentation 0.352 -> 0.261 for GPTQ, 0.258 -> 0.217
 #: for AWQ + GPTQ, against min-max scales, with in-domain KL within 2% of min-max's).
-GPTQ_METHODS = ("gptq", "awq-gptq")
+GPTQ_METHODS = ("gptq", "awq-gptq", "smoothquant-gptq")
+
+
+def methods_text() -> str:
+    """``rtn, gptq, ... or smoothquant-gptq``: for error lines."""
+    return ", ".join(METHODS[:-1]) + " or " + METHODS[-1]
 
 
 def default_observer(method: str) -> str:

@@ -47,6 +47,13 @@ METHODS: Mapping[str, str] = MappingProxyType(
         # AWQ scales salient input channels before rounding and folds the inverse scale into the previous op.
         "awq": "AWQ: per-channel scales searched on calibration activations protect the salient weights, then "
         "the scaled weights are rounded",
+        "awq-gptq": "AWQ then GPTQ: per-channel scales searched on calibration activations are folded into the "
+        "preceding norms, then the scaled weights are rounded by GPTQ",
+        # SmoothQuant (Xiao et al. 2023) eases 8-bit activations: outlier channels' range moves into the weights.
+        "smoothquant": "SmoothQuant: each activation channel's range is partly moved into the weights by a per-channel "
+        "scale folded into the preceding norm, so 8-bit activations quantize well; weights rounded to nearest",
+        "smoothquant-gptq": "SmoothQuant then GPTQ: activation outliers moved into the weights by per-channel scales "
+        "folded into the preceding norms, then the weights rounded by GPTQ",
     }
 )
 """One sentence per method for the card's first section."""
