@@ -194,7 +194,11 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--pages", type=int, default=40, help="evaluation pages per basic task")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--report", action="store_true", help="print the table of the last run's results.json only")
     args = p.parse_args()
+    if args.report:
+        print_table(json.loads((args.work / "results.json").read_text()), args.pages)
+        return
 
     from transformers import AutoProcessor
 
@@ -227,9 +231,14 @@ def main() -> None:
         rows[m] = row
         print(m, json.dumps(row), flush=True)
     (args.work / "results.json").write_text(json.dumps(rows, indent=1))
+    print_table(rows, args.pages)
+
+
+def print_table(rows: dict[str, dict[str, Any]], pages: int) -> None:
+    from ecoquant.eval.builtin.basic import BASIC_KINDS
 
     b = rows["bf16"]["scores"]
-    print(f"\n{len(examples)} samples ({args.pages} evaluation pages x {len(BASIC_KINDS)} tasks)\n")
+    print(f"\n{pages * len(BASIC_KINDS)} samples ({pages} evaluation pages x {len(BASIC_KINDS)} tasks)\n")
     print("| variant | doc | image | recovery doc | recovery image | mean recovery | KL on answer tokens | make s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for m, row in rows.items():
@@ -240,7 +249,7 @@ def main() -> None:
         rd, ri = s["doc"] / b["doc"], s["image"] / b["image"]
         secs = "—" if row["make_seconds"] is None else f"{row['make_seconds']:.0f}"
         print(f"| {m} | {s['doc']:.4f} | {s['image']:.4f} | {rd:.1%} | {ri:.1%} | {(rd + ri) / 2:.1%} | "
-              f"{row['kl_answer']:.4f} | {secs} |")
+              f"{row['kl_answer']:.2e} | {secs} |")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def test_awq_on_a_family_without_mappings_fails_before_calibration(
     monkeypatch.delitem(topology.TOPOLOGIES, "gemma3_text")  # a family ecoquant has no AWQ row for
     # The missing calibration file would be the error if the check came after loading calibration data.
     one_line_error(["quantize", str(model), "--out", str(tmp_path / "o"), "--method", "awq",
-                    "--calib", str(tmp_path / "missing.json")], "no AWQ smoothing mappings are known")
+                    "--calib", str(tmp_path / "missing.json")], "no smoothing mappings (AWQ, SmoothQuant) are known")
     assert not (tmp_path / "o").exists()
 
 

@@ -25,7 +25,7 @@ from ecoquant.models.loading import load_config, resolve_model
 from ecoquant.models.selection import Selection
 from ecoquant.models.topology import require_awq_mappings, topology_for
 from ecoquant.quantize.awq import AWQConfig
-from ecoquant.quantize.defaults import SMOOTHING_METHODS
+from ecoquant.quantize.defaults import SMOOTHING_METHODS, methods_text
 from ecoquant.quantize.gptq import GPTQConfig
 from ecoquant.quantize.scheme import QuantScheme
 from ecoquant.quantize.smoothquant import SmoothQuantConfig
@@ -111,9 +111,7 @@ def make_calibrator(
         return SmoothQuantCalibrator(
             scheme, smoothquant or SmoothQuantConfig(), max_tokens=awq_max_tokens, then_gptq=gptq or GPTQConfig()
         )
-    raise EcoquantError(
-        f"unknown calibrated method {method!r}; use rtn, gptq, awq, awq-gptq, smoothquant or smoothquant-gptq"
-    )
+    raise EcoquantError(f"unknown calibrated method {method!r}; use {methods_text()}")
 
 
 def calibrate(

@@ -187,7 +187,7 @@ def require_awq_mappings(topology: Topology, config: Any) -> None:
     if not topology.awq_mappings:
         known = ", ".join(sorted(TOPOLOGIES))
         raise EcoquantError(
-            f"no AWQ smoothing mappings are known for model type {text_model_type(config)!r} "
+            f"no smoothing mappings (AWQ, SmoothQuant) are known for model type {text_model_type(config)!r} "
             f"(known: {known}); use --method gptq, or add a row to ecoquant.models.topology.TOPOLOGIES"
         )
 
