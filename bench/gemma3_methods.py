@@ -153,8 +153,8 @@ def commands(base: Path, work: Path, args: argparse.Namespace) -> dict[str, Call
         "llmc-sq-gptq-w8a8-ffn": lambda out: uv_isolated(
             LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--method", "gptq", "--pipeline", "sequential",
             "--scheme", "W8A8", "--smoothquant", "0.5", "--dampening", "0.1",
-            "--sq-mapping", "re:.*q_proj,re:.*k_proj,re:.*v_proj:re:.*input_layernorm",
-            "--sq-mapping", "re:.*gate_proj,re:.*up_proj:re:.*pre_feedforward_layernorm",
+            "--sq-mapping", "re:.*q_proj,re:.*k_proj,re:.*v_proj=re:.*input_layernorm",
+            "--sq-mapping", "re:.*gate_proj,re:.*up_proj=re:.*pre_feedforward_layernorm",
             "--calib-json", cj(), "--max-length", str(args.seq_len)),
         "llmc-gptq-basic": lambda out: uv_isolated(
             LLMC, ext, str(base), str(out), "--ignore", "lm_head", "--method", "gptq", "--pipeline", "basic",

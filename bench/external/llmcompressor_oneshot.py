@@ -14,7 +14,8 @@ runs ``GPTQModifier`` with the given pipeline on text calibration samples
 read from a JSON list of strings; ``--smoothquant ALPHA`` puts
 ``SmoothQuantModifier(smoothing_strength=ALPHA)`` before it (llmcompressor's
 W8A8 recipe), with the architecture's registered mappings unless
-``--sq-mapping BALANCE1,BALANCE2:SMOOTH`` (regexes) names them.
+``--sq-mapping BALANCE1,BALANCE2=SMOOTH`` (llmcompressor's ``re:`` patterns)
+names them; the run stops if a given mapping smooths nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--scheme", default="W4A16", help="compressed-tensors preset: W4A16, FP8_DYNAMIC, W8A8")
     p.add_argument("--smoothquant", type=float, default=None, help="gptq: SmoothQuant first, at this strength")
-    p.add_argument("--sq-mapping", action="append", default=None, help="BALANCE,...:SMOOTH regexes")
+    p.add_argument("--sq-mapping", action="append", default=None, help="BALANCE,...=SMOOTH patterns")
     p.add_argument("--dampening", type=float, default=0.01)
     args = p.parse_args()
 
@@ -52,6 +53,9 @@ def main() -> None:
     auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     model = auto.from_pretrained(args.src, dtype=torch.bfloat16)
     t0 = time.perf_counter()
+    smoothed: list[str] = []
+    if args.smoothquant is not None and args.method != "gptq":
+        raise SystemExit("--smoothquant goes with --method gptq (llmcompressor's W8A8 recipe)")
     if args.method == "rtn":
         recipe = QuantizationModifier(targets="Linear", scheme=args.scheme, ignore=args.ignore)
         oneshot(model=model, recipe=recipe)
@@ -68,14 +72,22 @@ def main() -> None:
 
             mappings = None
             if args.sq_mapping:
-                mappings = [[m.split(":")[0].split(","), m.split(":")[1]] for m in args.sq_mapping]
+                mappings = [[m.rsplit("=", 1)[0].split(","), m.rsplit("=", 1)[1]] for m in args.sq_mapping]
             recipe.insert(0, SmoothQuantModifier(smoothing_strength=args.smoothquant, mappings=mappings))
+            from loguru import logger
+
+            # llmcompressor logs each norm it smooths; none means the mappings matched nothing.
+            logger.add(lambda m: smoothed.append(m), filter=lambda r: r["message"].startswith("Smoothing with"), level="INFO")
         kwargs = {}
         if args.sequential_target:
             kwargs["sequential_targets"] = args.sequential_target
         oneshot(model=model, recipe=recipe, dataset=ds, pipeline=args.pipeline, max_seq_length=args.max_length,
                 num_calibration_samples=len(enc), **kwargs)
     seconds = time.perf_counter() - t0
+    if args.smoothquant is not None:
+        print(f"smoothed {len(smoothed)} norms")
+        if not smoothed:
+            raise SystemExit("SmoothQuant smoothed nothing: check --sq-mapping")
     model.save_pretrained(args.out, save_compressed=True)
     try:
         AutoTokenizer.from_pretrained(args.src).save_pretrained(args.out)
