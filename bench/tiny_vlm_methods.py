@@ -59,6 +59,9 @@ METHODS = (
 
 #: Issue 23: decoder method and scheme, and the vision tower's scheme (None: bf16), per variant.
 SCHEME_VARIANTS: dict[str, tuple[str, str, str | None]] = {
+    # The decoder of the two rows after it (``--method gptq``'s defaults: hessian, two passes, dampening 0.1),
+    # with the tower in bf16; ``gptq-g128`` above is the older min-max GPTQ.
+    "gptq-defaults-g128": ("gptq", "w4a16", None),
     "gptq-g128+vision-w8a8-int8": ("gptq", "w4a16", "w8a8-int8"),
     "gptq-g128+vision-w8a8-fp8": ("gptq", "w4a16", "w8a8-fp8"),
     "w8a8-int8-rtn": ("rtn", "w8a8-int8", None),
@@ -96,10 +99,15 @@ def calib_texts(base: Path, work: Path) -> Path:
 def make_variant(name: str, base: Path, work: Path) -> dict[str, Any]:
     """Build one variant into ``work/name``; returns how long it took (and any error, verbatim)."""
     out = work / name
+    record = work / f"{name}.make.json"
     if name == "bf16" or (out / "config.json").exists():
-        return {"seconds": None, "error": None}
+        # Made by an earlier run: its make time, when that run recorded one.
+        seconds = json.loads(record.read_text())["seconds"] if record.is_file() else None
+        return {"seconds": seconds, "error": None}
     if name in SCHEME_VARIANTS:
-        return make_scheme_variant(name, base, out)
+        made = make_scheme_variant(name, base, out)
+        record.write_text(json.dumps(made))
+        return made
     method, group = name.rsplit("-g", 1)
     t0 = time.perf_counter()
     if method in ("gptqmodel", "autoround"):

@@ -192,7 +192,7 @@ def test_cli_smoothquant_and_its_refusals(tiny_vlm: Path, tmp_path: Path) -> Non
     assert json.loads((out / "quant_recipe.json").read_text())["method"] == "smoothquant"
     for bad, line in (
         (["--method", "smoothquant"], "use it with --scheme w8a8-int8"),
-        (["--method", "gptq", "--smoothing-strength", "0.7"], "--smoothing-strength is SmoothQuant's"),
+        (["--method", "gptq", "--smoothing-strength", "0.5"], "--smoothing-strength is SmoothQuant's"),
         (["--scheme", "w8a8-int8", "--method", "smoothquant", "--smoothing-strength", "2"], "must be in [0, 1]"),
     ):
         r = runner.invoke(app, ["quantize", str(tiny_vlm), "-o", str(tmp_path / "x"), *bad])

@@ -59,7 +59,7 @@ def quantize_cmd(
     dampening: Annotated[float | None, typer.Option(help="GPTQ methods: dampening as a fraction of the mean Hessian diagonal. Default: 0.1 (closer to bf16 outside the calibration text's domain than the reference's 0.01).")] = None,
     refine_steps: Annotated[int, typer.Option(help="GPTQ methods: rounds of code and scale refinement against each Linear's output error after GPTQ (0: off; e.g. 4).")] = 0,
     scale_passes: Annotated[int | None, typer.Option(help="GPTQ methods with act-order: 2 re-chooses each group's scale from the weights GPTQ's first pass rounded and keeps the pass with the lower layer error (1: scales from the original weights). Default: 2 for GPTQ methods with act-order, else 1.")] = None,
-    smoothing_strength: Annotated[float, typer.Option(help="smoothquant methods: how much of each activation channel's range moves into the weights, 0..1 (SmoothQuant's alpha).")] = 0.5,
+    smoothing_strength: Annotated[float | None, typer.Option(help="smoothquant methods: how much of each activation channel's range moves into the weights, 0..1 (SmoothQuant's alpha). Default: 0.5.")] = None,
     device: Annotated[str, typer.Option(help="gptq/awq: where layers run during calibration (cpu, cuda).")] = "cpu",
     calib_dtype: Annotated[str, typer.Option(help="gptq/awq: dtype of the calibration forwards: auto (the checkpoint's on GPU, and bf16 on CPUs with AVX512-BF16/AMX: about 2x faster forwards; float32 on other CPUs), float32 (exact against the references), or bfloat16. Solves and Hessians stay float32.")] = "auto",
     seed: Annotated[int, typer.Option(help="gptq/awq: seed for sample selection.")] = 42,
@@ -78,7 +78,7 @@ def quantize_cmd(
     if dampening is not None and method not in GPTQ_METHODS:
         # The config cannot tell (GPTQConfig always holds a dampening); only here is "given" known.
         raise EcoquantError(f"--dampening is GPTQ's; use it with a GPTQ method ({', '.join(GPTQ_METHODS)}), not {method}")
-    if smoothing_strength != 0.5 and method not in SMOOTHQUANT_METHODS:
+    if smoothing_strength is not None and method not in SMOOTHQUANT_METHODS:
         raise EcoquantError(f"--smoothing-strength is SmoothQuant's; use it with --method smoothquant or smoothquant-gptq, not {method}")
     config = QuantizeConfig(
         method=method,  # type: ignore[arg-type]
@@ -93,7 +93,7 @@ def quantize_cmd(
         ),
         gptq=GPTQConfig(dampening_frac=default_dampening(method) if dampening is None else dampening, act_order=act_order, refine_steps=refine_steps,
                         scale_passes=default_scale_passes(method, act_order) if scale_passes is None else scale_passes),
-        smoothquant=SmoothQuantConfig(alpha=smoothing_strength),
+        smoothquant=SmoothQuantConfig() if smoothing_strength is None else SmoothQuantConfig(alpha=smoothing_strength),
         device=device,
         compute_dtype=calib_dtype,  # type: ignore[arg-type]
         embeddings=embeddings,  # type: ignore[arg-type]
