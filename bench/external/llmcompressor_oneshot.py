@@ -15,7 +15,7 @@ read from a JSON list of strings; ``--smoothquant ALPHA`` puts
 ``SmoothQuantModifier(smoothing_strength=ALPHA)`` before it (llmcompressor's
 W8A8 recipe), with the architecture's registered mappings unless
 ``--sq-mapping BALANCE1,BALANCE2=SMOOTH`` (llmcompressor's ``re:`` patterns)
-names them; the run stops if a given mapping smooths nothing.
+names them; the run stops if nothing was smoothed.
 """
 
 from __future__ import annotations
