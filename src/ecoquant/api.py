@@ -42,6 +42,7 @@ from ecoquant.quantize.defaults import (  # noqa: F401 - part of this API
     SMOOTHING_METHODS,
     SMOOTHQUANT_METHODS,
     default_dampening,
+    method_scheme_problem,
     default_observer,
     default_scale_passes,
     methods_text,
@@ -160,20 +161,8 @@ class QuantizeConfig:
             from ecoquant.calibrate.run import calibration_device
 
             calibration_device(self.device)  # a bad --device fails before any work, not after hashing
-        if self.scheme.observer == "grid" and self.method != "rtn":
-            raise EcoquantError(
-                f"the grid observer keeps weights already on an int4 grid and works with --method rtn only, "
-                f"not {self.method} (which would move them off it)"
-            )
-        if self.scheme.type == "float" and self.method != "rtn":
-            raise EcoquantError(
-                f"FP8 weights are data-free (min-max scales, a cast per weight); use --method rtn, not {self.method}"
-            )
-        if self.method in SMOOTHQUANT_METHODS and not (self.scheme.act_bits == 8 and self.scheme.type == "int"):
-            raise EcoquantError(
-                f"{self.method} smooths activations for 8-bit quantization; use it with --scheme w8a8-int8 "
-                f"(for {self.scheme.label}, awq is the weight-only counterpart)"
-            )
+        if problem := method_scheme_problem(self.method, self.scheme, flags=True):
+            raise EcoquantError(problem)
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise EcoquantError(f"unknown compute dtype {self.compute_dtype!r}; use auto, float32 or bfloat16")
         if self.gptq.refine_steps and self.method not in GPTQ_METHODS:

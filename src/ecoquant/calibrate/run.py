@@ -32,9 +32,6 @@ from ecoquant.quantize.smoothquant import SmoothQuantConfig
 
 CalibratedMethod = Literal["rtn", "gptq", "awq", "awq-gptq", "smoothquant", "smoothquant-gptq"]
 
-#: Methods that smooth by the family's mappings (and so need them).
-AWQ_METHODS = frozenset(SMOOTHING_METHODS)
-
 
 def calibration_device(device: str) -> torch.device:
     """``device`` parsed, and present on this machine (one clear line otherwise)."""
@@ -171,7 +168,7 @@ def calibrate(
     compute = dtype or default_dtype(config, dev)
     topology = topology_for(config)
     if isinstance(method, str):
-        if method in AWQ_METHODS:
+        if method in SMOOTHING_METHODS:
             require_awq_mappings(topology, config)
         calibrator = make_calibrator(method, scheme, gptq, awq, awq_max_tokens, smoothquant)
     else:

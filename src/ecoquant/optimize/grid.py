@@ -37,10 +37,10 @@ from ecoquant.errors import EcoquantError
 from ecoquant.quantize.defaults import (
     GPTQ_METHODS,
     METHODS,
-    SMOOTHQUANT_METHODS,
     default_dampening,
     default_observer,
     default_scale_passes,
+    method_scheme_problem,
     methods_text,
 )
 from ecoquant.quantize.scheme import SCHEMES, QuantScheme, named_scheme
@@ -127,13 +127,9 @@ class Candidate:
             raise EcoquantError(f"candidate {self.name}: answer_cap must be a positive number of tokens, not {self.answer_cap!r}")
         if self.scheme not in SCHEMES:
             raise EcoquantError(f"candidate {self.name}: unknown scheme {self.scheme!r}; use one of: {', '.join(SCHEMES)}")
-        if SCHEMES[self.scheme].type == "float" and self.method != "rtn":
-            raise EcoquantError(f"candidate {self.name}: FP8 weights are data-free; use method rtn with {self.scheme}, not {self.method}")
-        if self.method in SMOOTHQUANT_METHODS and self.scheme != "w8a8-int8":
-            raise EcoquantError(f"candidate {self.name}: {self.method} smooths 8-bit activations; use it with scheme w8a8-int8")
-        self.quant_scheme  # a bad group size or observer fails here, before any work
-        if self.quant_scheme.observer == "grid" and self.method != "rtn":
-            raise EcoquantError(f"candidate {self.name}: the grid observer works with method rtn only (see ecoquant quantize)")
+        # A bad group size or observer fails here, before any work; then the rules ecoquant quantize applies.
+        if problem := method_scheme_problem(self.method, self.quant_scheme, flags=False):
+            raise EcoquantError(f"candidate {self.name}: {problem}")
         if self.scale_passes is not None:
             if not isinstance(self.scale_passes, int) or isinstance(self.scale_passes, bool) or self.scale_passes < 1:
                 raise EcoquantError(f"candidate {self.name}: scale_passes must be 1 or more, not {self.scale_passes!r}")

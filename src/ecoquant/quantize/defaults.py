@@ -7,6 +7,8 @@ candidate written as ``method: gptq`` is the checkpoint ``ecoquant quantize
 
 from __future__ import annotations
 
+from ecoquant.quantize.scheme import QuantScheme
+
 #: Every ``--method``, in the order ``--help`` names them.
 METHODS: tuple[str, ...] = ("rtn", "gptq", "awq", "awq-gptq", "smoothquant", "smoothquant-gptq")
 
@@ -27,6 +29,24 @@ GPTQ_METHODS = ("gptq", "awq-gptq", "smoothquant-gptq")
 def methods_text() -> str:
     """``rtn, gptq, ... or smoothquant-gptq``: for error lines."""
     return ", ".join(METHODS[:-1]) + " or " + METHODS[-1]
+
+
+def method_scheme_problem(method: str, scheme: QuantScheme, *, flags: bool) -> str | None:
+    """Why ``method`` cannot make ``scheme``, in one line, or None when it can.
+
+    One rule set for ``ecoquant quantize`` and optimize's candidates; ``flags`` spells the options
+    as the CLI does (``--method``) rather than as grid keys (``method``).
+    """
+    m, s = ("--method", "--scheme") if flags else ("method", "scheme")
+    if scheme.observer == "grid" and method != "rtn":
+        return (f"the grid observer keeps weights already on an int4 grid and works with {m} rtn only, "
+                f"not {method} (which would move them off it)")
+    if scheme.type == "float" and method != "rtn":
+        return f"FP8 weights are data-free; use {m} rtn, not {method} (min-max scales, a cast per weight)"
+    if method in SMOOTHQUANT_METHODS and not (scheme.act_bits == 8 and scheme.type == "int"):
+        return (f"{method} smooths 8-bit activations; use it with {s} w8a8-int8 "
+                f"(for {scheme.label}, awq is the weight-only counterpart)")
+    return None
 
 
 def default_observer(method: str) -> str:
