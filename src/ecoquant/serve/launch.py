@@ -48,6 +48,7 @@ from typing import IO, Any, Literal
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.image_budget import check_max_soft_tokens
 from ecoquant.serve.config import CONFIG_FILE, ServeConfigOptions, build_serve_config
+from ecoquant.serve.vllm_features import version_tuple
 
 VLLM_PYTHON_ENV = "ECOQUANT_VLLM_PYTHON"
 """Path of a Python interpreter that has vLLM installed (its own environment)."""
@@ -92,17 +93,6 @@ LAST_VLLM_WITH_BITSANDBYTES = (0, 27, 1)
 method". The NF4 baseline therefore needs vLLM <= 0.27.1 (the seed card used 0.20.2) or the transformers server."""
 
 Backend = Literal["auto", "vllm", "transformers"]
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """``"0.32.0+cpu"`` -> ``(0, 32, 0)``; ``"0.10.1.1"`` -> ``(0, 10, 1, 1)``; stops at the first non-number."""
-    out: list[int] = []
-    for part in version.split("+", 1)[0].split("."):
-        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
-        if not digits:
-            break
-        out.append(int(digits))
-    return tuple(out)
 
 
 def vllm_runs_nf4(install: VllmInstall) -> bool:
