@@ -183,8 +183,11 @@ def inspect_cmd(
     lm_head: Annotated[str | None, typer.Option(help="For an unquantized model: head to price (bf16, int4, int8; default: the preset's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Show what is (or would be) quantized, the weight footprint before and after, the recipe, and the energy
-    model's cost terms (bytes per decode step, FLOPs per prompt token, vision FLOPs per image at each budget)."""
+    """Show what is (or would be) quantized, its weight footprint before and after, its recipe, and the energy model's cost terms.
+
+    The cost terms are the bytes read per decode step, the FLOPs per prompt token and the vision FLOPs per
+    image at each image budget.
+    """
     from ecoquant.export.inspect import inspect_checkpoint
 
     info = inspect_checkpoint(model, preset, scheme_from_options(group_size, "minmax", False), embeddings, lm_head)
