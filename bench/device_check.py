@@ -176,7 +176,8 @@ def energy_part(work: Path, dry: bool, gpu: str, log: Any, rows: list[dict[str, 
     if not w4.is_dir():
         quantize(tiny, w4, QuantizeConfig(method="rtn"), show_progress=False)
     name = torch.cuda.get_device_name(0) if gpu.startswith("cuda") else ""
-    target = next((k for k in GPUS if k.lower() in name.lower().replace("nvidia ", "")), DEFAULT_GPU)
+    # the GPU table's row for this card (longest name first: "L40S" before "L4"); the L4 where none matches
+    target = next((k for k in sorted(GPUS, key=len, reverse=True) if k.lower() in name.lower()), DEFAULT_GPU)
     config = EvalConfig(suite="builtin-basic", backend="transformers", device=gpu, repeats=3,
                         idle_seconds=2.0 if dry else 10.0, limit=1 if dry else None, target_gpu=target)
     record = run_eval(str(tiny), [str(w4)], config, show_progress=False)
