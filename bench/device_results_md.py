@@ -27,9 +27,9 @@ def render(r: dict[str, Any]) -> str:
     """The markdown section for one device check's results."""
     m = r["machine"]
     tol = r["tolerance"]
-    where = m["gpu"] or "CPU only (dry run: the second device is the CPU again)"
+    title = "## GPU: device check, dry run on the CPU (its second device is the CPU again)" if r["dry"] else f"## GPU: device check on {m['gpu']}"
     lines = [
-        f"## GPU: device check on {where}" + (" (dry run)" if r["dry"] else ""),
+        title,
         "",
         f"Command: `{r['command']}` ({r['started_utc']} UTC, {r['seconds']} s; Python {m['python']}, torch {m['torch']}, "
         f"{m['cpu_threads']} CPU threads" + (f", {m['gpu_memory_bytes'] / GIB:.1f} GiB of GPU memory" if m["gpu_memory_bytes"] else "") + ").",
@@ -63,7 +63,7 @@ def render(r: dict[str, Any]) -> str:
             f"Energy: {e['meter']}; modelled for {e['target_gpu']} (roofline over datasheet figures, docs/energy.md). "
             f"Idle: measured {_num(idle['measured_w'], '{:.1f}')} W over {_num(idle['seconds'], '{:.0f}')} s, "
             f"modelled {idle['modelled_w']:.1f} W. The tiny VLM in bf16 and its W4A16 checkpoint, transformers backend on the "
-            "GPU, `builtin-basic` suite, mean of the measured windows (min..max):",
+            f"{'CPU' if r['dry'] else 'GPU'}, `builtin-basic` suite, mean of the measured windows (min..max):",
             "",
             "| model | requests | tokens out | wall s | measured J (min..max) | measured above idle J | modelled J | measured / modelled | scores |",
             "|---|---|---|---|---|---|---|---|---|",

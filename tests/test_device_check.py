@@ -60,7 +60,7 @@ def test_the_results_become_a_markdown_section(dry_results: dict) -> None:
     from device_results_md import render  # type: ignore[import-not-found]
 
     md = render(dry_results)
-    assert md.startswith("## GPU: device check on CPU only")
+    assert md.startswith("## GPU: device check, dry run on the CPU")
     assert "`bash bench/device_check.sh --dry`" in md
     assert md.count("| tiny_vlm |") == 2 + 1 and md.count("| e4b-layers |") == 2  # calibration rows, and the energy row
     assert "| tiny-vlm-w4a16 |" in md and "measured / modelled" in md
