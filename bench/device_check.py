@@ -149,19 +149,28 @@ def calibration_part(work: Path, dry: bool, gpu: str, log: Any, rows: list[dict[
     # The dry run keeps one method per model (both methods and both models still run) to stay fast on 2 cores.
     plan = ((tiny, tiny_batches, ("gptq",)), (e4b, e4b_batches, ("awq-gptq",))) if dry else (
         (tiny, tiny_batches, METHODS), (e4b, e4b_batches, METHODS))
-    for model, batches, methods in plan:
-        for method in methods:
-            cpu, cpu_row = calibrate_once(model, method, batches, "cpu", torch.float32, work / "w-cpu")
-            rows.append(cpu_row)
-            log(cpu_row)
-            other, row = calibrate_once(model, method, batches, gpu, torch.float32, work / "w-gpu")
-            row["against_cpu"] = compare(cpu, other)
-            rows.append(row)
-            log(row)
-            if not dry:  # what --device auto runs on a GPU: the checkpoint's bf16 (timing and memory; no comparison)
-                _, fast = calibrate_once(model, method, batches, gpu, torch.bfloat16, work / "w-gpu")
-                rows.append(fast)
-                log(fast)
+    runs = [(model, batches, method) for model, batches, methods in plan for method in methods]
+    # The GPU runs first (the numbers only a GPU gives: time per layer, peak memory, bf16), then each CPU
+    # reference, compared as it finishes: a run stopped by its time limit keeps every GPU row.
+    on_gpu = {}
+    for model, batches, method in runs:
+        key = f"{model.name}-{method}"
+        on_gpu[key], row = calibrate_once(model, method, batches, gpu, torch.float32, work / f"w-{key}-{gpu}")
+        rows.append(row)
+        log(row)
+        if not dry:  # what --device auto runs on a GPU: the checkpoint's bf16 (timing and memory; no comparison)
+            _, fast = calibrate_once(model, method, batches, gpu, torch.bfloat16, work / "w-bf16")
+            rows.append(fast)
+            log(fast)
+    for model, batches, method in runs:
+        key = f"{model.name}-{method}"
+        cpu, cpu_row = calibrate_once(model, method, batches, "cpu", torch.float32, work / f"w-{key}-cpu-reference")
+        cpu_row["reference_for"] = gpu
+        compared = next(r for r in rows if (r["model"], r["method"], r["device"], r["dtype"]) == (model.name, method, gpu, "float32")
+                        and "reference_for" not in r)
+        compared["against_cpu"] = compare(cpu, on_gpu[key])
+        rows.append(cpu_row)
+        log(cpu_row)
     return rows
 
 
