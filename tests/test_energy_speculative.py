@@ -314,3 +314,31 @@ def test_e4b_w4a16_int4_head_with_its_assistant_at_two_tokens_per_step() -> None
     # 49 steps become 25 (ceil(49 / 2)), each with 4 drafts of ~1% of a step: decode about halves
     assert spec.parts["decode"] / plain.parts["decode"] == pytest.approx(25 / 49, rel=0.02)
     assert spec.parts["draft"] / plain.parts["decode"] == pytest.approx(25 * 4 * 0.011 / 49, rel=0.25)
+
+
+# ------------------------------------------------------------------ inspect
+
+
+def test_inspect_prints_an_assistants_cost_terms_alone_and_beside_its_target() -> None:
+    from typer.testing import CliRunner
+
+    from ecoquant.cli import app
+    from ecoquant.fixtures.e4b_twin import e4b_twin_path
+
+    runner = CliRunner()
+    folder = runner.invoke(app, ["fixtures", "e4b-assistant-twin"])
+    assert folder.exit_code == 0, folder.output
+    assistant = folder.stdout.strip().splitlines()[-1]
+    alone = runner.invoke(app, ["inspect", assistant, "--json"])
+    assert alone.exit_code == 0, alone.output
+    record = json.loads(alone.stdout)["assistant"]
+    assert record["head_candidates"] == 4096 and record["vocab"] == 262_144
+    assert record == {"path": assistant, **assistant_costs(assistant).to_record()}
+    text = runner.invoke(app, ["inspect", assistant]).stdout
+    assert "4,096 of 262,144 vocabulary rows scored, centroid-masked" in text and "target's KV cache" in text
+    twin = str(e4b_twin_path())
+    both = runner.invoke(app, ["inspect", twin, "--preset", "gemma4-e-int4-head", "--assistant", assistant])
+    assert both.exit_code == 0, both.output
+    assert "a drafted token reads 1.01% of the weight bytes of one target decode step" in both.stdout
+    wrong = runner.invoke(app, ["inspect", twin, "--assistant", twin])
+    assert wrong.exit_code == 2 and "is not a Gemma-4 assistant" in wrong.output
