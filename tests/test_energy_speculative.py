@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 import torch
 from safetensors.torch import save_file
 
-from ecoquant.energy.costs import AttentionLayer, CostTerms, checkpoint_costs, planned_costs
-from ecoquant.energy.gpus import Figure, GpuSpec, gpu_spec
+from ecoquant.energy.costs import AttentionLayer, checkpoint_costs, planned_costs
+from ecoquant.energy.gpus import GpuSpec, gpu_spec
 from ecoquant.energy.roofline import PARTS, ModelledEnergy, RequestTokens, modelled_energy
 from ecoquant.energy.speculative import (
     ASSUMED_MEAN_ACCEPTED_PER_STEP,
@@ -29,9 +29,9 @@ from ecoquant.energy.speculative import (
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.modelled import run_modelled_energy
 from ecoquant.eval.record import SampleResult
-from ecoquant.export.footprint import TokenBytes
 from ecoquant.fixtures.e4b_assistant import e4b_assistant_twin_path
 from ecoquant.fixtures.tiny_vlm import tiny_vlm_path
+from energy_toys import GPU, TOY
 
 # ------------------------------------------------------------------ the assistant's cost terms
 
@@ -142,25 +142,6 @@ def test_full_acceptance_takes_ceil_of_the_rest_over_k_plus_one_steps(n: int, k:
 
 
 # ------------------------------------------------------------------ the roofline
-
-GPU = GpuSpec(
-    name="toy",
-    bf16_flops=Figure(1e12, "test"),
-    fp8_flops=Figure(2e12, "test"),
-    int8_flops=Figure(None, "test"),
-    memory_bandwidth=Figure(1e11, "test"),
-    board_power_w=Figure(100.0, "test"),
-    idle_power_w=Figure(10.0, "test"),
-)
-
-TOY = CostTerms(
-    model_type="toy",
-    linear_flops=MappingProxyType({"decoder": {"bf16": 1e9}}),
-    head_flops=MappingProxyType({"bf16": 1e8}),
-    attention=(AttentionLayer(width=100, window=None, kv_width=50),),
-    vision=None,
-    decode=TokenBytes(decoder=1_000_000_000, head=100_000_000, embedding_rows=1000, bf16_total=1_100_001_000),
-)
 
 DRAFT = AssistantTerms(
     model_type="gemma4_assistant",
