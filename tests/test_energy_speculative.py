@@ -323,3 +323,20 @@ def test_inspect_prints_an_assistants_cost_terms_alone_and_beside_its_target() -
     assert "a drafted token reads 1.01% of the weight bytes of one target decode step" in both.stdout
     wrong = runner.invoke(app, ["inspect", twin, "--assistant", twin])
     assert wrong.exit_code == 2 and "is not a Gemma-4 assistant" in wrong.output
+
+
+def test_the_report_line_states_the_lever_and_whether_its_acceptance_was_measured() -> None:
+    from ecoquant.report.table import ReportRow, modelled_lines
+
+    spec = Speculation(DRAFT, 4, 1.0, measured=False, name="a")
+    suite = [RequestTokens(10, 0, 0, 9)]
+    with_mtp = modelled_energy(suite, TOY, GPU, speculative=spec).to_record()
+    plain = modelled_energy(suite, TOY, GPU).to_record()
+
+    def row(name: str, record: dict[str, Any]) -> ReportRow:
+        return ReportRow(name, "variant", "default", None, None, None, {}, {}, None, "pass", 1, 1, 1, 0.0,
+                         record["total_j"], record)
+
+    (line,) = modelled_lines([row("plain", plain), row("mtp", with_mtp)])
+    assert "MTP k=4, 2.00 tokens per target step (ASSUMED)" in line and "draft" in line
+    assert "plain" in line.split("mtp")[0] and "draft" not in line.split("mtp")[0]  # no assistant: no draft share
