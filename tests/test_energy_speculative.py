@@ -279,6 +279,8 @@ def test_a_runs_measured_acceptance_goes_into_its_modelled_energy(tmp_path: Path
     # an assistant whose folder is nowhere: no figure rather than one without the lever the run used
     gone = run_modelled_energy(source, _samples(), "L4", speculative={**measured, "assistant": str(tmp_path / "nope")})
     assert gone is None
+    beyond_k = run_modelled_energy(source, _samples(), "L4", speculative={**measured, "mean_accepted_per_step": 3.5})
+    assert beyond_k is None
 
 
 def test_e4b_w4a16_int4_head_with_its_assistant_at_two_tokens_per_step() -> None:
