@@ -103,7 +103,9 @@ class QuantizeConfig:
         calibration: samples for gptq/awq (the seed's Open-Platypus default falls
             back to the shipped offline corpus, with a warning, when the hub is unreachable).
         gptq, awq: the algorithms' settings.
-        device: where calibration runs layer by layer (``cpu``, ``cuda``).
+        device: where calibration runs layer by layer: ``auto`` (the default: CUDA when one is visible and
+            the largest layer's estimated calibration memory fits its free memory, else the CPU, with a line
+            saying why), ``cpu``, ``cuda`` or ``cuda:N`` (refused before any work when it would not fit).
         compute_dtype: the calibration forwards' dtype: ``auto`` (the
             checkpoint's dtype on GPU, and on CPUs with native bf16 matmuls,
             AVX512-BF16 or AMX, when the checkpoint is bf16: there the layer
@@ -146,7 +148,7 @@ class QuantizeConfig:
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     awq: AWQConfig = field(default_factory=AWQConfig)
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
-    device: str = "cpu"
+    device: str = "auto"
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     embeddings: TableBits | None = None
     lm_head: TableBits | None = None
@@ -189,6 +191,8 @@ class QuantizeResult:
     output_bytes: int
     seconds: float
     recipe: dict[str, Any]
+    device: str | None = None
+    """Where calibration ran (None: data-free RTN, nothing calibrated)."""
 
 
 def _counting_grid_groups(scheme: QuantScheme, counts: dict[str, int]) -> QuantizeFn:
@@ -281,6 +285,17 @@ def quantize(
     if show_progress:
         for w in warnings:
             console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    choice = None
+    if config.calibrated:  # before any work: a calibration that cannot fit the GPU is refused or moved now
+        from ecoquant.calibrate.memory import plan_calibration_device
+
+        choice = plan_calibration_device(
+            plan, asked=config.device, method=config.method, num_samples=config.calibration.num_samples,
+            max_length=config.calibration.max_length, compute_dtype=config.compute_dtype,
+        )
+        if show_progress or choice.fell_back:
+            console.print(("[yellow]warning:[/] " if choice.fell_back else "") + choice.note, highlight=False)
+        config = replace(config, device=choice.device)
     timings: dict[str, float] = {"plan": time.perf_counter() - t_start}
 
     t = time.perf_counter()
@@ -321,7 +336,8 @@ def quantize(
                 settings.update(asdict(config.smoothquant))
             if config.method in ("awq", "awq-gptq"):
                 settings.update(asdict(config.awq))
-            method_config = {"settings": settings, "device": config.device, "stats": result.stats}
+            method_config = {"settings": settings, "device": config.device, "device_choice": choice.note if choice else None,
+                             "stats": result.stats}
         if towers:  # tower Linears are RTN with their component's scheme, whatever the decoder's method
             decoder_fn = quantize_fn
             quantize_fn = lambda name, weight: rtn_quantize(weight, towers[name]) if name in towers else decoder_fn(name, weight)  # noqa: E731
@@ -401,4 +417,5 @@ def quantize(
         output_bytes=sizes["output_bytes"],
         seconds=time.perf_counter() - t_start,
         recipe=recipe_holder,
+        device=config.device if config.calibrated else None,
     )

@@ -33,15 +33,11 @@ from ecoquant.quantize.smoothquant import SmoothQuantConfig
 CalibratedMethod = Literal["rtn", "gptq", "awq", "awq-gptq", "smoothquant", "smoothquant-gptq"]
 
 
-def calibration_device(device: str) -> torch.device:
-    """``device`` parsed, and present on this machine (one clear line otherwise)."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise EcoquantError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EcoquantError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return dev
+def calibration_device(device: str | torch.device) -> torch.device:
+    """``device`` parsed (``auto``: CUDA when visible, else CPU), and present on this machine (one clear line otherwise)."""
+    from ecoquant.devices import cuda_devices, resolve_device
+
+    return torch.device(resolve_device(str(device), cuda_devices()))
 
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -144,7 +140,7 @@ def calibrate(
         scheme: the quantization format.
         gptq, awq, smoothquant: the algorithms' settings (defaults when None).
         awq_max_tokens: activations AWQ keeps per input stream.
-        device: where layers run (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        device: where layers run (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         dtype: compute dtype; default float32 on CPU, the checkpoint's dtype on GPU.
         seed: seeds torch before anything runs (the methods themselves are deterministic).
         show_progress: draw a progress bar on stderr.

@@ -15,14 +15,46 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
+import click
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 
 from ecoquant.errors import EcoquantError
 from ecoquant.signals import exit_code, stop_on_signals
 
+#: ``ecoquant --help`` lists commands in the order a user meets them: the decision first (the demo,
+#: then the real run and the check of what this machine can do for it), then the steps optimize is
+#: made of, in pipeline order, then the helpers. A command missing here is listed last.
+COMMAND_ORDER: tuple[str, ...] = (
+    "demo",
+    "optimize",
+    "doctor",
+    "quantize",
+    "inspect",
+    "verify",
+    "eval",
+    "quality",
+    "report",
+    "serve-config",
+    "serve",
+    "fixtures",
+    "presets",
+    "prompt-variants",
+)
+
+
+class _UserOrder(TyperGroup):
+    """Lists subcommands in :data:`COMMAND_ORDER` (typer's own order is the order the modules register them in)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(super().list_commands(ctx), key=lambda n: rank.get(n, len(rank)))
+
+
 app = typer.Typer(
     name="ecoquant",
+    cls=_UserOrder,
     help="Compress multimodal LLMs to int4, evaluate what quality they keep, and measure the energy they save.",
     no_args_is_help=True,
     add_completion=False,

@@ -67,7 +67,7 @@ def _final_table(rows: Sequence[Any], gpu: str) -> Table:
 def demo_cmd(
     out_text: Annotated[str, typer.Option("--out", help="Folder for the demo's store, report and submission (a rerun reuses what it holds).")] = "ecoquant-demo",
 ) -> None:
-    """Run optimize's staged search on the shipped trained tiny Gemma-4 VLM, show the decision and the folder to upload. No network needed."""
+    """Run optimize's staged search offline on the shipped, trained tiny Gemma-4 VLM and show the decision and the folder to upload."""
     from ecoquant.demo import run_demo
     from ecoquant.energy.gpus import DEFAULT_GPU
     from ecoquant.optimize.run import CHOICE_FILE

@@ -50,7 +50,7 @@ def optimize_cmd(
     gpus: Annotated[str | None, typer.Option(help="NVML GPU indices, e.g. 0,1: candidates are evaluated in parallel, one per GPU, each metered alone.")] = None,
     repo_id: Annotated[str | None, typer.Option(help="Write this as the submission's `model` (the hub id you publish under) instead of `.`.")] = None,
     device: Annotated[str, typer.Option(help="transformers backend: auto, cpu, cuda, cuda:N.")] = "auto",
-    quant_device: Annotated[str, typer.Option(help="Where GPTQ/AWQ calibrate: cpu or cuda.")] = "cpu",
+    quant_device: Annotated[str, typer.Option(help="Where GPTQ/AWQ calibrate: auto (CUDA when one is visible and the calibration fits its free memory, else cpu, with a line saying why), cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="transformers backend: requests per generate call.")] = 8,
     concurrency: Annotated[int, typer.Option(help="vllm backend: requests in flight at once.")] = 8,
     warmup: Annotated[int, typer.Option(help="Warm-up requests per model, before its energy window.")] = 2,
@@ -68,7 +68,7 @@ def optimize_cmd(
     out = folder_arg(out_text)
     from ecoquant.export.footprint import human_bytes  # these pull in torch: only when the command runs
     from ecoquant.optimize import OptimizeConfig, load_grid, optimize, plan_optimize
-    from ecoquant.optimize.plan import SearchConfig
+    from ecoquant.optimize.plan import SearchConfig, calibration_device_note
 
     config = OptimizeConfig(
         out=out,
@@ -121,6 +121,10 @@ def optimize_cmd(
             table.add_row(*(str(v) for v in row.values()))
         # a plan is read in logs too: never truncate a candidate's name to the terminal's width
         Console(stderr=True, width=max(console.width, 200)).print(table)
+        note = calibration_device_note(plan.model, [j.candidate for j in plan.quantize if j.candidate is not None],
+                                       plan.grid.calibration, config.quant_device)
+        if note:
+            console.print(note, highlight=False, soft_wrap=True)
         to_run = sum(1 for j in plan.jobs if j.eval_key not in plan.cached_evals)
         console.print(
             f"{len(plan.quantize)} checkpoints to write (about {human_bytes(plan.disk_needed_bytes)} of disk), "
@@ -165,3 +169,5 @@ def _print_preview(model: str, config: object) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    if p.device_note:
+        console.print(p.device_note, highlight=False, soft_wrap=True)

@@ -74,7 +74,7 @@ def quality_cmd(
     device: Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda or cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Perplexity on the shipped evaluation text, mean KL(base‖variant) and top-1 agreement, per variant."""
+    """Measure each variant's perplexity on the shipped evaluation text, its mean KL(base‖variant) and its top-1 agreement with the base."""
     variants = variants or []
     from ecoquant.models.loading import resolve_model
     from ecoquant.quality.run import ImagePrompt, QualityConfig, compare, write_json

@@ -60,7 +60,7 @@ def quantize_cmd(
     refine_steps: Annotated[int, typer.Option(help="GPTQ methods: rounds of code and scale refinement against each Linear's output error after GPTQ (0: off; e.g. 4).")] = 0,
     scale_passes: Annotated[int | None, typer.Option(help="GPTQ methods with act-order: 2 re-chooses each group's scale from the weights GPTQ's first pass rounded and keeps the pass with the lower layer error (1: scales from the original weights). Default: 2 for GPTQ methods with act-order, else 1.")] = None,
     smoothing_strength: Annotated[float | None, typer.Option(help="smoothquant methods: how much of each activation channel's range moves into the weights, 0..1 (SmoothQuant's alpha). Default: 0.5.")] = None,
-    device: Annotated[str, typer.Option(help="gptq/awq: where layers run during calibration (cpu, cuda).")] = "cpu",
+    device: Annotated[str, typer.Option(help="Calibrated methods: where layers run during calibration: auto (CUDA when one is visible and the largest layer's estimated calibration memory fits its free memory, else cpu, with a line saying why), cpu, cuda or cuda:N (refused before any work when it would not fit).")] = "auto",
     calib_dtype: Annotated[str, typer.Option(help="gptq/awq: dtype of the calibration forwards: auto (the checkpoint's on GPU, and bf16 on CPUs with AVX512-BF16/AMX: about 2x faster forwards; float32 on other CPUs), float32 (exact against the references), or bfloat16. Solves and Hessians stay float32.")] = "auto",
     seed: Annotated[int, typer.Option(help="gptq/awq: seed for sample selection.")] = 42,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -106,6 +106,8 @@ def quantize_cmd(
     console.print(
         f"[green]wrote[/] {result.out}: {result.modules} modules, "
         f"{human_bytes(result.source_bytes)} -> {human_bytes(result.output_bytes)} in {result.seconds:.1f} s"
+        + ("" if result.device is None else f", calibrated on {result.device}"),
+        highlight=False,
     )
     out_console.print(str(result.out), highlight=False)
 
@@ -186,9 +188,12 @@ def inspect_cmd(
     assistant: Annotated[str | None, typer.Option("--assistant", help="A Gemma-4 MTP assistant folder (or hub id) to price beside MODEL: its cost per drafted token and what a drafted token reads next to one of MODEL's decode steps. MODEL may also be an assistant folder alone.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Show what is (or would be) quantized, the weight footprint before and after, the recipe, and the energy
-    model's cost terms (bytes per decode step, FLOPs per prompt token, vision FLOPs per image at each budget).
-    For a Gemma-4 MTP assistant (alone or with --assistant): its cost per drafted token (docs/energy.md)."""
+    """Show what is (or would be) quantized, its weight footprint before and after, its recipe, and the energy model's cost terms.
+
+    The cost terms are the bytes read per decode step, the FLOPs per prompt token and the vision FLOPs per
+    image at each image budget. For a Gemma-4 MTP assistant (alone or with --assistant): its cost per
+    drafted token (docs/energy.md).
+    """
     from ecoquant.energy.speculative import is_assistant_folder
     from ecoquant.export.inspect import inspect_assistant, inspect_checkpoint
     from ecoquant.models.loading import resolve_model

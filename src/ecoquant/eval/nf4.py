@@ -131,9 +131,9 @@ def load_nf4(path: str | Path, device: str = "auto") -> Any:
     config = load_config(model_path)
     if getattr(config, "quantization_config", None) is not None:
         raise EcoquantError(f"{model_path} is already quantized; NF4 is loaded from the bf16 base model folder")
-    target = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if target.startswith("cuda") and not torch.cuda.is_available():
-        raise EcoquantError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
+    from ecoquant.devices import cuda_devices, resolve_device
+
+    target = resolve_device(device, cuda_devices())
     check_nf4_available(target)
     cls = model_class(config)
     device_map = {"": torch.device(target).index or 0} if target.startswith("cuda") else {"": "cpu"}

@@ -9,7 +9,7 @@ but ``DIR`` itself and its source-hash cache.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -86,7 +86,8 @@ class OptimizeConfig:
             (None: on the point estimate); the intervals shown are drawn at this level (default 90%).
         backend: ``transformers`` (models loaded here) or ``vllm`` (each served by ``vllm serve --config``).
         eval: suite, generation, warm-up and backend settings (its ``backend`` is set from ``backend``).
-        quant_device: where GPTQ/AWQ calibrate (``cpu``, ``cuda``).
+        quant_device: where GPTQ/AWQ calibrate: ``auto`` (CUDA when visible and the calibration fits, else
+            the CPU; :func:`ecoquant.calibrate.memory.plan_calibration_device`), ``cpu``, ``cuda``, ``cuda:N``.
         keep: ``all`` keeps every checkpoint; ``pick`` deletes the losers' after the decision.
         gpus: NVML indices; more than one evaluates candidates in parallel, one per GPU, each metered alone.
         repo_id: the submission's ``vllm_config.yaml`` names this as ``model`` (default: ``.``, the folder itself).
@@ -101,7 +102,7 @@ class OptimizeConfig:
     gate_confidence: float | None = None
     backend: BackendKind = "transformers"
     eval: EvalConfig = field(default_factory=EvalConfig)
-    quant_device: str = "cpu"
+    quant_device: str = "auto"
     keep: Keep = "all"
     gpus: tuple[int, ...] = ()
     repo_id: str | None = None
@@ -311,3 +312,28 @@ def _meter_available(config: OptimizeConfig) -> bool:
     if isinstance(meter, NvmlMeter):
         meter.close()
     return available
+
+
+def calibration_device_note(model: Path, candidates: Sequence[Candidate], calibration: CalibrationConfig, asked: str) -> str | None:
+    """Where the calibrated candidates would calibrate here (the dry run's line); None when none calibrates.
+
+    The hungriest candidate decides what is shown: the one whose estimated
+    calibration memory is largest (AWQ + GPTQ keeps activations and Hessians).
+    """
+    from ecoquant.calibrate.memory import plan_calibration_device
+    from ecoquant.devices import cuda_devices
+    from ecoquant.plan import plan_model
+
+    gpus = cuda_devices()
+    choices = []
+    for method, preset in sorted({(c.method, c.preset) for c in candidates if c.method != "rtn" or c.quant_scheme.observer in ACTIVATION_AWARE}):
+        try:
+            choices.append(plan_calibration_device(
+                plan_model(model, preset), asked=asked, method=method, num_samples=calibration.num_samples,
+                max_length=calibration.max_length, cuda=gpus,
+            ))
+        except EcoquantError as exc:  # an explicit cuda that would not fit: the run would refuse with this line
+            return f"the run would refuse: {exc}"
+    if not choices:
+        return None
+    return max(choices, key=lambda ch: ch.need_bytes or 0).note

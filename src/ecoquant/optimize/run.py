@@ -96,29 +96,36 @@ class Stages:
 
 
 def _quantize_job(job: Job, plan: Plan, store: Store, config: OptimizeConfig, stages: Stages, show: bool) -> None:
-    from ecoquant.api import QuantizeConfig, quantize
+    from ecoquant.api import QuantizeConfig, plan_model, quantize
+    from ecoquant.calibrate.memory import plan_calibration_device
     from ecoquant.quantize.gptq import GPTQConfig
 
     c = job.candidate
     assert c is not None and job.quant_dir is not None and job.quant_key is not None
     t0 = time.perf_counter()
-    with stages.stage(c.name, f"quantize ({c.method}, preset {c.preset}, {c.scheme_label})"):
-        quantize(
-            plan.model,
-            job.quant_dir,
-            QuantizeConfig(
-                method=c.method,
-                scheme=c.quant_scheme,
-                preset=c.preset,
-                overwrite=True,
-                calibration=plan.grid.calibration,
-                gptq=GPTQConfig(scale_passes=c.passes, dampening_frac=c.damp),
-                device=config.quant_device,
-                allow_nonfinite=config.allow_nonfinite,
-                lm_head=c.lm_head,  # type: ignore[arg-type]
-            ),
-            show_progress=show,
+    qconfig = QuantizeConfig(
+        method=c.method,
+        scheme=c.quant_scheme,
+        preset=c.preset,
+        overwrite=True,
+        calibration=plan.grid.calibration,
+        gptq=GPTQConfig(scale_passes=c.passes, dampening_frac=c.damp),
+        device=config.quant_device,
+        allow_nonfinite=config.allow_nonfinite,
+        lm_head=c.lm_head,  # type: ignore[arg-type]
+    )
+    where = ""
+    if qconfig.calibrated:  # the stage line says where it calibrates; a fall-back to the CPU gets its own line
+        choice = plan_calibration_device(
+            plan_model(plan.model, c.preset), asked=config.quant_device, method=c.method,
+            num_samples=qconfig.calibration.num_samples, max_length=qconfig.calibration.max_length,
         )
+        if choice.fell_back:
+            stages.line(f"optimize: {c.name}: {choice.note}")
+        qconfig = replace(qconfig, device=choice.device)
+        where = f", on {choice.device}"
+    with stages.stage(c.name, f"quantize ({c.method}, preset {c.preset}, {c.scheme_label}{where})"):
+        quantize(plan.model, job.quant_dir, qconfig, show_progress=show)
         seconds = time.perf_counter() - t0
         store.mark_checkpoint(
             job.quant_dir, job.quant_key, {"candidate": c.quant_record(), "recipe": "quant_recipe.json", "seconds": seconds}

@@ -255,6 +255,8 @@ class SearchPreview:
     seconds: float | None
     """The estimate; None when the store has no measured times yet."""
     basis: str
+    device_note: str | None = None
+    """Where stage 1's calibrated candidates would calibrate here, and why (None: none calibrates)."""
 
     @property
     def evaluations(self) -> int:
@@ -292,7 +294,7 @@ def preview(model: str | Path, config: OptimizeConfig) -> SearchPreview:
     """The stages, their evaluation counts and an estimate of the time, without running anything."""
     from ecoquant.eval.runner import prepare_suite
     from ecoquant.models.loading import resolve_model
-    from ecoquant.optimize.plan import _model_type, plan_optimize
+    from ecoquant.optimize.plan import _model_type, calibration_device_note, plan_optimize
 
     path = resolve_model(model)
     levers, serving = search_space(path, _model_type(path), config)
@@ -314,9 +316,10 @@ def preview(model: str | Path, config: OptimizeConfig) -> SearchPreview:
                      f"the {config.search.finalists} cheapest passing the gate, whole suite"
                      + (f", {config.eval.repeats} energy windows each where NVML measures" if config.eval.repeats > 1 else "")),
     )
+    device_note = calibration_device_note(path, first.candidates, calibration, config.quant_device)
     per_request, quant = measured_times(store.root)
     if per_request is None:
-        return SearchPreview(stages, calibration, levers.note, None, "no measured times in this folder yet")
+        return SearchPreview(stages, calibration, levers.note, None, "no measured times in this folder yet", device_note)
     seconds = per_request * (
         (counts.weights - cached1 + (1 if not plan1.cached_evals else 0)) * n_sub
         + counts.serving * n_sub
@@ -327,7 +330,7 @@ def preview(model: str | Path, config: OptimizeConfig) -> SearchPreview:
     basis = f"measured in this folder: {per_request:.2f} s per request" + (
         f"; quantization times of {', '.join(sorted(quant))}" if quant else ""
     ) + (f"; no measured time for quantizing {', '.join(sorted(set(unknown)))} (not counted)" if unknown else "")
-    return SearchPreview(stages, calibration, levers.note, seconds, basis)
+    return SearchPreview(stages, calibration, levers.note, seconds, basis, device_note)
 
 
 def describe_levers(levers: ServingLevers) -> str:

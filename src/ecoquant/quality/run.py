@@ -88,9 +88,9 @@ class QualityConfig:
 
     def resolved_device(self) -> torch.device:
         """The device models run on."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        from ecoquant.devices import cuda_devices, resolve_device
+
+        return torch.device(resolve_device(self.device, cuda_devices()))
 
 
 @dataclass(frozen=True)

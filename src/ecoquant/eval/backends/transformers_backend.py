@@ -76,15 +76,9 @@ class TransformersOptions:
         check_num_speculative_tokens(self.num_speculative_tokens)
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as exc:
-            raise EcoquantError(f"unknown device {self.device!r}: {exc}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise EcoquantError(f"device {self.device!r} asked for, but torch sees no CUDA device; use --device cpu")
-        return device
+        from ecoquant.devices import cuda_devices, resolve_device
+
+        return torch.device(resolve_device(self.device, cuda_devices()))
 
 
 def hf_messages(request: ChatRequest) -> list[dict[str, Any]]:
