@@ -407,12 +407,13 @@ def _meta_layout(model: nn.Module) -> Layout:
 def checkpoint_costs(model: str | Path) -> CostTerms:
     """Cost terms of a model folder as it is: its config, its safetensors headers (or meta shapes for a
     config-only folder such as the E4B twin) and its ``quantization_config``. Reads no weights."""
-    from ecoquant.models.loading import resolve_model, tensor_infos
+    from ecoquant.models.layout import model_tensor_infos
+    from ecoquant.models.loading import resolve_model
 
     path = resolve_model(model)
     module_tree, config, config_json = _meta(path)
     source = _meta_layout(module_tree)
-    stored = [(t.name, t.dtype, t.shape) for t in tensor_infos(path)] if any(path.glob("*.safetensors")) else source
+    stored = [(t.name, t.dtype, t.shape) for t in model_tensor_infos(path)] if any(path.glob("*.safetensors")) else source
     return cost_terms(module_tree, config, config_json, stored, source)
 
 
