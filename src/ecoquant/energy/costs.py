@@ -73,6 +73,7 @@ class Family:
         default_budget: the vision config's key for the default budget.
         not_modelled: prefixes of modules no request in the suites reaches (audio).
         vlm: the :mod:`ecoquant.models.families` row, for the families whose images are encoded by its geometry.
+        not_decoded: prefixes of modules a decode step does not read (the towers: they run at prefill only).
     """
 
     decoder: str
@@ -89,12 +90,13 @@ class Family:
     default_budget: str | None = None
     not_modelled: tuple[str, ...] = ()
     vlm: VlmFamily | None = None
+    not_decoded: tuple[str, ...] = ()
 
 
 def _vlm_family(row: VlmFamily) -> Family:
     """An energy row from a vision-language family's row (the projector runs once per soft token)."""
     return Family(decoder=row.decoder, layers=row.layers, vision=row.vision[0], vision_layers=row.vision_layers,
-                  vision_query=row.vision_query, budgets=row.budget.values, vlm=row)
+                  vision_query=row.vision_query, budgets=row.budget.values, vlm=row, not_decoded=row.towers)
 
 
 REFERENCE_IMAGE = (1280, 960)
@@ -436,9 +438,10 @@ def cost_terms(
     stored_head = any(n.rsplit(".", 1)[0] == head_name for n, _, _ in layout)
     source_head = any(n.rsplit(".", 1)[0] == head_name for n, _, _ in source)
     tied = tables.tied_to if tables and ties_head(config_json) else None
+    skip = (*fam.not_modelled, *fam.not_decoded)
     decode = token_bytes(
-        [t for t in layout if not t[0].startswith(fam.not_modelled)],
-        [t for t in source if not t[0].startswith(fam.not_modelled)],
+        [t for t in layout if not t[0].startswith(skip)],
+        [t for t in source if not t[0].startswith(skip)],
         names,
         head_name,
         None if stored_head else tied,
