@@ -215,3 +215,43 @@ def test_gptq_and_w8a8_load_and_stay_close(name: str, tmp_path: Path) -> None:
     report = compare(source, outs, QualityConfig(window_tokens=64, max_windows=2, device="cpu"))
     for score in report.variants:
         assert score.kl is not None and 0.0 <= score.kl < 0.05, (score.name, score.kl)
+
+
+# ----------------------------------------------------------------- AWQ / SmoothQuant rows
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_smoothing_rows_are_exact_on_each_family(name: str) -> None:
+    """Folding random scales through every mapping of the family's topology row leaves the logits unchanged
+    (float32), so AWQ and SmoothQuant may use the row; at least two smoothings per layer apply."""
+    from transformers import AutoModelForImageTextToText
+
+    from ecoquant.models.topology import decoder_layers, resolve_mappings, topology_for
+    from ecoquant.quantize.awq import NORM_WEIGHT_OFFSET, fold_scales_into_linear, fold_scales_into_norm, scale_balance_weight
+
+    model = AutoModelForImageTextToText.from_pretrained(family_fixture_path(name), dtype=torch.float32).eval()
+    topology = topology_for(model.config)
+    assert topology.awq_mappings, f"{name} has no smoothing row"
+    ids = torch.randint(20, 500, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        _, layers = decoder_layers(model, topology)
+        applied = 0
+        g = torch.Generator().manual_seed(0)
+        for layer in layers:
+            for m in resolve_mappings(layer, topology.awq_mappings):
+                s = torch.exp((torch.rand(m.balance[0].in_features, generator=g) * 2 - 1) * math.log(4.0))
+                if isinstance(m.smooth, torch.nn.Linear):
+                    w, bias = fold_scales_into_linear(m.smooth.weight, m.smooth.bias, s)
+                    m.smooth.weight.copy_(w)
+                    if bias is not None:
+                        m.smooth.bias.copy_(bias)
+                else:
+                    folded, s = fold_scales_into_norm(m.smooth.weight, s, offset=NORM_WEIGHT_OFFSET[type(m.smooth).__name__])
+                    m.smooth.weight.copy_(folded)
+                for lin in m.balance:
+                    lin.weight.copy_(scale_balance_weight(lin.weight, s))
+                applied += 1
+        after = model(input_ids=ids).logits
+    assert applied >= 2 * len(layers)
+    assert float((after - before).abs().max() / before.abs().max()) < 1e-4
