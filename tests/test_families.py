@@ -255,3 +255,27 @@ def test_smoothing_rows_are_exact_on_each_family(name: str) -> None:
         after = model(input_ids=ids).logits
     assert applied >= 2 * len(layers)
     assert float((after - before).abs().max() / before.abs().max()) < 1e-4
+
+
+# ----------------------------------------------------------------- levers
+
+
+@pytest.mark.parametrize("model_type", sorted(VLM_FAMILIES))
+def test_each_family_has_its_levers_row(model_type: str) -> None:
+    """The image budget is a vLLM serving option under the family's own processor key; W8A8 is a candidate."""
+    from ecoquant.optimize.levers import family_levers, serving_levers
+
+    levers = family_levers(model_type)
+    row = VLM_FAMILIES[model_type]
+    assert {"method": "rtn", "scheme": "w8a8-int8"} in [dict(w) for w in levers.weights]
+    assert levers.processor_budgets, f"{model_type} has no image-budget lever"
+    served = serving_levers(Path("."), levers, "vllm").serving
+    budgets = [s["mm_processor_kwargs"] for s in served if "mm_processor_kwargs" in s]
+    assert budgets == [row.budget.processor_kwargs(v) for v in row.budget.values if v != row.budget.default]
+    assert not any("mm_processor_kwargs" in s for s in serving_levers(Path("."), levers, "transformers").serving)
+
+
+def test_budget_keys_as_vllm_reads_them() -> None:
+    assert VLM_FAMILIES["qwen2_5_vl"].budget.processor_kwargs(200704) == {"max_pixels": 200704}
+    assert VLM_FAMILIES["idefics3"].budget.processor_kwargs(1024) == {"size": {"longest_edge": 1024}}
+    assert VLM_FAMILIES["gemma3"].budget.processor_kwargs(1) == {"do_pan_and_scan": True}

@@ -188,9 +188,12 @@ class ImageBudget:
     values: tuple[int, ...]
     default: int
     nested: str = ""
+    switch: bool = False
+    """The key is on/off (``do_pan_and_scan``): values 0 and 1 are written as false and true."""
 
     def processor_kwargs(self, value: int) -> dict[str, object]:
-        return {self.nested: {self.key: value}} if self.nested else {self.key: value}
+        setting: object = bool(value) if self.switch else value
+        return {self.nested: {self.key: setting}} if self.nested else {self.key: setting}
 
 
 @dataclass(frozen=True)
@@ -268,7 +271,7 @@ VLM_FAMILIES: Mapping[str, VlmFamily] = MappingProxyType({
         embed="model.language_model.embed_tokens", vision_layers="model.vision_tower.encoder.layers",
         vision_query="self_attn.q_proj",
         geometry=FixedTokensPanScan,
-        budget=ImageBudget(key="do_pan_and_scan", values=(0, 1), default=0),
+        budget=ImageBudget(key="do_pan_and_scan", values=(0, 1), default=0, switch=True),
         source="transformers models/gemma3 (Gemma3ImageProcessor); vLLM gemma3_mm.py",
     ),
     # Idefics3 / SmolVLM: SigLIP on 364-px (SmolVLM) or 512-px (Idefics3) tiles, pixel shuffle x scale.
