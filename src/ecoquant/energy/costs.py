@@ -355,18 +355,27 @@ def _attention_layers(model: nn.Module, fam: Family, config: Any) -> tuple[Atten
     return tuple(out)
 
 
-def _vlm_vision_costs(model: nn.Module, row: VlmFamily, config: Any, precisions: Mapping[str, Precision]) -> VisionCosts:
-    """A vision-language family's encoder: tower Linears per patch, projector Linears per soft token,
-    attention per sequence (windowed where the row says), patches per token from the row's geometry."""
+def _tower_flops(
+    model: nn.Module, precisions: Mapping[str, Precision], tower: tuple[str, ...], projector: tuple[str, ...]
+) -> tuple[dict[Precision, float], dict[Precision, float]]:
+    """Linear FLOPs by precision: of the tower (once per patch) and of the projector (once per soft token).
+    The projector is matched first: Qwen's merger sits inside its tower's prefix."""
     per_patch: dict[Precision, float] = {}
     per_soft: dict[Precision, float] = {}
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear):
             continue
         flops = 2.0 * m.in_features * m.out_features
-        table = per_soft if name.startswith(row.projector) else per_patch if name.startswith(row.vision) else None
+        table = per_soft if name.startswith(projector) else per_patch if name.startswith(tower) else None
         if table is not None:
             table[precisions[name]] = table.get(precisions[name], 0.0) + flops
+    return per_patch, per_soft
+
+
+def _vlm_vision_costs(model: nn.Module, row: VlmFamily, config: Any, precisions: Mapping[str, Precision]) -> VisionCosts:
+    """A vision-language family's encoder: tower Linears per patch, projector Linears per soft token,
+    attention per sequence (windowed where the row says), patches per token from the row's geometry."""
+    per_patch, per_soft = _tower_flops(model, precisions, row.vision, row.projector)
     layers = model.get_submodule(row.vision_layers)
     widths = tuple(layer.get_submodule(row.vision_query).out_features * row.query_share for layer in layers)  # type: ignore[union-attr]
     full = set(getattr(config.vision_config, row.window_layers_key, None) or ()) if row.window_layers_key else None
@@ -385,16 +394,9 @@ def _vision_costs(model: nn.Module, fam: Family, config: Any, precisions: Mappin
         return None
     if fam.vlm is not None:
         return _vlm_vision_costs(model, fam.vlm, config, precisions)
-    per_patch: dict[Precision, float] = {}
-    per_soft: dict[Precision, float] = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear):
-            continue
-        flops = 2.0 * m.in_features * m.out_features
-        if name.startswith(fam.vision):
-            per_patch[precisions[name]] = per_patch.get(precisions[name], 0.0) + flops
-        elif fam.vision_projection and name.startswith(fam.vision_projection):
-            per_soft[precisions[name]] = per_soft.get(precisions[name], 0.0) + flops
+    per_patch, per_soft = _tower_flops(
+        model, precisions, (fam.vision,), (fam.vision_projection,) if fam.vision_projection else ()
+    )
     widths = tuple(
         layer.get_submodule(fam.vision_query).out_features  # type: ignore[union-attr]
         for layer in model.get_submodule(fam.vision_layers or "")  # type: ignore[union-attr]

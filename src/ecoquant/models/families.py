@@ -280,7 +280,8 @@ VLM_FAMILIES: Mapping[str, VlmFamily] = MappingProxyType({
         embed="model.text_model.embed_tokens", vision_layers="model.vision_model.encoder.layers",
         vision_query="self_attn.q_proj",
         geometry=ImageSplitting,
-        budget=ImageBudget(key="longest_edge", nested="size", values=(512, 1024, 1536), default=1456),
+        # SmolVLM's default longest edge is 4 x 364 = 1456 (its tile): 2 and 3 tiles' worth are the cheaper budgets.
+        budget=ImageBudget(key="longest_edge", nested="size", values=(728, 1092, 1456), default=1456),
         source="transformers models/idefics3 (Idefics3ImageProcessor); vLLM idefics3.py",
     ),
     # Mistral-3 (Mistral-Small-3.1/3.2): Pixtral ViT, 14-px patches, 2x2 patch merger, Mistral decoder.
