@@ -502,3 +502,58 @@ def test_eval_backend_vllm_runs_w8a8_checkpoints(vllm_install: VllmInstall, w8a8
     for run, want in zip(runs["vllm"].runs, runs["transformers"].runs, strict=True):
         assert run.backend["kind"] == "vllm"
         assert run.suite_scores == pytest.approx(want.suite_scores, abs=0.2), (run.label, run.suite_scores, want.suite_scores)
+
+
+# ------------------------------------------------------------------ the other vision-language families (issue 32)
+
+
+def _layer_key(name: str) -> tuple[str, str] | None:
+    """``(layer index, fused leaf)`` of a decoder Linear under any family's prefix, or None."""
+    import re
+
+    m = re.search(r"layers\.(\d+)\.(.+)$", name)
+    if m is None:
+        return None
+    parent, _, leaf = m.group(2).rpartition(".")
+    return m.group(1), f"{parent}.{FUSED.get(leaf, leaf)}" if parent else FUSED.get(leaf, leaf)
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen2_5_vl", "tiny-qwen3_vl", "tiny-gemma3-mm", "tiny-idefics3", "tiny-mistral3"])
+def family_w4a16(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """Each family's tiny checkpoint, RTN W4A16 under ``auto`` (decoder only), in its source's tensor layout."""
+    from ecoquant.api import QuantizeConfig, quantize
+    from ecoquant.fixtures.tiny_families import family_fixture_path
+    from ecoquant.quantize.scheme import QuantScheme
+
+    out = tmp_path_factory.mktemp("families") / request.param
+    quantize(family_fixture_path(request.param), out, QuantizeConfig(scheme=QuantScheme(group_size=32)), show_progress=False)
+    return request.param, out
+
+
+def test_vllm_maps_each_familys_w4a16_checkpoint(vllm_install: VllmInstall, family_w4a16: tuple[str, Path], tmp_path: Path) -> None:
+    """vLLM's own per-family mapper reads the checkpoint ecoquant wrote in the Hub's layout: every packed decoder
+    Linear becomes a CompressedTensorsWNA16 layer (vLLM's fused names), and everything else, the vision tower and
+    projector included (built: one image per prompt allowed), stays unquantized. Where vLLM's CPU build cannot
+    load a family, the test records vLLM's own reason as its xfail message."""
+    from ecoquant.errors import EcoquantError
+    from ecoquant.models.layout import checkpoint_layout
+
+    from safetensors import safe_open
+
+    name, ckpt = family_w4a16
+    layout = checkpoint_layout(ckpt)
+    with safe_open(ckpt / "model.safetensors", "pt") as f:  # the tiny checkpoints are one shard
+        packed = [layout.tree_module(t.removesuffix(".weight_packed")) for t in f.keys() if t.endswith(".weight_packed")]
+    expected = {_layer_key(m) for m in packed}
+    try:
+        check = check_with_vllm(ckpt, vllm_install.python, log_path=tmp_path / "vllm.log", towers=True)
+    except EcoquantError as exc:
+        pytest.xfail(f"{name}: vLLM {vllm_install.version} ({vllm_install.distribution}) could not load it: {exc}")
+    quantized = check.quantized()
+    assert {_layer_key(k) for k in quantized} == expected, (name, sorted(quantized))
+    assert all(_layer_key(k) is not None for k in quantized)
+    towers = {k: v for k, v in check.layers.items() if any(p in k for p in ("visual", "vision", "projector", "connector", "merger"))}
+    assert towers, f"{name}: vLLM built no tower layer (towers=True should build them)"
+    assert all(v.startswith("Unquantized") for v in towers.values()), towers
+    if check.cpu_isa is not None:
+        assert set(quantized.values()) == {"CompressedTensorsWNA16/CPUWNA16LinearKernel"}

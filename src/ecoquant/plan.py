@@ -21,6 +21,7 @@ from ecoquant.export.compressed_tensors import HeadSpec
 from ecoquant.export.footprint import Footprint, TokenBytes, estimate_footprint, planned_layout, token_bytes
 from ecoquant.export.vllm_compat import check_fused_siblings, marlin_warnings
 from ecoquant.models.components import ComponentSpec
+from ecoquant.models.layout import checkpoint_layout, layout_for_names, tree_infos
 from ecoquant.models.loading import load_config, meta_model, tensor_infos
 from ecoquant.models.presets import Preset, get_preset
 from ecoquant.models.quant_config import quantization_block
@@ -71,6 +72,8 @@ def plan_model(
     """
     config = load_config(path)
     chosen = get_preset(preset, getattr(config, "model_type", None))
+    if any(path.glob("*.safetensors")):
+        checkpoint_layout(path)  # names that match neither the tree nor transformers' mapping: one error, before any work
     model = meta_model(config)
     selection = select_modules(model, targets or chosen.targets, (*chosen.ignore, *ignore))
     ignore_linears = tuple(
@@ -80,9 +83,12 @@ def plan_model(
 
 
 def source_layout(plan: ModelPlan) -> list[tuple[str, str, tuple[int, ...]]]:
-    """The source's tensors: from the checkpoint's headers, or from meta shapes for a config-only folder."""
+    """The source's tensors under their module-tree names: from the checkpoint's headers, or from meta
+    shapes for a config-only folder."""
     if any(plan.path.glob("*.safetensors")):
-        return [(t.name, t.dtype, t.shape) for t in tensor_infos(plan.path)]
+        infos = list(tensor_infos(plan.path))
+        layout = layout_for_names(plan.model, (t.name for t in infos), where=str(plan.path))
+        return [(t.name, t.dtype, t.shape) for t in tree_infos(infos, layout)]
     return [
         (name, "BF16" if p.dtype.is_floating_point else "I64", tuple(p.shape)) for name, p in plan.model.named_parameters()
     ]

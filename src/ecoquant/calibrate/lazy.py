@@ -35,11 +35,12 @@ from torch import nn
 
 from ecoquant.errors import EcoquantError
 from ecoquant.export.safetensors_stream import read_rows, read_tensor
-from ecoquant.models.loading import TensorInfo, tensor_infos
+from ecoquant.models.layout import model_tensor_infos
+from ecoquant.models.loading import TensorInfo
 
 
 class CheckpointReader:
-    """The tensors of a checkpoint folder by name, read one at a time.
+    """The tensors of a checkpoint folder by their module-tree names (whatever its own layout), read one at a time.
 
     ``aliases`` maps a tensor name the checkpoint may lack to the name it is
     stored under (transformers' tied weights: ``{target: source}``).
@@ -47,7 +48,7 @@ class CheckpointReader:
 
     def __init__(self, path: Path, aliases: dict[str, str] | None = None) -> None:
         self.path = path
-        self.infos: dict[str, TensorInfo] = {t.name: t for t in tensor_infos(path)}
+        self.infos: dict[str, TensorInfo] = {t.name: t for t in model_tensor_infos(path)}
         self.aliases = dict(aliases or {})
 
     def info(self, name: str) -> TensorInfo | None:

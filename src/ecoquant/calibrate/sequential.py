@@ -164,6 +164,15 @@ class LayerWalk:
         self.reader = CheckpointReader(path, aliases)
         self.mat = Materializer(model, self.reader, device, dtype)
         self.modules = dict(model.named_modules())
+        # transformers' ``PreTrainedModel.device`` is its first parameter's, and some forwards move tensors
+        # there (Idefics3Model: ``embed_tokens(ids).to(self.device)``); loaded, it says the device, not meta.
+        # Token tables are left to their row-by-row reader (the rows a table's device needs come with its first call).
+        for sub in model.modules():
+            first = next(sub.parameters(), None) if hasattr(sub, "base_model_prefix") else None
+            if first is not None and first.device.type == "meta":
+                owner = next(m for m in sub.modules() if any(p is first for p in m.parameters(recurse=False)))
+                if not isinstance(owner, nn.Embedding):
+                    self.mat.materialize(owner, recurse=False)
         for name in selection:
             if not isinstance(self.modules.get(name), nn.Linear):
                 raise EcoquantError(f"{name} is selected but is not a Linear module of {type(model).__name__}")

@@ -11,3 +11,4 @@ from ecoquant.cli import eval  # noqa: F401
 from ecoquant.cli import serve  # noqa: F401
 from ecoquant.cli import optimize  # noqa: F401
 from ecoquant.cli import doctor  # noqa: F401
+from ecoquant.cli import fixtures_families  # noqa: F401

@@ -174,7 +174,15 @@ def render_cost_terms(terms: dict[str, Any]) -> None:
     )
     if "vision_flops_per_image" in terms:
         per_image = ", ".join(f"{b}: {f / 1e9:,.1f}" for b, f in terms["vision_flops_per_image"].items())
-        out_console.print(f"vision GFLOPs per image at each image budget (soft tokens): {per_image}", soft_wrap=True)
+        if "vision_reference_image" in terms:  # the family's own budget key; the image's size decides the work
+            tokens = terms["vision_soft_tokens_per_image"]
+            per_image = ", ".join(
+                f"{b}: {f / 1e9:,.3f} ({tokens[b]} tokens)" for b, f in terms["vision_flops_per_image"].items()
+            )
+            where = f"a {terms['vision_reference_image']} image at each image budget"
+        else:
+            where = "image at each image budget (soft tokens)"
+        out_console.print(f"vision GFLOPs per {where}: {per_image}", soft_wrap=True)
 
 
 @app.command("inspect")

@@ -46,6 +46,7 @@ from ecoquant.energy.gpus import Precision
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.image_budget import SOFT_TOKEN_BUDGETS
 from ecoquant.export.footprint import Layout, TokenBytes, token_bytes
+from ecoquant.models.families import VLM_FAMILIES, Encoding, VlmFamily
 from ecoquant.models.quant_config import quantization_block
 from ecoquant.models.tables import TOKEN_TABLES, ties_head
 
@@ -71,6 +72,8 @@ class Family:
         budgets: the image-token budgets the processor accepts (see :mod:`ecoquant.eval.image_budget`).
         default_budget: the vision config's key for the default budget.
         not_modelled: prefixes of modules no request in the suites reaches (audio).
+        vlm: the :mod:`ecoquant.models.families` row, for the families whose images are encoded by its geometry.
+        not_decoded: prefixes of modules a decode step does not read (the towers: they run at prefill only).
     """
 
     decoder: str
@@ -86,6 +89,19 @@ class Family:
     budgets: tuple[int, ...] = ()
     default_budget: str | None = None
     not_modelled: tuple[str, ...] = ()
+    vlm: VlmFamily | None = None
+    not_decoded: tuple[str, ...] = ()
+
+
+def _vlm_family(row: VlmFamily) -> Family:
+    """An energy row from a vision-language family's row (the projector runs once per soft token)."""
+    return Family(decoder=row.decoder, layers=row.layers, vision=row.vision[0], vision_layers=row.vision_layers,
+                  vision_query=row.vision_query, budgets=row.budget.values, vlm=row, not_decoded=row.towers)
+
+
+REFERENCE_IMAGE = (1280, 960)
+"""Width and height (pixels) of the image ``inspect`` prices for families whose vision work depends on the
+image (an ASSUMPTION: a 4:3 page or photo; the request model prices each image's own soft tokens)."""
 
 
 FAMILIES: Mapping[str, Family] = MappingProxyType(
@@ -111,6 +127,8 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
         "gemma3_text": Family(decoder="model.", layers="model.layers"),
         "llama": Family(decoder="model.", layers="model.layers"),
         "qwen2": Family(decoder="model.", layers="model.layers"),
+        # The vision-language families of ecoquant.models.families, one row each there.
+        **{model_type: _vlm_family(row) for model_type, row in VLM_FAMILIES.items()},
     }
 )
 
@@ -205,20 +223,42 @@ class VisionCosts:
     """``k``: one soft token is ``k x k`` patches."""
     budgets: tuple[int, ...]
     default_budget: int | None
+    sequence: int | None = None
+    """Patches attended together (a tile or crop); None: the whole image is one sequence."""
+    windows: tuple[int | None, ...] = ()
+    """Per encoder layer, the patches a windowed layer attends within (None or absent: the whole sequence)."""
+    patches_per_token: float | None = None
+    """Patches behind one soft token where that is not ``k²`` (``merge²``, ``scale²``, a crop's patches / its tokens)."""
+    reference: Mapping[int, Encoding] | None = None
+    """Budget -> how :data:`REFERENCE_IMAGE` is encoded at it, for families whose vision work depends on the image."""
 
     def patches(self, soft_tokens: float) -> float:
         """Patches behind ``soft_tokens`` soft tokens: ``k²`` each (at most; an image's aspect ratio may leave fewer)."""
-        return soft_tokens * self.pooling**2
+        return soft_tokens * (self.patches_per_token if self.patches_per_token is not None else self.pooling**2)
 
     def flops_at(self, soft_tokens: float) -> dict[Precision, float]:
         """FLOPs per image that becomes ``soft_tokens`` soft tokens, by precision (attention in bf16)."""
         n = self.patches(soft_tokens)
+        seq = n if self.sequence is None else float(self.sequence)
+        count = 1.0 if self.sequence is None or not n else n / seq
+        return self._flops(n, soft_tokens, [seq] * max(1, round(count)) if n else [])
+
+    def image_flops(self, encoding: Encoding) -> dict[Precision, float]:
+        """FLOPs of one image encoded as ``encoding`` (its sequences and soft tokens), by precision."""
+        return self._flops(float(encoding.patches), float(encoding.soft_tokens), [float(s) for s in encoding.sequences])
+
+    def _flops(self, patches: float, soft_tokens: float, sequences: list[float]) -> dict[Precision, float]:
+        """Linears once per patch and per soft token; attention ``4 x width x n x min(n, window)`` per sequence."""
         out: dict[Precision, float] = {}
         for p, f in self.per_patch.items():
-            out[p] = out.get(p, 0.0) + f * n
+            out[p] = out.get(p, 0.0) + f * patches
         for p, f in self.per_soft_token.items():
             out[p] = out.get(p, 0.0) + f * soft_tokens
-        out["bf16"] = out.get("bf16", 0.0) + sum(4.0 * w * n * n for w in self.attention_widths)
+        attention = 0.0
+        for i, w in enumerate(self.attention_widths):
+            window = self.windows[i] if i < len(self.windows) else None
+            attention += sum(4.0 * w * s * (s if window is None else min(s, window)) for s in sequences)
+        out["bf16"] = out.get("bf16", 0.0) + attention
         return out
 
     def total_flops(self, soft_tokens: float) -> float:
@@ -276,7 +316,13 @@ class CostTerms:
             "head_flops_per_position": sum(self.head_flops.values()),
             "precisions": _precision_shares(self),
         }
-        if self.vision is not None:
+        if self.vision is not None and self.vision.reference is not None:
+            record["vision_flops_per_image"] = {
+                str(b): sum(self.vision.image_flops(enc).values()) for b, enc in self.vision.reference.items()
+            }
+            record["vision_reference_image"] = "x".join(map(str, REFERENCE_IMAGE))
+            record["vision_soft_tokens_per_image"] = {str(b): enc.soft_tokens for b, enc in self.vision.reference.items()}
+        elif self.vision is not None:
             record["vision_flops_per_image"] = {str(b): self.vision.total_flops(b) for b in self.vision.budgets}
         return record
 
@@ -309,20 +355,48 @@ def _attention_layers(model: nn.Module, fam: Family, config: Any) -> tuple[Atten
     return tuple(out)
 
 
-def _vision_costs(model: nn.Module, fam: Family, config: Any, precisions: Mapping[str, Precision]) -> VisionCosts | None:
-    vision_config = getattr(config, "vision_config", None)
-    if fam.vision is None or vision_config is None:
-        return None
+def _tower_flops(
+    model: nn.Module, precisions: Mapping[str, Precision], tower: tuple[str, ...], projector: tuple[str, ...]
+) -> tuple[dict[Precision, float], dict[Precision, float]]:
+    """Linear FLOPs by precision: of the tower (once per patch) and of the projector (once per soft token).
+    The projector is matched first: Qwen's merger sits inside its tower's prefix."""
     per_patch: dict[Precision, float] = {}
     per_soft: dict[Precision, float] = {}
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear):
             continue
         flops = 2.0 * m.in_features * m.out_features
-        if name.startswith(fam.vision):
-            per_patch[precisions[name]] = per_patch.get(precisions[name], 0.0) + flops
-        elif fam.vision_projection and name.startswith(fam.vision_projection):
-            per_soft[precisions[name]] = per_soft.get(precisions[name], 0.0) + flops
+        table = per_soft if name.startswith(projector) else per_patch if name.startswith(tower) else None
+        if table is not None:
+            table[precisions[name]] = table.get(precisions[name], 0.0) + flops
+    return per_patch, per_soft
+
+
+def _vlm_vision_costs(model: nn.Module, row: VlmFamily, config: Any, precisions: Mapping[str, Precision]) -> VisionCosts:
+    """A vision-language family's encoder: tower Linears per patch, projector Linears per soft token,
+    attention per sequence (windowed where the row says), patches per token from the row's geometry."""
+    per_patch, per_soft = _tower_flops(model, precisions, row.vision, row.projector)
+    layers = model.get_submodule(row.vision_layers)
+    widths = tuple(layer.get_submodule(row.vision_query).out_features * row.query_share for layer in layers)  # type: ignore[union-attr]
+    full = set(getattr(config.vision_config, row.window_layers_key, None) or ()) if row.window_layers_key else None
+    windows = tuple(None if full is None or i in full else row.window_patches for i in range(len(widths)))
+    geometry = row.geometry.from_config(config)
+    return VisionCosts(
+        MappingProxyType(per_patch), MappingProxyType(per_soft), widths, 1, row.budget.values, row.budget.default,
+        sequence=geometry.sequence, windows=windows, patches_per_token=geometry.patches_per_token,
+        reference=MappingProxyType({b: geometry.encode(*REFERENCE_IMAGE, b) for b in row.budget.values}),
+    )
+
+
+def _vision_costs(model: nn.Module, fam: Family, config: Any, precisions: Mapping[str, Precision]) -> VisionCosts | None:
+    vision_config = getattr(config, "vision_config", None)
+    if fam.vision is None or vision_config is None:
+        return None
+    if fam.vlm is not None:
+        return _vlm_vision_costs(model, fam.vlm, config, precisions)
+    per_patch, per_soft = _tower_flops(
+        model, precisions, (fam.vision,), (fam.vision_projection,) if fam.vision_projection else ()
+    )
     widths = tuple(
         layer.get_submodule(fam.vision_query).out_features  # type: ignore[union-attr]
         for layer in model.get_submodule(fam.vision_layers or "")  # type: ignore[union-attr]
@@ -366,9 +440,10 @@ def cost_terms(
     stored_head = any(n.rsplit(".", 1)[0] == head_name for n, _, _ in layout)
     source_head = any(n.rsplit(".", 1)[0] == head_name for n, _, _ in source)
     tied = tables.tied_to if tables and ties_head(config_json) else None
+    skip = (*fam.not_modelled, *fam.not_decoded)
     decode = token_bytes(
-        [t for t in layout if not t[0].startswith(fam.not_modelled)],
-        [t for t in source if not t[0].startswith(fam.not_modelled)],
+        [t for t in layout if not t[0].startswith(skip)],
+        [t for t in source if not t[0].startswith(skip)],
         names,
         head_name,
         None if stored_head else tied,
@@ -407,12 +482,13 @@ def _meta_layout(model: nn.Module) -> Layout:
 def checkpoint_costs(model: str | Path) -> CostTerms:
     """Cost terms of a model folder as it is: its config, its safetensors headers (or meta shapes for a
     config-only folder such as the E4B twin) and its ``quantization_config``. Reads no weights."""
-    from ecoquant.models.loading import resolve_model, tensor_infos
+    from ecoquant.models.layout import model_tensor_infos
+    from ecoquant.models.loading import resolve_model
 
     path = resolve_model(model)
     module_tree, config, config_json = _meta(path)
     source = _meta_layout(module_tree)
-    stored = [(t.name, t.dtype, t.shape) for t in tensor_infos(path)] if any(path.glob("*.safetensors")) else source
+    stored = [(t.name, t.dtype, t.shape) for t in model_tensor_infos(path)] if any(path.glob("*.safetensors")) else source
     return cost_terms(module_tree, config, config_json, stored, source)
 
 

@@ -55,6 +55,7 @@ import torch
 from ecoquant.errors import EcoquantError
 from ecoquant.export.safetensors_stream import DTYPE_NAMES, PlannedTensor, read_tensor, write_streaming
 from ecoquant.models.components import ComponentSpec, component_schemes
+from ecoquant.models.layout import IDENTITY, Layout, checkpoint_layout, tree_infos
 from ecoquant.models.loading import SIDECAR_FILES, TensorInfo, shard_files, shard_tensors
 from ecoquant.models.selection import Selection
 from ecoquant.quantize.primitives import QuantizedWeight, check_group_size
@@ -234,35 +235,45 @@ def plan_shard(
     tables: Mapping[str, QuantScheme] | None = None,
     head: HeadSpec | None = None,
     components: Mapping[str, QuantScheme] | None = None,
+    layout: Layout = IDENTITY,
 ) -> list[PlannedTensor]:
     """What one output shard holds: packed tensors for selected modules and tables, the rest copied or replaced;
-    plus the untied head beside the embedding it is written from."""
+    plus the untied head beside the embedding it is written from.
+
+    ``infos`` carry module-tree names (what selection, tables and ``replace`` use); every tensor is
+    written under its name in the source's ``layout`` (:mod:`ecoquant.models.layout`).
+    """
     planned: list[PlannedTensor] = []
     for info in infos:
         for fate in tensor_fates(info.name, selection, scheme, tables or {}, head, components):
             if fate.kind == "copy":
                 value = replace.get(info.name)
                 if value is None:
-                    planned.append(PlannedTensor(info.name, info.dtype, info.shape, source=info))
+                    planned.append(PlannedTensor(info.file_name, info.dtype, info.shape, source=info))
                 else:
                     planned.append(
-                        PlannedTensor(info.name, DTYPE_NAMES[value.dtype], tuple(value.shape), produce=lambda v=value: v)
+                        PlannedTensor(info.file_name, DTYPE_NAMES[value.dtype], tuple(value.shape), produce=lambda v=value: v)
                     )
             elif fate.scheme is None:  # an untied bf16 head: the embedding's bytes under the head's name
-                planned.append(PlannedTensor(f"{fate.module}.weight", info.dtype, info.shape, source=info))
+                planned.append(PlannedTensor(layout.stored_name(f"{fate.module}.weight"), info.dtype, info.shape, source=info))
             else:
                 if len(info.shape) != 2:
                     raise EcoquantError(f"{fate.module} is selected but its weight has shape {list(info.shape)}, not [out, in]")
                 check_group_size(fate.module, info.shape[1], fate.scheme)
                 fn = quantize_fn if fate.kind == "linear" else (lambda _m, w, s=fate.scheme: table_quantize(w, s))
-                planned.extend(_planned_packed(info, fate.module, fate.scheme, fn))
+                planned.extend(_planned_packed(info, fate.module, fate.scheme, fn, layout.stored_module(fate.module)))
     return planned
 
 
-def _planned_packed(info: TensorInfo, module: str, scheme: QuantScheme, quantize_fn: QuantizeFn) -> list[PlannedTensor]:
-    """Planned entries for one module whose tensors are computed together, once, when first written."""
+def _planned_packed(
+    info: TensorInfo, module: str, scheme: QuantScheme, quantize_fn: QuantizeFn, stored_module: str
+) -> list[PlannedTensor]:
+    """Planned entries for one module whose tensors are computed together, once, when first written.
+
+    ``module`` is the tree name ``quantize_fn`` knows; the entries are named under ``stored_module``.
+    """
     cache: dict[str, torch.Tensor] = {}
-    entries = packed_entries(module, (info.shape[0], info.shape[1]), info.dtype, scheme)
+    entries = packed_entries(stored_module, (info.shape[0], info.shape[1]), info.dtype, scheme)
 
     def produce(suffix: str) -> torch.Tensor:
         if not cache:
@@ -341,23 +352,32 @@ def export_checkpoint(
         head: an untied head to write from its embedding (needed when an embedding it is tied to is quantized).
         components: towers quantized with their own schemes; ``quantize_fn`` is called for their modules too.
 
+    Module names (``selection``, ``ignore_linears``, ``tables``, ``head``, ``components``, ``replace``)
+    are the module tree's; tensors are read and written under the source's own names (its
+    :class:`~ecoquant.models.layout.Layout`), and ``quantization_config`` names modules as the tree
+    does, as llmcompressor writes them under transformers 5 (transformers matches ``ignore``
+    against its tree; vLLM maps both spellings through its per-family mapper).
+
     Returns:
         ``{"source_bytes": ..., "output_bytes": ..., "quantized_modules": ...}``.
     """
     replace = dict(replace or {})
     shards = shard_files(source)
+    layout = checkpoint_layout(source)
     seen: set[str] = set()
     with atomic_output_dir(out, overwrite) as tmp:
         weight_map: dict[str, str] = {}
         source_bytes = output_bytes = 0
         for shard in shards:
-            infos = shard_tensors(shard)
+            infos = list(tree_infos(shard_tensors(shard), layout))
             source_bytes += sum(i.nbytes for i in infos)
-            planned = plan_shard(infos, selection, scheme, quantize_fn, replace, tables, head, component_schemes(components))
+            planned = plan_shard(
+                infos, selection, scheme, quantize_fn, replace, tables, head, component_schemes(components), layout
+            )
 
             def written(t: PlannedTensor) -> None:
                 if t.name.endswith(".weight_scale"):  # every format writes one scale tensor per module
-                    module = t.name.removesuffix(".weight_scale")
+                    module = layout.tree_name(t.name.removesuffix("_scale")).removesuffix(".weight")
                     seen.add(module)
                     if on_module is not None:
                         on_module(module)

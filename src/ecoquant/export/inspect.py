@@ -22,7 +22,8 @@ from typing import Any
 from ecoquant.energy.costs import CostTerms, checkpoint_costs, plan_costs
 from ecoquant.energy.speculative import assistant_costs, is_assistant_folder
 from ecoquant.errors import EcoquantError
-from ecoquant.models.loading import resolve_model, tensor_infos
+from ecoquant.models.layout import model_tensor_infos
+from ecoquant.models.loading import resolve_model
 from ecoquant.models.quant_config import quantization_block, quantized_module_names
 from ecoquant.models.selection import module_kind
 
@@ -79,7 +80,7 @@ def inspect_checkpoint(
         raise EcoquantError(f"{path} is a Gemma-4 MTP assistant; inspect it alone or pass it with --assistant")
     qconfig = quantization_block(config)
     if qconfig is not None:
-        infos = list(tensor_infos(path))
+        infos = list(model_tensor_infos(path))
         modules = quantized_module_names(t.name for t in infos)
         recipe_file = path / "quant_recipe.json"
         recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else None

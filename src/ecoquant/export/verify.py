@@ -28,7 +28,8 @@ import torch
 from ecoquant.errors import EcoquantError
 from ecoquant.export.safetensors_stream import read_tensor
 from ecoquant.models.dense import decompress_now, loadable
-from ecoquant.models.loading import load_config, model_class, resolve_model, tensor_infos
+from ecoquant.models.layout import model_tensor_infos
+from ecoquant.models.loading import load_config, model_class, resolve_model
 from ecoquant.models.quant_config import quantized_module_names
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Describe the picture in one sentence."
@@ -52,7 +53,7 @@ class Verification:
 
 
 def _quantized_modules(path: Path) -> list[str]:
-    return quantized_module_names(t.name for t in tensor_infos(path))
+    return quantized_module_names(t.name for t in model_tensor_infos(path))
 
 
 def _inputs(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
@@ -118,7 +119,7 @@ def verify(checkpoint: str | Path, base: str | Path) -> Verification:
     modules = _quantized_modules(qpath)
     inputs, with_image = _inputs(qpath)
     q_logits, q_weights = _logits(qpath, inputs, modules)
-    base_infos = {t.name: t for t in tensor_infos(bpath)}
+    base_infos = {t.name: t for t in model_tensor_infos(bpath)}
     errors: dict[str, float] = {}
     untied = _untied_head(qpath)
     for name in modules:

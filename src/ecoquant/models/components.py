@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from ecoquant.errors import EcoquantError
+from ecoquant.models.families import VLM_FAMILIES
 from ecoquant.quantize.scheme import QuantScheme
 
 #: Module-name prefixes of each component (transformers' names), per ``model_type``.
@@ -29,6 +30,8 @@ COMPONENTS: dict[str, dict[str, tuple[str, ...]]] = {
         "vision": ("model.vision_tower.", "model.embed_vision."),
         "audio": ("model.audio_tower.", "model.embed_audio."),
     },
+    # The vision-language families (ecoquant.models.families): tower and projector.
+    **{model_type: {"vision": row.towers} for model_type, row in VLM_FAMILIES.items()},
 }
 
 
@@ -101,7 +104,12 @@ def plan_components(
         raise EcoquantError(
             f"--{next(iter(wanted))}-scheme: ecoquant knows the towers of {', '.join(COMPONENTS)} models, not {model_type!r}"
         )
-    rule = TOWER_RULES[model_type]
+    rule = TOWER_RULES.get(model_type)
+    if rule is None:
+        raise EcoquantError(
+            f"--{next(iter(wanted))}-scheme: ecoquant has not checked which quantized {model_type} towers vLLM "
+            "loads (no row in ecoquant.models.components.TOWER_RULES); keep the towers in bf16"
+        )
     vision = getattr(config, "vision_config", None)
     sizes = (getattr(vision, "hidden_size", None), getattr(vision, "intermediate_size", None))
     if None in sizes or any(s % rule.multiple for s in sizes):  # type: ignore[operator]

@@ -42,6 +42,7 @@ import torch
 
 from ecoquant.errors import EcoquantError
 from ecoquant.export.safetensors_stream import PlannedTensor, read_tensor, write_streaming
+from ecoquant.models.layout import checkpoint_layout
 from ecoquant.models.loading import SIDECAR_FILES, shard_files, shard_tensors
 from ecoquant.models.quant_config import quantization_block
 from ecoquant.quantize.primitives import dequantize
@@ -156,6 +157,7 @@ def write_dense_copy(path: Path, out: Path) -> Path:
     groups = (quantization_block(config) or {}).get("config_groups") or {}
     out.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
+    layout = checkpoint_layout(path)  # groups name modules as the tree does; the files may not
     for shard in shard_files(path):
         infos = {t.name: t for t in shard_tensors(shard)}
         planned: list[PlannedTensor] = []
@@ -163,10 +165,10 @@ def write_dense_copy(path: Path, out: Path) -> Path:
             module, _, suffix = name.rpartition(".")
             if suffix in PACKED_SUFFIXES:
                 if suffix == "weight_packed":
-                    planned.append(_dense(module, infos, groups))
+                    planned.append(_dense(module, infos, group_for(layout.tree_module(module), groups)))
                 continue
             if suffix == "weight" and f"{module}.weight_scale" in infos:  # W8A8: one int8 / FP8 code per weight
-                planned.append(_dense(module, infos, groups))
+                planned.append(_dense(module, infos, group_for(layout.tree_module(module), groups)))
                 continue
             planned.append(PlannedTensor(name, info.dtype, info.shape, source=info))
         write_streaming(out / shard.name, planned, {"format": "pt"})
@@ -186,10 +188,10 @@ def write_dense_copy(path: Path, out: Path) -> Path:
     return out
 
 
-def _dense(module: str, infos: Mapping[str, Any], groups: Mapping[str, Mapping[str, Any]]) -> PlannedTensor:
+def _dense(module: str, infos: Mapping[str, Any], group: Mapping[str, Any]) -> PlannedTensor:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    scheme = scheme_of(group_for(module, groups))
+    scheme = scheme_of(group)
     scale_info = infos[f"{module}.weight_scale"]
     if scheme.format != "pack-quantized":
         codes = infos[f"{module}.weight"]

@@ -131,7 +131,9 @@ def meta_model(config: Any) -> nn.Module:
 class TensorInfo:
     """Where one tensor lives and what it is, from the safetensors header alone.
 
-    ``start`` and ``end`` are absolute byte offsets of its data in ``shard``.
+    ``start`` and ``end`` are absolute byte offsets of its data in ``shard``. ``name`` is the name
+    the reader works with; ``stored_name`` is set where that differs from the name in the file
+    (a module-tree name, :mod:`ecoquant.models.layout`).
     """
 
     name: str
@@ -140,6 +142,12 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int
     end: int
+    stored_name: str = ""
+
+    @property
+    def file_name(self) -> str:
+        """The tensor's name in its safetensors file."""
+        return self.stored_name or self.name
 
     @property
     def nbytes(self) -> int:

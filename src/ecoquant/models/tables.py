@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from ecoquant.errors import EcoquantError
+from ecoquant.models.families import VLM_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ TOKEN_TABLES: Mapping[str, TokenTables] = MappingProxyType(
         # Llama-style decoders: one table; the head is tied only where the config says so.
         "llama": TokenTables(embeddings=("model.embed_tokens",), head="lm_head", tied_to="model.embed_tokens"),
         "qwen2": TokenTables(embeddings=("model.embed_tokens",), head="lm_head", tied_to="model.embed_tokens"),
+        # The vision-language families' rows (ecoquant.models.families): one table, the head tied where the config says.
+        **{t: TokenTables(embeddings=(row.embed,), head=row.head, tied_to=row.embed) for t, row in VLM_FAMILIES.items()},
     }
 )
 

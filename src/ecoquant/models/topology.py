@@ -34,6 +34,7 @@ from typing import Any
 from torch import nn
 
 from ecoquant.errors import EcoquantError
+from ecoquant.models.families import VLM_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ _LAYERS_PATHS: tuple[str, ...] = (
     "model.language_model.layers",
     # Causal LMs (Llama, Gemma3ForCausalLM, Gemma4ForCausalLM, Qwen, ...).
     "model.layers",
+    # The vision-language families' language stacks (Idefics3's ``model.text_model.layers``).
+    *dict.fromkeys(row.layers for row in VLM_FAMILIES.values() if row.layers != "model.language_model.layers"),
 )
 
 # llm-awq never clips the query and key projections: their errors are
@@ -160,8 +163,9 @@ TOPOLOGIES: dict[str, Topology] = {
                 ),
                 awq_no_clip=_NO_CLIP_QK,
             )
-            # Llama-style decoders with identical module names.
-            for family in ("llama", "mistral", "qwen2", "qwen3")
+            # Llama-style decoders with identical module names: Qwen2.5-VL's and Qwen3-VL's text stacks
+            # too (pre-norm, no sandwich norms; Qwen3's q_norm/k_norm act on q and k only, no v_norm).
+            for family in ("llama", "mistral", "qwen2", "qwen3", "qwen2_5_vl_text", "qwen3_vl_text")
         ),
     )
 }

@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ecoquant.eval.image_budget import SOFT_TOKEN_BUDGETS, image_processor_type
+from ecoquant.models.families import VLM_FAMILIES
 from ecoquant.optimize.grid import Candidate, auto_name, grid_from_mapping
 
 WEIGHTS_COMMON: tuple[Mapping[str, Any], ...] = (
@@ -62,6 +63,9 @@ class FamilyLevers:
         image_budget_max_factor: image budgets tried are the processor's allowed values up to this
             multiple of the checkpoint's own budget (lower ones save prefill; one step up can buy back
             quality a harsher weights format lost); 0 tries none.
+        processor_budgets: image budgets as vLLM ``mm_processor_kwargs`` (the family's own key:
+            ``max_pixels``, ``size.longest_edge``, ``do_pan_and_scan``), tried as serving options with
+            ``--backend vllm`` (the transformers backend's budget is Gemma-4's ``max_soft_tokens`` only).
         note: why this family's entry differs from the default.
     """
 
@@ -70,6 +74,7 @@ class FamilyLevers:
     answer_caps: tuple[int, ...] = (16,)
     kv_cache_dtypes: tuple[str, ...] = ("fp8",)
     image_budget_max_factor: float = 2.0
+    processor_budgets: tuple[Mapping[str, Any], ...] = ()
     note: str = ""
 
     def weights_candidates(self) -> tuple[Candidate, ...]:
@@ -87,6 +92,18 @@ FAMILY_LEVERS: Mapping[str, FamilyLevers] = MappingProxyType(
             weights=(*WEIGHTS_COMMON, {"method": "gptq", "preset": "gemma4-e-mlpo"}, *WEIGHTS_W8A8),
             note="adds the seed's gemma4-e-mlpo module set and RTN W8A8 (int8, fp8)",
         ),
+        # The vision-language families (ecoquant.models.families): the common candidates, RTN W8A8, and
+        # each image budget of the row other than the processor's default, under the family's own key.
+        **{
+            model_type: FamilyLevers(
+                weights=(*WEIGHTS_COMMON, *WEIGHTS_W8A8),
+                processor_budgets=tuple(
+                    row.budget.processor_kwargs(v) for v in row.budget.values if v != row.budget.default
+                ),
+                note=f"RTN W8A8 and the image budget by {row.budget.key}",
+            )
+            for model_type, row in VLM_FAMILIES.items()
+        },
     }
 )
 
@@ -145,7 +162,11 @@ def serving_levers(model: Path, levers: FamilyLevers, backend: str) -> ServingLe
         responses=levers.responses,
         answer_caps=levers.answer_caps,
         image_budgets=image_budgets(model, levers.image_budget_max_factor),
-        serving=tuple({"kv_cache_dtype": d} for d in levers.kv_cache_dtypes) if backend == "vllm" else (),
+        serving=(
+            (*({"kv_cache_dtype": d} for d in levers.kv_cache_dtypes),
+             *({"mm_processor_kwargs": dict(kw)} for kw in levers.processor_budgets))
+            if backend == "vllm" else ()
+        ),
     )
 
 

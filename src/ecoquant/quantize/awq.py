@@ -58,6 +58,10 @@ NORM_WEIGHT_OFFSET: dict[str, float] = {
     "LlamaRMSNorm": 0.0,
     "Qwen2RMSNorm": 0.0,
     "Qwen3RMSNorm": 0.0,
+    # The vision-language families' text stacks (transformers 5.23: each returns ``self.weight * x``).
+    "Qwen2_5_VLRMSNorm": 0.0,
+    "Qwen3VLTextRMSNorm": 0.0,
+    "MistralRMSNorm": 0.0,
 }
 
 #: Scales are floored here before normalising, as the AWQ reference does, so

@@ -1,0 +1,31 @@
+"""``ecoquant fixtures tiny-qwen2_5_vl`` (and the other families): tiny random checkpoints, offline.
+
+Each prints the folder's path on stdout (and nothing else there), so a script can
+write ``MODEL=$(ecoquant fixtures tiny-qwen2_5_vl)``; what it built goes to stderr.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from ecoquant.cli.app import console, fixtures_app, guarded
+from ecoquant.cli.fixtures_gemma4 import OutOption
+from ecoquant.fixtures.tiny_families import FIXTURES
+
+
+def _register(name: str, model_class: str) -> None:
+    @fixtures_app.command(name, help=f"Build a tiny random {model_class} checkpoint in the Hub's tensor layout, with "
+                          "tokenizer, processor and chat template (offline, a few seconds), and print its folder.")
+    @guarded
+    def build(out: OutOption = None) -> None:
+        from ecoquant.fixtures.cache import build_atomically
+        from ecoquant.fixtures.tiny_families import build_family_fixture, family_fixture_path
+
+        with console.status(f"Building {name}"):
+            folder = family_fixture_path(name) if out is None else build_atomically(out, lambda d: build_family_fixture(name, d))
+        console.print(f"{name} ({model_class}, random weights): {folder}", highlight=False)
+        typer.echo(str(folder))
+
+
+for _row in FIXTURES.values():  # one command per family row
+    _register(_row.name, _row.model_class)

@@ -1,0 +1,313 @@
+"""The vision-language families beyond Gemma-4: layout in and out, decoder-only ``auto``, vision geometry, costs.
+
+Each family's fixture is a tiny random checkpoint saved by transformers in the
+Hub's layout (:mod:`ecoquant.fixtures.tiny_families`). Fast tests (RTN, pure
+arithmetic) run by default; calibrated methods and W8A8 with a quality check
+are ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ecoquant.api import QuantizeConfig, quantize
+from ecoquant.errors import EcoquantError
+from ecoquant.fixtures.tiny_families import FIXTURES, family_fixture_path
+from ecoquant.models.families import (
+    VLM_FAMILIES,
+    DynamicResolution,
+    Encoding,
+    FixedTokensPanScan,
+    ImageSplitting,
+    LongestEdgePatches,
+)
+from ecoquant.models.layout import checkpoint_layout
+from ecoquant.models.loading import load_config, meta_model
+from ecoquant.models.presets import get_preset
+from ecoquant.quantize.scheme import QuantScheme
+
+NAMES = sorted(FIXTURES)
+PACKED = ("weight_packed", "weight_scale", "weight_shape")
+
+
+def _names(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def rtn_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(source fixture, its RTN W4A16 checkpoint under ``auto``), one per family."""
+    source = family_fixture_path(request.param)
+    out = tmp_path_factory.mktemp(request.param) / "w4a16"
+    quantize(source, out, QuantizeConfig(scheme=QuantScheme(group_size=16)), show_progress=False)
+    return source, out
+
+
+def test_fixtures_keep_the_hub_layout() -> None:
+    """save_pretrained reverts transformers' mapping: Qwen2.5-VL, Gemma-3 and Mistral-3 keep their original names."""
+    renamed = {name for name in NAMES if checkpoint_layout(family_fixture_path(name)).renamed}
+    assert renamed == {"tiny-qwen2_5_vl", "tiny-gemma3-mm", "tiny-mistral3"}
+    qwen = _names(family_fixture_path("tiny-qwen2_5_vl"))
+    assert "visual.blocks.0.attn.qkv.weight" in qwen and "model.layers.0.self_attn.q_proj.weight" in qwen
+
+
+def test_layout_round_trip(rtn_checkpoint: tuple[Path, Path]) -> None:
+    """Source names in, the same names out: untouched tensors keep name and bytes, quantized ones are packed
+    under their source module name, and the output's layout is the source's."""
+    source, out = rtn_checkpoint
+    src, dst = _names(source), _names(out)
+    layout = checkpoint_layout(source)
+    quantized = {n.removesuffix(".weight_packed") for n in dst if n.endswith(".weight_packed")}
+    assert quantized, "nothing was quantized"
+    expected = {n for n in src if n.removesuffix(".weight") not in quantized}
+    expected |= {f"{m}.{suffix}" for m in quantized for suffix in PACKED}
+    assert set(dst) == expected
+    for name in src:
+        if name in dst:
+            assert torch.equal(src[name], dst[name]), name
+    out_layout = checkpoint_layout(out)  # the output reads back in the same layout, each name to the same tree name
+    assert out_layout.renamed == layout.renamed
+    assert all(out_layout.tree_name(n) == layout.tree_name(n) for n in dst)
+    for module in quantized:  # every packed module is a decoder Linear of the tree
+        assert layout.tree_module(module).startswith(VLM_FAMILIES[load_config(source).model_type].decoder)
+
+
+def test_auto_leaves_the_towers_bf16(rtn_checkpoint: tuple[Path, Path]) -> None:
+    """``auto`` quantizes the language stack only; every tower and projector Linear is in ``ignore``, bytes unchanged."""
+    source, out = rtn_checkpoint
+    config = load_config(source)
+    row = VLM_FAMILIES[config.model_type]
+    linears = [n for n, m in meta_model(config).named_modules() if isinstance(m, torch.nn.Linear)]
+    towers = [n for n in linears if n.startswith(row.towers)]
+    decoder = [n for n in linears if n.startswith(row.decoder)]
+    assert towers and decoder
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert set(towers) <= set(qc["ignore"]) and not set(decoder) & set(qc["ignore"])
+    layout = checkpoint_layout(out)
+    packed = sorted(layout.tree_module(n.removesuffix(".weight_packed")) for n in _names(out) if n.endswith(".weight_packed"))
+    assert packed == sorted(decoder)
+
+
+@pytest.mark.parametrize("model_type", sorted(VLM_FAMILIES))
+def test_each_family_has_its_auto_row(model_type: str) -> None:
+    """Without its row, ``auto`` would fall back to the text-decoder preset and quantize the towers."""
+    preset = get_preset("auto", model_type)
+    assert preset.name == f"{model_type}-decoder"
+    assert all(any(prefix.replace(".", r"\.") in i for i in preset.ignore) for prefix in VLM_FAMILIES[model_type].towers)
+
+
+def test_names_matching_neither_layout_are_one_error(tmp_path: Path) -> None:
+    source = family_fixture_path("tiny-qwen2_5_vl")
+    bad = tmp_path / "bad"
+    shutil.copytree(source, bad)
+    tensors = _names(source)
+    tensors = {k.replace("visual.", "vision_encoder.", 1): v for k, v in tensors.items()}
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(EcoquantError, match=r"match no module of Qwen2_5_VLForConditionalGeneration.*first: vision_encoder\."):
+        quantize(bad, tmp_path / "out", QuantizeConfig(), show_progress=False)
+
+
+# ----------------------------------------------------------------- vision geometry, by hand
+
+
+def test_qwen_dynamic_resolution_by_hand() -> None:
+    # 1280 x 960 rounds to 1288 x 952 (multiples of 28), 1,226,176 px > 802,816: scaled by
+    # beta = sqrt(1,228,800 / 802,816) = 1.2372 and floored to 28s: 1008 x 756 -> 72 x 54 patches.
+    geo = DynamicResolution(patch=14, merge=2, min_pixels=3136)
+    assert geo.encode(1280, 960, 1024 * 28 * 28) == Encoding((72 * 54,), 72 * 54 // 4)
+    # Under the budget: 280 x 280 stays, 20 x 20 patches, 100 tokens.
+    assert geo.encode(280, 280, 1024 * 28 * 28) == Encoding((400,), 100)
+
+
+def test_idefics3_image_splitting_by_hand() -> None:
+    # Longest edge 1280 -> rounded up to 3 tiles of 512 = 1536; 1536 x 1152 -> 3 x 3 crops + 1 global.
+    geo = ImageSplitting(tile=512, patch=16, scale=4)
+    assert geo.encode(1280, 960, 1536) == Encoding((1024,) * 10, 10 * 1024 // 16)
+    assert geo.encode(400, 300, 1536) == Encoding((1024,), 64)  # one tile: no global image
+
+
+def test_gemma3_pan_and_scan_by_hand() -> None:
+    geo = FixedTokensPanScan(size=896, patch=14, tokens=256, max_crops=4)
+    assert geo.encode(1280, 960, 0) == Encoding((4096,), 256)  # off: one crop
+    # on: ratio 1.33 >= 1.2 -> floor(1.33 + 0.5) = 1, at least 2 crops -> 3 crops in all.
+    assert geo.encode(1280, 960, 1) == Encoding((4096,) * 3, 768)
+    assert geo.encode(1000, 1000, 1) == Encoding((4096,), 256)  # square: no crops
+
+
+def test_pixtral_longest_edge_by_hand() -> None:
+    # 1280 x 960 scaled by 0.8 -> 1024 x 768 -> 74 x 55 patches (ceil); 37 x 28 tokens + one break per row.
+    geo = LongestEdgePatches(patch=14, merge=2)
+    assert geo.encode(1280, 960, 1024) == Encoding((74 * 55,), 28 * 38)
+
+
+def test_tiny_idefics3_flops_and_bytes_by_hand() -> None:
+    """The energy model's terms for the tiny Idefics3 against a hand count (see the fixture's sizes)."""
+    from ecoquant.energy.costs import checkpoint_costs
+
+    terms = checkpoint_costs(family_fixture_path("tiny-idefics3"))
+    # Decoder per token and layer: q, o 64x64; k, v 64x32; gate, up, down 64x128 -> 2 x 36,864 FLOPs.
+    per_layer = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
+    assert terms.decoder_flops_per_token == 2 * per_layer
+    assert sum(terms.head_flops.values()) == 2 * 64 * 640
+    # Decode bytes: every decoder weight in bf16 (Linears + 2 norms a layer + the final norm) and the untied head.
+    decoder_bytes = 2 * (2 * (per_layer // 2 + 2 * 64) + 64)
+    assert terms.decode.decoder == decoder_bytes
+    assert terms.decode.head == 2 * 640 * 64
+    # Vision: a 64 x 64 image is one 64-px tile of 8 x 8 = 64 patches (no global image), 64 / 2² = 16 tokens.
+    # Per patch and layer: q, k, v, o 32x32 and fc1, fc2 32x64 -> 2 x 4,096; connector 128 -> 64 per token;
+    # attention 4 x 32 x 64² per layer.
+    vision = terms.vision
+    assert vision is not None
+    enc = ImageSplitting.from_config(load_config(family_fixture_path("tiny-idefics3"))).encode(64, 64, 64)
+    assert enc == Encoding((64,), 16)
+    by_hand = 2 * (2 * (4 * 32 * 32 + 2 * 32 * 64)) * 64 + 2 * 128 * 64 * 16 + 2 * 4 * 32 * 64 * 64
+    assert math.isclose(sum(vision.image_flops(enc).values()), by_hand)
+    assert math.isclose(vision.total_flops(16), by_hand)  # the request model's view: 16 soft tokens
+
+
+def test_qwen2_5_vl_windowed_attention_is_counted_per_layer() -> None:
+    """Qwen2.5-VL's windowed blocks attend within 64 patches; ``fullatt_block_indexes`` ones over the image."""
+    from ecoquant.energy.costs import checkpoint_costs
+
+    vision = checkpoint_costs(family_fixture_path("tiny-qwen2_5_vl")).vision
+    assert vision is not None
+    assert vision.windows == (64, None)  # the fixture's fullatt_block_indexes = [1]
+    width = 32  # qkv's 96 outputs / 3
+    attention = 4 * width * 400 * 64 + 4 * width * 400 * 400
+    linear = sum(vision.per_patch.values()) * 400 + sum(vision.per_soft_token.values()) * 100
+    assert math.isclose(sum(vision.image_flops(Encoding((400,), 100)).values()), linear + attention)
+
+
+# ----------------------------------------------------------------- calibrated methods (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_gptq_and_w8a8_load_and_stay_close(name: str, tmp_path: Path) -> None:
+    """GPTQ W4A16, W8A8 INT8 and FP8 on each family: written in the source layout, loaded by transformers
+    (through its own mapping), and close to the base by KL on text."""
+    from ecoquant.calibrate.data import CalibrationConfig
+    from ecoquant.quality.run import QualityConfig, compare
+    from ecoquant.quantize.scheme import SCHEMES
+
+    source = family_fixture_path(name)
+    calib = CalibrationConfig(source="corpus", num_samples=4, max_length=64)
+    configs = {
+        "gptq": QuantizeConfig(method="gptq", scheme=QuantScheme(group_size=16), calibration=calib),
+        "int8": QuantizeConfig(scheme=SCHEMES["w8a8-int8"]),
+        "fp8": QuantizeConfig(scheme=SCHEMES["w8a8-fp8"]),
+    }
+    outs = []
+    for label, config in configs.items():
+        out = tmp_path / label
+        quantize(source, out, config, show_progress=False)
+        assert checkpoint_layout(out).renamed == checkpoint_layout(source).renamed
+        outs.append(out)
+    report = compare(source, outs, QualityConfig(window_tokens=64, max_windows=2, device="cpu"))
+    text = report.part("text")
+    assert len(text.variants) == 3
+    for score in text.variants:
+        assert 0.0 < score.kl_mean < 0.05, (score.model, score.kl_mean)  # quantized: not identical, and close
+
+
+# ----------------------------------------------------------------- AWQ / SmoothQuant rows
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_smoothing_rows_are_exact_on_each_family(name: str) -> None:
+    """Folding random scales through every mapping of the family's topology row leaves the logits unchanged
+    (float32), so AWQ and SmoothQuant may use the row; at least two smoothings per layer apply."""
+    from transformers import AutoModelForImageTextToText
+
+    from ecoquant.models.topology import decoder_layers, resolve_mappings, topology_for
+    from ecoquant.quantize.awq import NORM_WEIGHT_OFFSET, fold_scales_into_linear, fold_scales_into_norm, scale_balance_weight
+
+    model = AutoModelForImageTextToText.from_pretrained(family_fixture_path(name), dtype=torch.float32).eval()
+    topology = topology_for(model.config)
+    assert topology.awq_mappings, f"{name} has no smoothing row"
+    ids = torch.randint(20, 500, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        _, layers = decoder_layers(model, topology)
+        applied = 0
+        g = torch.Generator().manual_seed(0)
+        for layer in layers:
+            for m in resolve_mappings(layer, topology.awq_mappings):
+                s = torch.exp((torch.rand(m.balance[0].in_features, generator=g) * 2 - 1) * math.log(4.0))
+                if isinstance(m.smooth, torch.nn.Linear):
+                    w, bias = fold_scales_into_linear(m.smooth.weight, m.smooth.bias, s)
+                    m.smooth.weight.copy_(w)
+                    if bias is not None:
+                        m.smooth.bias.copy_(bias)
+                else:
+                    folded, s = fold_scales_into_norm(m.smooth.weight, s, offset=NORM_WEIGHT_OFFSET[type(m.smooth).__name__])
+                    m.smooth.weight.copy_(folded)
+                for lin in m.balance:
+                    lin.weight.copy_(scale_balance_weight(lin.weight, s))
+                applied += 1
+        after = model(input_ids=ids).logits
+    assert applied >= 2 * len(layers)
+    assert float((after - before).abs().max() / before.abs().max()) < 1e-4
+
+
+# ----------------------------------------------------------------- levers
+
+
+@pytest.mark.parametrize("model_type", sorted(VLM_FAMILIES))
+def test_each_family_has_its_levers_row(model_type: str) -> None:
+    """The image budget is a vLLM serving option under the family's own processor key; W8A8 is a candidate."""
+    from ecoquant.optimize.levers import family_levers, serving_levers
+
+    levers = family_levers(model_type)
+    row = VLM_FAMILIES[model_type]
+    assert {"method": "rtn", "scheme": "w8a8-int8"} in [dict(w) for w in levers.weights]
+    assert levers.processor_budgets, f"{model_type} has no image-budget lever"
+    served = serving_levers(Path("."), levers, "vllm").serving
+    budgets = [s["mm_processor_kwargs"] for s in served if "mm_processor_kwargs" in s]
+    assert budgets == [row.budget.processor_kwargs(v) for v in row.budget.values if v != row.budget.default]
+    assert not any("mm_processor_kwargs" in s for s in serving_levers(Path("."), levers, "transformers").serving)
+
+
+def test_budget_keys_as_vllm_reads_them() -> None:
+    assert VLM_FAMILIES["qwen2_5_vl"].budget.processor_kwargs(200704) == {"max_pixels": 200704}
+    assert VLM_FAMILIES["idefics3"].budget.processor_kwargs(1024) == {"size": {"longest_edge": 1024}}
+    assert VLM_FAMILIES["gemma3"].budget.processor_kwargs(1) == {"do_pan_and_scan": True}
+
+
+# ----------------------------------------------------------------- eval on the built-in suite (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_runs_each_family_on_the_builtin_suite(name: str, tmp_path: Path) -> None:
+    """``ecoquant eval`` (transformers backend) on the family's base and its RTN W4A16 checkpoint: every request
+    is answered, image tokens are counted through the family's processor, and the energy is modelled with a
+    vision-encoder share. Scores of random weights mean nothing; the mechanics are checked."""
+    import subprocess
+    import sys
+
+    source = family_fixture_path(name)
+    w4 = tmp_path / "w4a16"
+    quantize(source, w4, QuantizeConfig(scheme=QuantScheme(group_size=16)), show_progress=False)
+    out = tmp_path / "eval"
+    ecoquant = Path(sys.executable).parent / "ecoquant"
+    done = subprocess.run(
+        [str(ecoquant), "eval", "--base", str(source), "--variant", str(w4), "--suite", "builtin-basic",
+         "--limit", "1", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["role"] for r in runs] == ["base", "variant"]
+    for run in runs:
+        assert run["requests"] == len(run["samples"]) > 0
+        assert run["modelled_energy"]["parts"]["vision_encoder"] > 0, run["modelled_energy"]
