@@ -68,6 +68,8 @@ class NodeInfo:
     idle_gpu_power_w: Mapping[int, float] | None = None
     """Idle power per GPU (W), measured once on this node; None where NVML measures nothing."""
     meter: str = ""
+    measured: bool = False
+    """NVML meters this node's GPUs (its jobs' energy is measured, not only modelled)."""
 
     @property
     def short(self) -> str:
@@ -113,6 +115,7 @@ def _probe_node(out: str, token: str, node_id: str, idle_seconds: float) -> dict
         result["error"] = f"{type(exc).__name__}: {exc.strerror or exc}"
     meter = open_meter(None, environ={})  # every GPU of the node, whatever this task was given
     result["meter"] = meter.description
+    result["measured"] = bool(meter.available)
     result["gpu_names"] = list(getattr(meter, "gpu_names", ()))
     idle = measure_idle(meter, idle_seconds)
     result["idle"] = None if idle is None else {int(g): w for g, w in idle.gpu_power_w.items()}
@@ -164,6 +167,7 @@ def survey(ray: ModuleType, out: Path, idle_seconds: float) -> tuple[NodeInfo, .
                     " + ".join(names) if names else _label(resources),
                     got["idle"],
                     str(got["meter"]),
+                    bool(got["measured"]),
                 )
             )
     finally:

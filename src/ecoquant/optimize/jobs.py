@@ -91,7 +91,8 @@ def _quantize_task(
         _quantize_job(job, plan, store, config, Stages(enabled=False), False)
     finally:
         marker.unlink(missing_ok=True)
-    return asdict(Placement(node_id, host, gpu_ids, None if node is None else node.gpu_model, started, time.time() - started))
+    placement = Placement(node_id, host, gpu_ids, None if node is None else node.gpu_model, started, time.time() - started)
+    return {"placement": asdict(placement), "failed": None}
 
 
 def _evaluate_task(
@@ -182,7 +183,7 @@ class ClusterSession:
     def energy_measured(self) -> bool:
         """Every GPU node meters its GPUs (a CPU-only cluster measures nothing: energy is modelled)."""
         with_gpus = [n for n in self.nodes if n.gpus]
-        return bool(with_gpus) and all(n.idle_gpu_power_w is not None or "NVML" in n.meter for n in with_gpus)
+        return bool(with_gpus) and all(n.measured for n in with_gpus)
 
     def _ask(self, gpu: bool) -> dict[str, Any]:
         return {"num_gpus": 1, "num_cpus": 1} if gpu and self.gpus else {"num_cpus": 1}
