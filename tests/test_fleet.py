@@ -98,3 +98,22 @@ def test_cluster_and_gpus_together_are_refused(tmp_path: object) -> None:
 
     with pytest.raises(EcoquantError, match="--cluster and --gpus"):
         OptimizeConfig(out=tmp_path, cluster="auto", gpus=(0, 1))  # type: ignore[arg-type]
+
+
+class _Resources:
+    """What ``spread_estimate`` reads of a connected ray module: the cluster's total resources."""
+
+    def __init__(self, resources: dict[str, float]) -> None:
+        self.resources = resources
+
+    def cluster_resources(self) -> dict[str, float]:
+        return self.resources
+
+
+def test_the_dry_run_estimate_is_divided_across_the_cluster_s_gpus() -> None:
+    from ecoquant.optimize.cluster import spread_estimate
+
+    line = spread_estimate(_Resources({"GPU": 4.0, "CPU": 64.0}), 1200.0)  # type: ignore[arg-type]
+    assert "4 GPUs: about 5.0 min" in line and "fewer jobs than slots" in line
+    assert "2 CPUs (no GPU): about 10.0 min" in spread_estimate(_Resources({"CPU": 2.0}), 1200.0)  # type: ignore[arg-type]
+    assert "no estimate yet" in spread_estimate(_Resources({"GPU": 2.0}), None)  # type: ignore[arg-type]
