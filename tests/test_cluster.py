@@ -174,27 +174,47 @@ def test_a_node_lost_mid_search_then_a_rerun_runs_only_the_unfinished_jobs(
     assert len(after) == len(list((local.results.parent / "evals").glob("*.json")))
 
 
+#: A node started the way ``Cluster.add_node`` starts one, in a process of its own (so in a mount namespace of
+#: its own); it stops, taking its raylet and workers with it, on SIGTERM.
+NODE_SCRIPT = """
+import signal, sys, time
+import ray._private.node, ray._private.parameter
+params = ray._private.parameter.RayParams(
+    gcs_address=sys.argv[1], node_ip_address="127.0.0.1", num_cpus=1, num_gpus=0,
+    object_store_memory=150 * 1024 * 1024, min_worker_port=0, max_worker_port=0,
+    include_log_monitor=False, node_manager_port=0,
+)
+params.dashboard_agent_listen_port = None
+node = ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+signal.signal(signal.SIGTERM, lambda *_: (node.kill_all_processes(check_alive=False, allow_graceful=True), sys.exit(0)))
+while True:
+    time.sleep(1)
+"""
+
+
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare and root")
 def test_an_out_one_node_cannot_write_is_refused_before_any_work(cluster: Cluster, tmp_path: Path) -> None:
     """A third node sees --out read-only (its own mount namespace, as a read-only NFS export would look)."""
     out = tmp_path / "opt"
     out.mkdir()
-    ray_bin = Path(sys.executable).with_name("ray")
+    ray.init(address=cluster.address, ignore_reinit_error=True, log_to_driver=False)
+    alive = len([n for n in ray.nodes() if n["Alive"]])
     script = (
-        f"mount --bind {out} {out} && mount -o remount,ro,bind {out} {out} && exec {ray_bin} start --block "
-        f"--address {cluster.address} --node-ip-address 127.0.0.1 --num-cpus 1 --num-gpus 0"
+        f"mount --bind {out} {out} && mount -o remount,ro,bind {out} {out} && "
+        f'exec {sys.executable} -c "$0" {cluster.address}'
     )
-    node = subprocess.Popen(["unshare", "-m", "sh", "-c", script], start_new_session=True)
+    node = subprocess.Popen(["unshare", "-m", "sh", "-c", script, NODE_SCRIPT], start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while len([n for n in ray.nodes() if n["Alive"]]) < 3 and time.monotonic() < deadline:
+        while len([n for n in ray.nodes() if n["Alive"]]) <= alive and time.monotonic() < deadline:
+            assert node.poll() is None, "the read-only node exited"
             time.sleep(0.5)
-        assert len([n for n in ray.nodes() if n["Alive"]]) >= 3, "the read-only node did not join"
+        assert len([n for n in ray.nodes() if n["Alive"]]) > alive, "the read-only node did not join"
         with pytest.raises(EcoquantError) as info:
             optimize(tiny_vlm_path(), search_config(out, cluster.address), show_progress=False)
         message = str(info.value)
         assert "\n" not in message and "is not shared by every node" in message and "Read-only" in message
         assert not (out / "checkpoints").exists() and not (out / "evals").exists()  # nothing ran
     finally:
-        os.killpg(node.pid, signal.SIGTERM)
+        node.terminate()
         node.wait(timeout=60)
