@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -76,9 +77,8 @@ def test_labels_only_are_not_calibrated_and_say_so() -> None:
     assert "not calibrated (no node measured energy)" in fleet.note()
 
 
-def test_cluster_without_ray_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ecoquant.optimize.cluster import require_ray
-
+def hide_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``import ray`` fail as it does where the extra is not installed."""
     real = builtins.__import__
 
     def no_ray(name: str, *args: object, **kwargs: object) -> object:
@@ -87,10 +87,24 @@ def test_cluster_without_ray_is_one_line(monkeypatch: pytest.MonkeyPatch) -> Non
         return real(name, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
+
+
+def test_cluster_without_ray_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ecoquant.cli import app
+    from ecoquant.fixtures.tiny_vlm import tiny_vlm_path
+    from ecoquant.optimize.cluster import require_ray
+
+    hide_ray(monkeypatch)
     with pytest.raises(EcoquantError) as info:
         require_ray()
     message = str(info.value)
     assert "\n" not in message and "uv run --extra ray" in message and "ecoquant[ray]" in message
+    result = CliRunner().invoke(app, ["optimize", str(tiny_vlm_path()), "--out", str(tmp_path / "o"), "--cluster", "auto"])
+    assert result.exit_code == 2
+    assert f"error: {message}" in " ".join(result.output.split())  # the brackets survive the console
+    assert not (tmp_path / "o" / "evals").exists()
 
 
 def test_cluster_and_gpus_together_are_refused(tmp_path: object) -> None:

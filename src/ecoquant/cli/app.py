@@ -17,6 +17,7 @@ from typing import ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ecoquant.errors import EcoquantError
 from ecoquant.signals import exit_code, stop_on_signals
@@ -57,7 +58,7 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
             with stop_on_signals():
                 return fn(*args, **kwargs)
         except EcoquantError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # a message may hold [brackets]
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt as exc:
             console.print(f"[yellow]stopped[/] ({exc or 'Ctrl-C'}): temporary files removed", highlight=False, soft_wrap=True)
