@@ -119,9 +119,10 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=None)
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="ecoquant-cluster-bench-"))
-    rows = [run(kind, root) for kind in args.runs]
-    for row in rows:
-        print(json.dumps(row), flush=True)
+    rows = []
+    for kind in args.runs:
+        rows.append(run(kind, root))
+        print(json.dumps(rows[-1]), flush=True)
     local = next((r for r in rows if r["run"].startswith("local")), None)
     one = next((r for r in rows if "1 node" in str(r["run"])), None)
     if local and one and one.get("jobs"):

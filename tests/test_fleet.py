@@ -131,3 +131,15 @@ def test_the_dry_run_estimate_is_divided_across_the_cluster_s_gpus() -> None:
     assert "4 GPUs: about 5.0 min" in line and "fewer jobs than slots" in line
     assert "2 CPUs (no GPU): about 10.0 min" in spread_estimate(_Resources({"CPU": 2.0}), 1200.0)  # type: ignore[arg-type]
     assert "no estimate yet" in spread_estimate(_Resources({"GPU": 2.0}), None)  # type: ignore[arg-type]
+
+
+def test_jobs_checking_the_shared_out_at_once_do_not_trip_over_each_other(tmp_path: Path) -> None:
+    """Every job opens the store (which probes --out); two nodes doing it at once once removed each other's probe."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ecoquant.optimize.store import check_writable
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for future in [pool.submit(check_writable, tmp_path) for _ in range(400)]:
+            assert future.result() == tmp_path
+    assert list(tmp_path.iterdir()) == []
