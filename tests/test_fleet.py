@@ -39,8 +39,13 @@ MIXED = {"base": Where("h100", "H100"), "a": Where("h100", "H100"), "b": Where("
 
 
 def test_one_gpu_model_ranks_by_measured_energy() -> None:
+    from ecoquant.optimize.fleet import ranked
+
     fleet = fleet_ranking(ROWS, SAME, "L4")
     assert not fleet.mixed
+    assert ranked(ROWS, SAME, "L4", True) == (ROWS, True, None)
+    rows, measured, mixed = ranked(ROWS, MIXED, "L4", True)
+    assert not measured and mixed is not None and rows == calibrated_rows(ROWS, MIXED, mixed)
     assert choose(ROWS, 0.8, True).pick == "b"
 
 

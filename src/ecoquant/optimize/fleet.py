@@ -90,3 +90,13 @@ def calibrated_rows(rows: Sequence[ReportRow], where: Mapping[str, Where], ranki
         else:
             out.append(replace(row, modelled_energy_j=row.modelled_energy_j * ratio))
     return out
+
+
+def ranked(
+    rows: Sequence[ReportRow], where: Mapping[str, Where], target: str | None, energy_measured: bool
+) -> tuple[list[ReportRow], bool, FleetRanking | None]:
+    """The rows to rank, whether by measured energy, and the fleet's account where GPU models differ (else None)."""
+    fleet = fleet_ranking(rows, where, target or "the target GPU") if where else None
+    if fleet is None or not fleet.mixed:
+        return list(rows), energy_measured, None
+    return calibrated_rows(rows, where, fleet), False, fleet

@@ -291,6 +291,11 @@ class ClusterSession:
         return evaluated, failures, None
 
 
+    @staticmethod
+    def wheres(store: Store, jobs: Sequence[Job]) -> dict[str, Where]:
+        return stored_wheres(store, jobs)
+
+
 def _by_id(nodes: Sequence[NodeInfo]) -> dict[str, NodeInfo]:
     return {n.node_id: n for n in nodes}
 

@@ -347,17 +347,10 @@ class GridRun:
         return report_rows(self.record, config.gate, config.gate_confidence)
 
     def ranked(self, config: OptimizeConfig, energy_measured: bool) -> tuple[list[Any], bool, Any]:
-        """The rows the choice ranks, whether by measured energy, and the fleet's account when GPU models differ
-        (then by modelled energy calibrated per node: :mod:`ecoquant.optimize.fleet`)."""
-        rows = self.rows(config)
-        if not self.where:
-            return rows, energy_measured, None
-        from ecoquant.optimize.fleet import calibrated_rows, fleet_ranking
+        """The rows the choice ranks, by measured energy or not, and the fleet's note (:func:`~ecoquant.optimize.fleet.ranked`)."""
+        from ecoquant.optimize.fleet import ranked
 
-        fleet = fleet_ranking(rows, self.where, modelled_gpu(self.record) or "the target GPU")
-        if not fleet.mixed:
-            return rows, energy_measured, None
-        return calibrated_rows(rows, self.where, fleet), False, fleet
+        return ranked(self.rows(config), self.where or {}, modelled_gpu(self.record), energy_measured)
 
 
 def open_runner(
@@ -441,11 +434,7 @@ def run_grid(model: str | Path, config: OptimizeConfig, runner: Runner) -> GridR
         [failures[j.label] for j in plan.jobs if j.label in failures],
         BootstrapSpec(config.gate_confidence or DEFAULT_CONFIDENCE),
     )
-    where = None
-    if runner.cluster is not None:
-        from ecoquant.optimize.jobs import stored_wheres
-
-        where = stored_wheres(store, plan.jobs)
+    where = None if runner.cluster is None else runner.cluster.wheres(store, plan.jobs)
     return GridRun(plan, store, record, tuple(quantized), tuple(evaluated), where)
 
 
