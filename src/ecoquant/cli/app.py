@@ -19,6 +19,7 @@ import click
 import typer
 from typer.core import TyperGroup
 from rich.console import Console
+from rich.markup import escape
 
 from ecoquant.errors import EcoquantError
 from ecoquant.signals import exit_code, stop_on_signals
@@ -89,7 +90,7 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
             with stop_on_signals():
                 return fn(*args, **kwargs)
         except EcoquantError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # a message may hold [brackets]
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt as exc:
             console.print(f"[yellow]stopped[/] ({exc or 'Ctrl-C'}): temporary files removed", highlight=False, soft_wrap=True)

@@ -48,6 +48,8 @@ def optimize_cmd(
     max_new_tokens: Annotated[int | None, typer.Option(help="Lower every task's token cap to this.")] = None,
     keep: Annotated[str, typer.Option(help="pick: delete the losers' checkpoints after the decision; all: keep them.")] = "all",
     gpus: Annotated[str | None, typer.Option(help="NVML GPU indices, e.g. 0,1: candidates are evaluated in parallel, one per GPU, each metered alone.")] = None,
+    cluster: Annotated[str | None, typer.Option(help="Run every quantization and evaluation as a Ray task (one GPU, or one CPU, each) on the Ray cluster at this address, or `auto` for the one started on this machine by `ray start`; needs the ray extra and an --out every node shares (docs/optimize.md).")] = None,
+    cluster_retries: Annotated[int, typer.Option(help="--cluster: times Ray re-places a job whose node or worker died; after that the run stops and a rerun runs only what did not finish.")] = 1,
     repo_id: Annotated[str | None, typer.Option(help="Write this as the submission's `model` (the hub id you publish under) instead of `.`.")] = None,
     device: Annotated[str, typer.Option(help="transformers backend: auto, cpu, cuda, cuda:N.")] = "auto",
     quant_device: Annotated[str, typer.Option(help="Where GPTQ/AWQ calibrate: auto (CUDA when one is visible and the calibration fits its free memory, else cpu, with a line saying why), cpu, cuda or cuda:N.")] = "auto",
@@ -94,6 +96,8 @@ def optimize_cmd(
         quant_device=quant_device,
         keep=keep,  # type: ignore[arg-type]
         gpus=parse_gpus(gpus) or (),
+        cluster=cluster,
+        cluster_retries=cluster_retries,
         repo_id=repo_id,
         vllm_python=vllm_python,
         vllm_args=tuple(vllm_arg or ()),
@@ -171,3 +175,8 @@ def _print_preview(model: str, config: object) -> None:
     )
     if p.device_note:
         console.print(p.device_note, highlight=False, soft_wrap=True)
+    address = config.cluster  # type: ignore[attr-defined]
+    if address is not None:
+        from ecoquant.optimize.cluster import connect, spread_estimate
+
+        console.print(spread_estimate(connect(address), p.seconds), highlight=False, soft_wrap=True)

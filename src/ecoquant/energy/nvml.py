@@ -52,6 +52,12 @@ class NvmlMeter:
     def description(self) -> str:
         return f"NVML total-energy counter, GPU {', '.join(map(str, self.gpus))}"
 
+    @property
+    def gpu_names(self) -> tuple[str, ...]:
+        """NVML's model name of each metered GPU (e.g. ``NVIDIA L4``): energies are only compared within one model."""
+        names = (self._nvml.nvmlDeviceGetName(h) for h in self._handles.values())
+        return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
     def read(self) -> Reading:
         """Timestamp first, then each counter: the same order every time, which replays rely on."""
         now = self._clock()

@@ -94,6 +94,10 @@ class OptimizeConfig:
         vllm_python, vllm_args, server_timeout_s: for ``--backend vllm``.
         allow_nonfinite: quantize source weights holding NaN or inf (recorded in each recipe) instead of refusing.
         search: the staged search's bounds, used when ``grid`` is None.
+        cluster: a Ray cluster's address (``auto``: the one started on this machine) to run every
+            quantization and evaluation on, one GPU (or CPU) each (:mod:`ecoquant.optimize.jobs`); None: here.
+        cluster_retries: how often Ray re-places a job whose node or worker died before the run gives up
+            on it (the next run re-runs it; finished jobs are kept).
     """
 
     out: Path
@@ -111,6 +115,8 @@ class OptimizeConfig:
     server_timeout_s: float = 900.0
     allow_nonfinite: bool = False
     search: SearchConfig = field(default_factory=SearchConfig)
+    cluster: str | None = None
+    cluster_retries: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out).expanduser())
@@ -124,6 +130,10 @@ class OptimizeConfig:
             raise EcoquantError(f"--keep takes pick or all, not {self.keep!r}")
         if len(set(self.gpus)) != len(self.gpus):
             raise EcoquantError(f"--gpus repeats a GPU: {list(self.gpus)}")
+        if self.cluster is not None and self.gpus:
+            raise EcoquantError("--cluster and --gpus do not go together: on a cluster Ray gives each job its GPU")
+        if self.cluster_retries < 0:
+            raise EcoquantError(f"--cluster-retries must be 0 or more, got {self.cluster_retries}")
         object.__setattr__(self, "eval", replace(self.eval, backend=self.backend, prompt_variants=("default",)))
 
 

@@ -28,7 +28,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -178,6 +178,15 @@ def capped(generation: Any, cap: int) -> Any:
 # ------------------------------------------------------------------ evaluate
 
 
+def job_eval_config(job: Job, config: OptimizeConfig) -> EvalConfig:
+    """The evaluation settings of one job: its image budget, and its answer cap applied to each task's cap."""
+    budget = None if job.candidate is None else job.candidate.max_soft_tokens
+    job_eval = replace(config.eval, max_soft_tokens=budget)
+    if job.candidate is not None and job.candidate.answer_cap is not None:
+        job_eval = replace(job_eval, generation=capped(job_eval.generation, job.candidate.answer_cap))
+    return job_eval
+
+
 MeterFactory = Callable[[Sequence[int] | None], Any]
 BackendFactory = Callable[[ModelRef, int, EvalConfig], Backend]
 
@@ -258,10 +267,7 @@ def _evaluate_jobs(
             ref = ModelRef(job.label, str(job.folder), job.role)
             t0 = time.perf_counter()
             with stages.stage(job.label, f"evaluate ({config.backend}{where}, {prepared.suite.n_samples} samples)"):
-                budget = None if job.candidate is None else job.candidate.max_soft_tokens
-                job_eval = replace(config.eval, max_soft_tokens=budget)
-                if job.candidate is not None and job.candidate.answer_cap is not None:
-                    job_eval = replace(job_eval, generation=capped(job_eval.generation, job.candidate.answer_cap))
+                job_eval = job_eval_config(job, config)
                 try:
                     # a bar per model on a terminal (one worker: parallel bars would interleave)
                     bar = show and len(config.gpus) <= 1
@@ -327,6 +333,8 @@ class Runner:
     energy_measured: bool
     meter_factory: MeterFactory
     backend_factory: BackendFactory | None
+    cluster: Any = None
+    """``--cluster``: the :class:`~ecoquant.optimize.jobs.ClusterSession` the jobs run on; None: here."""
 
 
 @dataclass(frozen=True)
@@ -339,8 +347,17 @@ class GridRun:
     quantized: tuple[str, ...]
     evaluated: tuple[str, ...]
 
+    where: Mapping[str, Any] | None = None
+    """``--cluster``: each evaluated model's node and GPU model (:class:`~ecoquant.optimize.fleet.Where`)."""
+
     def rows(self, config: OptimizeConfig) -> list[Any]:
         return report_rows(self.record, config.gate, config.gate_confidence)
+
+    def ranked(self, config: OptimizeConfig, energy_measured: bool) -> tuple[list[Any], bool, Any]:
+        """The rows the choice ranks, by measured energy or not, and the fleet's note (:func:`~ecoquant.optimize.fleet.ranked`)."""
+        from ecoquant.optimize.fleet import ranked
+
+        return ranked(self.rows(config), self.where or {}, modelled_gpu(self.record), energy_measured)
 
 
 def open_runner(
@@ -365,7 +382,13 @@ def open_runner(
         from ecoquant.serve.launch import require_vllm
 
         require_vllm(config.vllm_python)  # before any quantization: one line if vLLM is missing
-    return Runner(stages, show, energy_measured, meter_factory, backend_factory)
+    cluster = None
+    if config.cluster is not None:
+        from ecoquant.optimize.jobs import open_cluster
+
+        cluster = open_cluster(config, stages, meter_factory, backend_factory)
+        energy_measured = cluster.energy_measured
+    return Runner(stages, show, energy_measured, meter_factory, backend_factory, cluster)
 
 
 def run_grid(model: str | Path, config: OptimizeConfig, runner: Runner) -> GridRun:
@@ -379,8 +402,8 @@ def run_grid(model: str | Path, config: OptimizeConfig, runner: Runner) -> GridR
         f"{len(plan.cached_checkpoints)} checkpoints reused from {store.root}"
     )
 
-    quantized = []
-    for job in plan.quantize:
+    quantized = [] if runner.cluster is None else runner.cluster.quantize(plan, store, config, stages, show)
+    for job in plan.quantize if runner.cluster is None else ():
         _quantize_job(job, plan, store, config, stages, show)
         quantized.append(job.label)
     for job in plan.jobs:
@@ -395,7 +418,8 @@ def run_grid(model: str | Path, config: OptimizeConfig, runner: Runner) -> GridR
     else:
         factory_for = lambda gpu: _transformers_factory(config, gpu)  # noqa: E731
     todo = [j for j in plan.jobs if j.eval_key not in plan.cached_evals]
-    evaluated, failures, info = _evaluate_jobs(
+    evaluate = _evaluate_jobs if runner.cluster is None else runner.cluster.evaluate
+    evaluated, failures, info = evaluate(
         todo, plan, store, prepared, config, stages, runner.meter_factory, factory_for, show
     )
 
@@ -417,7 +441,8 @@ def run_grid(model: str | Path, config: OptimizeConfig, runner: Runner) -> GridR
         [failures[j.label] for j in plan.jobs if j.label in failures],
         BootstrapSpec(config.gate_confidence or DEFAULT_CONFIDENCE),
     )
-    return GridRun(plan, store, record, tuple(quantized), tuple(evaluated))
+    where = None if runner.cluster is None else runner.cluster.wheres(store, plan.jobs)
+    return GridRun(plan, store, record, tuple(quantized), tuple(evaluated), where)
 
 
 def decide(
@@ -429,13 +454,10 @@ def decide(
     """
     plan, store, record = run.plan, run.store, run.record
     results = record.save(store.root / RESULTS_FILE)
-    choice = choose(
-        run.rows(config),
-        config.gate,
-        runner.energy_measured,
-        confidence=config.gate_confidence,
-        modelled_for=modelled_gpu(record),
-    )
+    rows, measured, fleet = run.ranked(config, runner.energy_measured)
+    choice = choose(rows, config.gate, measured, confidence=config.gate_confidence, modelled_for=modelled_gpu(record))
+    if fleet is not None:
+        choice = replace(choice, metric_note=fleet.note())
     render_report(
         record, store.root, config.gate, config.gate_confidence, pick=choice.pick, decision=choice.summary()
     )

@@ -215,11 +215,12 @@ def staged_optimize(model: str | Path, config: OptimizeConfig, runner: Runner) -
             run = run_grid(path, stage_cfg, runner)
         last[stage] = (run, stage_cfg)
         out = {}
-        for row in run.rows(stage_cfg):
+        rows, measured, _ = run.ranked(stage_cfg, runner.energy_measured)
+        for row in rows:
             if row.role == "base":
                 continue
             interval = (row.recovery_interval or {}).get("mean")
-            out[row.model] = Outcome(row.model, row.mean_recovery, row_cost(row, runner.energy_measured), interval)
+            out[row.model] = Outcome(row.model, row.mean_recovery, row_cost(row, measured), interval)
         return out
 
     result = search(weights, serving, config.search, config.gate, evaluate)

@@ -74,7 +74,7 @@ def check_writable(out: Path) -> Path:
         raise EcoquantError(f"--out {out} is a file, not a folder; choose a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".ecoquant-write-test"
+        probe = out / f".ecoquant-write-test-{os.getpid()}-{os.urandom(4).hex()}"  # writers on other nodes probe too
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:

@@ -1,0 +1,207 @@
+"""``optimize --cluster``: the Ray cluster the search's jobs run on, and the checks made before any work.
+
+ecoquant does not schedule across machines itself: Ray places each job (a
+quantization or an evaluation, :mod:`ecoquant.optimize.jobs`) on a node with
+a free GPU (or CPU), and says when a node is lost. What ecoquant adds is
+checked here, once, before the first job:
+
+* **Ray is there**: it is an optional extra; without it ``--cluster`` is one
+  line saying how to install it.
+* **``--out`` is shared**: every job writes its result into the keyed store
+  (:mod:`ecoquant.optimize.store`), the only record of the search, so every
+  node must see the same folder at the same path. A task pinned to each node
+  reads a token the driver wrote into ``--out`` and writes one back; a node
+  that cannot is named in one line before anything runs.
+* **Each node's GPU model** (the NVML name, else the node's
+  ``accelerator_type:`` label in Ray's resources) and its **idle power**
+  (measured once per node, by a task pinned to it): energy is only compared
+  between candidates metered on the same GPU model
+  (:mod:`ecoquant.optimize.fleet`).
+
+Ray's ports and dashboard have no authentication: a cluster belongs on a
+private network (docs/optimize.md).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ecoquant.errors import EcoquantError
+
+INSTALL_HINT = "install the extra: `uv run --extra ray ecoquant optimize ...` or `pip install 'ecoquant[ray]'`"
+ACCELERATOR_PREFIX = "accelerator_type:"
+"""Ray's resource label for a node's GPU model (Ray sets it from the driver's device name, e.g. ``accelerator_type:L4``)."""
+PROBE_PREFIX = ".ecoquant-shared-"
+
+
+def require_ray() -> ModuleType:
+    """The ``ray`` module, or one line saying how to install it.
+
+    Ray's ``uv run`` hook is turned off (unless the environment says otherwise): it would ship the current
+    folder to every worker and rebuild the environment there; ecoquant's workers run the Python that started
+    each node (``ray start`` from ecoquant's environment, docs/optimize.md).
+    """
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    try:
+        import ray
+    except ImportError:
+        raise EcoquantError(f"--cluster needs Ray, which is not installed; {INSTALL_HINT}") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One live node of the cluster as the search sees it."""
+
+    node_id: str
+    host: str
+    cpus: float
+    gpus: int
+    gpu_model: str | None
+    """NVML's name of the node's GPUs, else its ``accelerator_type:`` label; None without GPUs."""
+    idle_gpu_power_w: Mapping[int, float] | None = None
+    """Idle power per GPU (W), measured once on this node; None where NVML measures nothing."""
+    meter: str = ""
+    measured: bool = False
+    """NVML meters this node's GPUs (its jobs' energy is measured, not only modelled)."""
+
+    @property
+    def short(self) -> str:
+        """How progress lines name it: host and the start of its Ray node id."""
+        return f"{self.host}/{self.node_id[:6]}"
+
+
+def connect(address: str) -> ModuleType:
+    """Join the running Ray cluster at ``address`` (``auto``: the one started on this machine by ``ray start``)."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return ray
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING", configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EcoquantError(
+            f"cannot join the Ray cluster at {address!r} ({first}); start one with `ray start --head` "
+            "(docs/optimize.md) and pass its address, or `auto` on one of its nodes"
+        ) from None
+    return ray
+
+
+def _label(resources: Mapping[str, float]) -> str | None:
+    return next((k.removeprefix(ACCELERATOR_PREFIX) for k in sorted(resources) if k.startswith(ACCELERATOR_PREFIX)), None)
+
+
+def _probe_node(out: str, token: str, node_id: str, idle_seconds: float) -> dict[str, Any]:
+    """On one node: read the driver's token in ``out``, write this node's reply, name and meter its GPUs."""
+    import socket
+
+    from ecoquant.energy.meter import measure_idle
+    from ecoquant.energy.nvml import open_meter
+
+    result: dict[str, Any] = {"host": socket.gethostname(), "error": None}
+    folder = Path(out)
+    try:
+        seen = (folder / f"{PROBE_PREFIX}{token}").read_text(encoding="utf-8")
+        if seen != token:
+            raise OSError(f"the driver's probe file reads {seen[:20]!r}, not the token it wrote")
+        (folder / f"{PROBE_PREFIX}{token}-{node_id}").write_text(node_id, encoding="utf-8")
+    except OSError as exc:
+        result["error"] = f"{type(exc).__name__}: {exc.strerror or exc}"
+    meter = open_meter(None, environ={})  # every GPU of the node, whatever this task was given
+    result["meter"] = meter.description
+    result["measured"] = bool(meter.available)
+    result["gpu_names"] = list(getattr(meter, "gpu_names", ()))
+    idle = measure_idle(meter, idle_seconds)
+    result["idle"] = None if idle is None else {int(g): w for g, w in idle.gpu_power_w.items()}
+    if hasattr(meter, "close"):
+        meter.close()
+    return result
+
+
+def survey(ray: ModuleType, out: Path, idle_seconds: float) -> tuple[NodeInfo, ...]:
+    """Every live node, after checking that each one reads and writes ``out`` (one line naming those that do not).
+
+    One task pinned to each node (``NodeAffinitySchedulingStrategy``, not soft) does the check and meters the
+    node's idle power over ``idle_seconds``; nothing else has been placed yet, so the GPUs are idle.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = secrets.token_hex(8)
+    driver_probe = out / f"{PROBE_PREFIX}{token}"
+    driver_probe.write_text(token, encoding="utf-8")
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if not alive:
+        raise EcoquantError("the Ray cluster has no live node; start one with `ray start --head`")
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_node)
+    refs = {
+        n["NodeID"]: probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(str(out), token, n["NodeID"], idle_seconds)
+        for n in alive
+    }
+    nodes, refused = [], []
+    try:
+        for n in alive:
+            node_id = n["NodeID"]
+            got = ray.get(refs[node_id])
+            reply = out / f"{PROBE_PREFIX}{token}-{node_id}"
+            error = got["error"]
+            if error is None and not (reply.is_file() and reply.read_text(encoding="utf-8") == node_id):
+                error = "what it wrote is not in the driver's folder (not the same filesystem)"
+            if error is not None:
+                refused.append(f"{got['host']} ({n.get('NodeManagerAddress', '?')}, node {node_id[:6]}): {error}")
+            resources = n.get("Resources", {})
+            names = sorted(set(got["gpu_names"]))
+            nodes.append(
+                NodeInfo(
+                    node_id,
+                    str(got["host"]),
+                    float(resources.get("CPU", 0.0)),
+                    int(resources.get("GPU", 0)),
+                    " + ".join(names) if names else _label(resources),
+                    got["idle"],
+                    str(got["meter"]),
+                    bool(got["measured"]),
+                )
+            )
+    finally:
+        for f in out.glob(f"{PROBE_PREFIX}{token}*"):
+            f.unlink(missing_ok=True)
+    if refused:
+        raise EcoquantError(
+            f"--out {out} is not shared by every node of the cluster: {'; '.join(refused)}; put --out on a "
+            "filesystem every node mounts at the same path, writable by the user Ray runs as (docs/optimize.md)"
+        )
+    return tuple(nodes)
+
+
+def describe(nodes: tuple[NodeInfo, ...]) -> str:
+    """One line: the nodes, their GPUs and models."""
+    parts = [
+        f"{n.short} ({n.gpus} GPU{'s' if n.gpus != 1 else ''}{f' {n.gpu_model}' if n.gpu_model else ''}, {n.cpus:g} CPU)"
+        for n in nodes
+    ]
+    return f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}: " + ", ".join(parts)
+
+
+def spread_estimate(ray: ModuleType, seconds: float | None) -> str:
+    """The dry run's estimate divided across the cluster's GPUs (its CPUs where it has none).
+
+    An assumption, said in the line: every stage has at least as many jobs as slots and they take
+    about as long as each other; a stage with fewer jobs, or one long quantization, takes longer.
+    """
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    slots, what = (gpus, "GPUs") if gpus else (max(cpus, 1), "CPUs (no GPU)")
+    if seconds is None:
+        return f"on the cluster: {slots} {what}; no estimate yet (no measured times in this folder)"
+    return (
+        f"on the cluster: {slots} {what}: about {seconds / slots / 60:.1f} min if every stage's jobs share them evenly "
+        "(each stage waits for its slowest job, so a stage with fewer jobs than slots takes longer)"
+    )
