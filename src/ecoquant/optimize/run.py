@@ -448,33 +448,6 @@ def decide(
     return OptimizeResult(plan, record, choice, submission, run.quantized, run.evaluated, results)
 
 
-def optimize(
-    model: str | Path,
-    config: OptimizeConfig,
-    *,
-    show_progress: bool | None = None,
-    console: Console | None = None,
-    meter_factory: MeterFactory = _open_meter,
-    backend_factory: BackendFactory | None = None,
-) -> OptimizeResult:
-    """Quantize, evaluate, decide and write ``config.out/submission`` (see the module docstring).
-
-    With a grid (``config.grid``) every candidate is evaluated on the whole
-    suite (a product); without one, the staged search of
-    :mod:`ecoquant.optimize.stages` chooses what to evaluate.
-    ``meter_factory`` and ``backend_factory`` exist for tests (a recorded NVML,
-    a scripted backend); by default NVML and the configured backend are used.
-    """
-    runner = open_runner(
-        config, show_progress=show_progress, console=console, meter_factory=meter_factory, backend_factory=backend_factory
-    )
-    if config.grid is None:
-        from ecoquant.optimize.stages import staged_optimize
-
-        return staged_optimize(model, config, runner)
-    return decide(run_grid(model, config, runner), config, runner)
-
-
 def _transformers_factory(config: OptimizeConfig, gpu: int | None) -> BackendFactory:
     if gpu is None:
         return open_backend

@@ -38,15 +38,14 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ecoquant.calibrate.data import CalibrationConfig
 from ecoquant.optimize.grid import Candidate, Grid
 from ecoquant.optimize.levers import FamilyLevers, ServingLevers, family_levers, serving_levers
 from ecoquant.optimize.plan import OptimizeConfig, SearchConfig
-
-if TYPE_CHECKING:
-    from ecoquant.optimize.run import OptimizeResult, Runner
+from ecoquant.optimize.run import GridRun, OptimizeResult, Runner, decide, run_grid
+from ecoquant.optimize.select import row_cost
 
 STAGES: tuple[str, ...] = ("weights", "serving", "final")
 
@@ -195,8 +194,6 @@ def staged_optimize(model: str | Path, config: OptimizeConfig, runner: Runner) -
     """:func:`search` with the real quantize-and-evaluate, then the decision on stage 3's whole-suite results."""
     from ecoquant.models.loading import resolve_model
     from ecoquant.optimize.plan import _model_type
-    from ecoquant.optimize.run import GridRun, decide, run_grid
-    from ecoquant.optimize.select import row_cost
 
     from ecoquant.eval.runner import prepare_suite
 
