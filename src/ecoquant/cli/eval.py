@@ -18,7 +18,7 @@ from ecoquant.energy.gpus import DEFAULT_GPU, GPUS
 from ecoquant.energy.nvml import NvmlMeter, open_meter
 from ecoquant.energy.replay import save_readings
 from ecoquant.errors import EcoquantError
-from ecoquant.eval.backends.base import GENERATION_PRESETS, generation_settings
+from ecoquant.eval.backends.base import DEFAULT_NUM_SPECULATIVE_TOKENS, GENERATION_PRESETS, generation_settings
 from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.economy import PROMPT_VARIANTS
 from ecoquant.eval.runner import EvalConfig, RunRecord, check_sources, model_refs, open_backend, run_eval
@@ -73,6 +73,8 @@ def eval_cmd(
     gate_confidence: Annotated[float | None, typer.Option(help="Gate on the lower bound of this bootstrap interval on mean recovery, e.g. 0.9 (default: on the point estimate; intervals shown at 90%).")] = None,
     target_gpu: Annotated[str, typer.Option(help=f"GPU the modelled energy is for ({', '.join(GPUS)}); the challenge serves on an L4.")] = DEFAULT_GPU,
     target_concurrency: Annotated[int, typer.Option(help="Requests the target server runs at once, for the modelled energy (1: one at a time, the worst case).")] = 1,
+    assistant: Annotated[str | None, typer.Option("--assistant", metavar="PATH|HUB-ID", help="A drafting assistant (Gemma-4 MTP, e.g. google/gemma-4-E4B-it-assistant) every model decodes with; results.json then records its measured acceptance. transformers backend; one request at a time.")] = None,
+    num_speculative_tokens: Annotated[int, typer.Option("--num-speculative-tokens", metavar="K", help="With --assistant: tokens it drafts per target step.")] = DEFAULT_NUM_SPECULATIVE_TOKENS,
 ) -> None:
     """Evaluate a base model and its variants: scores, recovery with bootstrap intervals, tokens, wall time and energy, with a report."""
     out = folder_arg(out_text)
@@ -96,6 +98,8 @@ def eval_cmd(
         repeats=repeats,
         target_gpu=target_gpu,
         target_concurrency=target_concurrency,
+        assistant=assistant,
+        num_speculative_tokens=num_speculative_tokens,
     )
     check_sources(model_refs(base, tuple(variant or ())), config)  # a wrong path: one line, before anything is drawn
     factory = open_backend

@@ -51,6 +51,12 @@ class SampleResult:
     text_tokens: int | None = None
     image_tokens: int | None = None
     images: int | None = None
+    target_steps: int | None = None
+    """With an assistant (speculative decoding): the target's decode passes that verified drafts; None without."""
+    drafted_tokens: int | None = None
+    """With an assistant: the tokens it proposed for this request; None without."""
+    accepted_tokens: int | None = None
+    """With an assistant: the proposed tokens the target kept; None without."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,8 @@ class ModelRun:
     modelled_energy: dict[str, Any] | None = None
     """``{"gpu", "total_j", "parts"}``: the roofline's joules for this suite (MODELLED for that GPU, never
     measured; :mod:`ecoquant.energy.roofline`), or None where the model could not be modelled."""
+    speculative: dict[str, Any] | None = None
+    """With an assistant, the acceptance measured over the suite (:func:`speculative_summary`); None without."""
 
     @property
     def energy_j(self) -> float | None:
@@ -137,6 +145,30 @@ class ModelRun:
                 "energy_repeats": tuple(EnergyResult(**e) for e in r.get("energy_repeats", ())),
             }
         )
+
+
+def speculative_summary(
+    assistant: str, num_speculative_tokens: int, samples: Sequence[SampleResult]
+) -> dict[str, Any]:
+    """A run's measured acceptance, summed over its requests, in vLLM's conventions.
+
+    ``mean_accepted_per_step`` = accepted / target steps (0..k; one more is the tokens each target step
+    yields, the "acceptance length"); ``acceptance_rate`` = accepted / drafted (0..1). Sums over the
+    suite rather than a mean of per-request ratios: a long answer has more steps, and weighs more in
+    the energy, than a one-token one. A ratio with a zero denominator is 0.0 (nothing was drafted).
+    """
+    steps = sum(s.target_steps or 0 for s in samples)
+    drafted = sum(s.drafted_tokens or 0 for s in samples)
+    accepted = sum(s.accepted_tokens or 0 for s in samples)
+    return {
+        "assistant": assistant,
+        "num_speculative_tokens": num_speculative_tokens,
+        "mean_accepted_per_step": accepted / steps if steps else 0.0,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "target_steps": steps,
+        "drafted_tokens": drafted,
+        "accepted_tokens": accepted,
+    }
 
 
 class BackendFailure(EcoquantError):

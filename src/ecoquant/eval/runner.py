@@ -36,7 +36,14 @@ from ecoquant.energy.meter import (
 from ecoquant.energy.gpus import DEFAULT_GPU, gpu_spec
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.bootstrap import BootstrapSpec, per_task_scores, recovery_intervals
-from ecoquant.eval.backends.base import Backend, ChatRequest, Completion, GenerationSettings
+from ecoquant.eval.backends.base import (
+    DEFAULT_NUM_SPECULATIVE_TOKENS,
+    Backend,
+    ChatRequest,
+    Completion,
+    GenerationSettings,
+    check_num_speculative_tokens,
+)
 from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.economy import describe_variants, prompt_variant, suite_requests
 from ecoquant.eval.loaders import BUILTIN_PART_SPECS, load_suite
@@ -51,6 +58,7 @@ from ecoquant.eval.record import (  # noqa: F401 (the record's types are re-expo
     Role,
     RunRecord,
     SampleResult,
+    speculative_summary,
 )
 from ecoquant.eval.tasks import Sample, Suite, Task, score_in_order, suite_scores
 from ecoquant.progress import progress_bar
@@ -89,6 +97,10 @@ class EvalConfig:
         target_gpu: the GPU the modelled energy is for (:data:`ecoquant.energy.gpus.GPUS`; the challenge's L4).
         target_concurrency: requests the target server runs at once, for the modelled energy (1: one at a
             time, the worst case). Not ``concurrency``, which is how many this run sends to a server.
+        assistant: a drafting assistant (folder or hub id) every model decodes with (transformers backend:
+            assisted generation, one request at a time); each run then records its measured acceptance
+            (``ModelRun.speculative``). None decodes plainly.
+        num_speculative_tokens: tokens the assistant drafts per target step (k).
     """
 
     suite: str = "builtin"
@@ -110,8 +122,16 @@ class EvalConfig:
     repeats: int = 3
     target_gpu: str = DEFAULT_GPU
     target_concurrency: int = 1
+    assistant: str | None = None
+    num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS
 
     def __post_init__(self) -> None:
+        check_num_speculative_tokens(self.num_speculative_tokens)
+        if self.assistant is not None and self.backend != "transformers":
+            raise EcoquantError(
+                "--assistant is measured with --backend transformers (assisted generation counts drafted and"
+                " accepted tokens per request); drop it or use --backend transformers"
+            )
         object.__setattr__(self, "target_gpu", gpu_spec(self.target_gpu).name)  # unknown: one line, before any work
         if self.target_concurrency < 1:
             raise EcoquantError(f"--target-concurrency must be at least 1, got {self.target_concurrency}")
@@ -227,7 +247,12 @@ def open_backend(ref: ModelRef, index: int, config: EvalConfig) -> Backend:
     from ecoquant.eval.nf4 import is_nf4_spec, load_nf4_backend
 
     options = TransformersOptions(
-        device=config.device, dtype=config.dtype, batch_size=config.batch_size, max_soft_tokens=config.max_soft_tokens
+        device=config.device,
+        dtype=config.dtype,
+        batch_size=config.batch_size,
+        max_soft_tokens=config.max_soft_tokens,
+        assistant=config.assistant,
+        num_speculative_tokens=config.num_speculative_tokens,
     )
     if is_nf4_spec(ref.source):
         return load_nf4_backend(ref.source, options)
@@ -273,8 +298,13 @@ def _model_run(
     measurements: Sequence[Measurement],
     idle: IdleBaseline | None,
     max_soft_tokens: int | None = None,
+    assistant: tuple[str, int] | None = None,
 ) -> ModelRun:
-    """Score the first window's completions and assemble the record; energy is the mean over the windows."""
+    """Score the first window's completions and assemble the record; energy is the mean over the windows.
+
+    ``assistant`` is ``(source, k)`` when the backend decoded speculatively: the run then carries its
+    measured acceptance, summed from the per-request counts.
+    """
     from ecoquant.eval.modelled import count_images, default_image_budget, split_prompt
 
     measurement = measurements[0]
@@ -298,6 +328,9 @@ def _model_run(
                 text_tokens=text_tokens,
                 image_tokens=image_tokens,
                 images=images,
+                target_steps=c.target_steps,
+                drafted_tokens=c.drafted_tokens,
+                accepted_tokens=c.accepted_tokens,
             )
         )
     return ModelRun(
@@ -316,6 +349,7 @@ def _model_run(
         suite_scores=suite_scores(scores),
         samples=tuple(samples),
         energy_repeats=tuple(windows) if len(windows) > 1 else (),
+        speculative=None if assistant is None else speculative_summary(*assistant, samples),
     )
 
 
@@ -404,7 +438,10 @@ def evaluate_model(
                 meter.begin_window(f"{window}#{k}")
                 backend.generate([r for _, _, r in items], settings)
                 measurements.append(meter.end_window(f"{window}#{k}"))
-            runs.append(_model_run(ref, name, backend, items, completions, measurements, idle, config.max_soft_tokens))
+            assistant = None if config.assistant is None else (config.assistant, config.num_speculative_tokens)
+            runs.append(
+                _model_run(ref, name, backend, items, completions, measurements, idle, config.max_soft_tokens, assistant)
+            )
     finally:
         backend.close()
     return runs

@@ -95,6 +95,17 @@ def generation_settings(
     return replace(GENERATION_PRESETS[preset], seed=seed, max_new_tokens=max_new_tokens)
 
 
+DEFAULT_NUM_SPECULATIVE_TOKENS = 4
+"""Tokens an assistant drafts per target step when not told: vLLM's Gemma-4 MTP recipe recommends 4 for the
+E4B (docs.vllm.ai, recipes/Google/Gemma4). Shared by the eval options and the serving config."""
+
+
+def check_num_speculative_tokens(k: int) -> None:
+    """One line for a draft length that no speculative decoder takes."""
+    if k < 1:
+        raise EcoquantError(f"--num-speculative-tokens must be at least 1, got {k}")
+
+
 # ------------------------------------------------------------------ requests
 
 Role = Literal["system", "user", "assistant"]
@@ -182,6 +193,8 @@ class Completion:
         finish_reason: ``"stop"`` at a stop token, ``"length"`` at the cap.
         image_tokens: the image soft tokens among ``tokens_in``, where the backend tokenized the prompt
             itself; None where it only knows the total (an OpenAI-compatible server).
+        target_steps, drafted_tokens, accepted_tokens: with an assistant drafting (speculative decoding),
+            the target's verifying decode passes, the tokens drafted and those accepted; None without one.
     """
 
     text: str
@@ -189,6 +202,9 @@ class Completion:
     tokens_out: int
     finish_reason: FinishReason
     image_tokens: int | None = None
+    target_steps: int | None = None
+    drafted_tokens: int | None = None
+    accepted_tokens: int | None = None
 
 
 @runtime_checkable

@@ -28,12 +28,14 @@ import transformers
 
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.backends.base import (
+    DEFAULT_NUM_SPECULATIVE_TOKENS,
     ChatRequest,
     Completion,
     FinishReason,
     GenerationSettings,
     ImagePart,
     TextPart,
+    check_num_speculative_tokens,
 )
 from ecoquant.eval.image_budget import check_max_soft_tokens, processor_kwargs
 from ecoquant.models.dense import decompress_now, loadable
@@ -52,18 +54,26 @@ class TransformersOptions:
         batch_size: requests per ``generate`` call.
         max_soft_tokens: the image-token budget per image (:mod:`ecoquant.eval.image_budget`);
             None for the checkpoint's own.
+        assistant: a drafting assistant (folder or hub id; Gemma-4's MTP ``-assistant``) for speculative
+            decoding, whose acceptance is then measured per request; None decodes plainly. transformers'
+            assisted generation takes one request at a time, so ``batch_size`` is then 1 in effect.
+        num_speculative_tokens: tokens the assistant drafts per target step (k); 4 is what vLLM's Gemma-4
+            recipe recommends for the E4B. Unused without an assistant.
     """
 
     device: str = "auto"
     dtype: str = "bfloat16"
     batch_size: int = 8
     max_soft_tokens: int | None = None
+    assistant: str | None = None
+    num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise EcoquantError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
             raise EcoquantError(f"batch size must be at least 1, got {self.batch_size}")
+        check_num_speculative_tokens(self.num_speculative_tokens)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -128,6 +138,8 @@ class TransformersBackend:
     kind = "transformers"
 
     def __init__(self, model: Any, processor: Any, source: str, options: TransformersOptions) -> None:
+        if options.assistant is not None:  # plumbing first: assisted generation lands in the next commit
+            raise EcoquantError("--assistant is not wired into the transformers backend yet")
         self.model = model
         self.processor = processor
         self.source = source
