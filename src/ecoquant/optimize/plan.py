@@ -23,6 +23,7 @@ from ecoquant.optimize.levers import FamilyLevers
 from ecoquant.optimize.store import Store, digest
 from ecoquant.quantize.scheme import ACTIVATION_AWARE
 from ecoquant.report.table import GATE_RECOVERY, check_confidence, check_threshold
+from ecoquant.serve.vllm_features import TESTED_VLLM, version_tuple
 
 KEY_VERSION = 1
 """Part of every key: bump it when what a key stands for changes, so old results are not reused."""
@@ -55,6 +56,10 @@ class SearchConfig:
         calibration: GPTQ/AWQ calibration as given; None for
             :func:`~ecoquant.calibrate.sizing.sized_calibration` of the model, with ``calib_samples``
             and ``calib_length`` (``--calib-samples``, ``--calib-length``) overriding its size.
+        assistant: the drafting assistant stage 2's MTP lever uses (folder or hub id); None: found
+            beside the model (:func:`~ecoquant.optimize.levers.find_assistant`) unless ``discover_assistant``
+            is False. Only families whose levers have an MTP entry use it.
+        discover_assistant: look for an assistant when none is given (``--no-assistant`` turns it off).
     """
 
     budget: int | None = None
@@ -65,6 +70,8 @@ class SearchConfig:
     calibration: CalibrationConfig | None = None
     calib_samples: int | None = None
     calib_length: int | None = None
+    assistant: str | None = None
+    discover_assistant: bool = True
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.budget < 1:
@@ -93,6 +100,9 @@ class OptimizeConfig:
         vllm_python, vllm_args, server_timeout_s: for ``--backend vllm``.
         allow_nonfinite: quantize source weights holding NaN or inf (recorded in each recipe) instead of refusing.
         search: the staged search's bounds, used when ``grid`` is None.
+        target_vllm: the vLLM version the submission will be served with (``--target-vllm``): levers
+            needing a feature this version is known to lack are left out
+            (:mod:`ecoquant.serve.vllm_features`), and the submission states the lowest version its pick needs.
     """
 
     out: Path
@@ -110,8 +120,11 @@ class OptimizeConfig:
     server_timeout_s: float = 900.0
     allow_nonfinite: bool = False
     search: SearchConfig = field(default_factory=SearchConfig)
+    target_vllm: str = TESTED_VLLM
 
     def __post_init__(self) -> None:
+        if not version_tuple(self.target_vllm):
+            raise EcoquantError(f"--target-vllm takes a version such as {TESTED_VLLM}, not {self.target_vllm!r}")
         object.__setattr__(self, "out", Path(self.out).expanduser())
         object.__setattr__(self, "gpus", tuple(self.gpus))
         object.__setattr__(self, "vllm_args", tuple(self.vllm_args))
@@ -158,6 +171,8 @@ class Plan:
     cached_checkpoints: frozenset[str]
     disk_needed_bytes: int
     energy_measured: bool
+    vllm_notes: tuple[str, ...] = ()
+    """Candidates left out for ``--target-vllm`` and why, and features not checked on it."""
 
     def rows(self) -> list[dict[str, Any]]:
         """The plan as table rows (``--dry-run``)."""
@@ -173,6 +188,7 @@ class Plan:
                     "response": "default" if c is None else c.response,
                     "image budget": "" if c is None or c.max_soft_tokens is None else str(c.max_soft_tokens),
                     "serving": "" if c is None or not c.serving else json.dumps(dict(c.serving)),
+                    "draft": "" if c is None or c.assistant is None else f"k={c.num_speculative_tokens}",
                     "checkpoint": "source"
                     if c is None
                     else ("cached" if job.quant_key in self.cached_checkpoints else "to quantize"),
@@ -201,9 +217,14 @@ def quant_material(source_sha: str, candidate: Candidate, grid: Grid) -> dict[st
 
 
 def eval_material(
-    model_key: str, candidate: Candidate | None, prepared: PreparedSuite, config: OptimizeConfig, energy_measured: bool
+    model_key: str,
+    candidate: Candidate | None,
+    prepared: PreparedSuite,
+    config: OptimizeConfig,
+    energy_measured: bool,
+    assistant_key: str | None = None,
 ) -> dict[str, Any]:
-    """What decides an evaluation's result."""
+    """What decides an evaluation's result (``assistant_key``: the drafting assistant's content hash, if any)."""
     e = config.eval
     backend: dict[str, Any] = {"kind": config.backend}
     if config.backend == "transformers":
@@ -217,6 +238,12 @@ def eval_material(
         "max_soft_tokens": None if candidate is None else candidate.max_soft_tokens,
         "serving": {} if candidate is None else dict(candidate.serving),
         **({} if candidate is None or candidate.answer_cap is None else {"answer_cap": candidate.answer_cap}),
+        # absent without an assistant, so older keys stay valid
+        **(
+            {}
+            if candidate is None or candidate.assistant is None
+            else {"assistant": assistant_key or candidate.assistant, "num_speculative_tokens": candidate.num_speculative_tokens}
+        ),
         "suite": {"spec": e.suite, "size": e.size, "limit": e.limit, "sha256": prepared.digest},
         "generation": e.generation.to_record(),
         "prompt_variant": "default",
@@ -228,7 +255,24 @@ def eval_material(
     }
 
 
+def fit_grid(grid: Grid, model_type: str | None, target_vllm: str) -> tuple[Grid, tuple[str, ...]]:
+    """``grid`` without the candidates ``target_vllm`` is known to lack a feature of, and what was said about it."""
+    from ecoquant.optimize.levers import fit_vllm, require_family
+
+    require_family(model_type, target_vllm)
+    fit = fit_vllm(grid.candidates, model_type, target_vllm)
+    if not fit.kept:
+        raise EcoquantError(f"no candidate of the grid can be served by vLLM {target_vllm}: {fit.left_out[0][1]}")
+    return (replace(grid, candidates=fit.kept) if fit.left_out else grid), tuple(fit.lines())
+
+
 def _check_grid(grid: Grid, config: OptimizeConfig) -> None:
+    drafted = [c.name for c in grid.candidates if c.assistant is not None]
+    if config.backend != "transformers" and drafted:
+        raise EcoquantError(
+            f"candidates {', '.join(drafted)} decode with an assistant, whose acceptance is measured with "
+            "--backend transformers (assisted generation); use it, or drop their assistant:"
+        )
     if config.backend != "vllm" and grid.needs_vllm():
         raise EcoquantError(
             f"candidates {', '.join(grid.needs_vllm())} set vLLM serving options, which only a vLLM server honours; "
@@ -251,7 +295,7 @@ def plan_optimize(
     path = resolve_model(model)
     require_unquantized(path)  # the base must be the bf16 source the candidates are made from
     model_type = _model_type(path)
-    grid = config.grid or default_grid(model_type)
+    grid, notes = fit_grid(config.grid or default_grid(model_type), model_type, config.target_vllm)
     _check_grid(grid, config)
     for c in grid.candidates:
         try:
@@ -276,11 +320,13 @@ def plan_optimize(
             m,
         )
     ]
+    assistant_keys = {c.assistant: assistant_key(c.assistant) for c in grid.candidates if c.assistant is not None}
     for c in grid.candidates:
         qkey = digest(quant_material(source_hash["sha256"], c, grid))
         qdir = store.checkpoint_dir(f"{c.method}-{c.preset}", qkey)
         folder = qdir.with_name(qdir.name + serving_suffix(c))
-        material = eval_material(qkey + serving_suffix(c), c, prepared, config, energy_measured)
+        a_key = None if c.assistant is None else assistant_keys[c.assistant]
+        material = eval_material(qkey + serving_suffix(c), c, prepared, config, energy_measured, a_key)
         jobs.append(Job(c.name, "variant", c, qkey, qdir, folder, digest(material), material))
     cached_evals = frozenset(j.eval_key for j in jobs if store.load_eval(j.label, j.eval_key) is not None)
     cached_ckpts = frozenset(
@@ -298,9 +344,21 @@ def plan_optimize(
         tables = plan_tables(model_plan, j.candidate.quant_scheme, model_plan.preset.embeddings, head)  # type: ignore[arg-type]
         disk += plan_footprint(model_plan, j.candidate.quant_scheme, tables).after_bytes
     plan = Plan(
-        path, model_type, grid, tuple(jobs), tuple(to_quantize.values()), cached_evals, cached_ckpts, disk, energy_measured
+        path, model_type, grid, tuple(jobs), tuple(to_quantize.values()), cached_evals, cached_ckpts, disk, energy_measured,
+        notes,
     )
     return plan, store, prepared, source_hash
+
+
+def assistant_key(assistant: str) -> str:
+    """What identifies an assistant in an evaluation's key: its files' SHA-256 when it is a local folder
+    (a retrained assistant at the same path is a new evaluation), else the hub id as given."""
+    from ecoquant.export.recipe import hash_model_files
+
+    path = Path(assistant).expanduser()
+    if path.is_dir():
+        return str(hash_model_files(path)["sha256"])
+    return assistant
 
 
 def _meter_available(config: OptimizeConfig) -> bool:

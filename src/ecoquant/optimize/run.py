@@ -255,6 +255,9 @@ def _evaluate_jobs(
                 job_eval = replace(config.eval, max_soft_tokens=budget)
                 if job.candidate is not None and job.candidate.answer_cap is not None:
                     job_eval = replace(job_eval, generation=capped(job_eval.generation, job.candidate.answer_cap))
+                if job.candidate is not None and job.candidate.assistant is not None:
+                    k = job.candidate.num_speculative_tokens
+                    job_eval = replace(job_eval, assistant=job.candidate.assistant, num_speculative_tokens=k)
                 try:
                     # a bar per model on a terminal (one worker: parallel bars would interleave)
                     bar = show and len(config.gpus) <= 1
@@ -367,6 +370,8 @@ def run_grid(model: str | Path, config: OptimizeConfig, runner: Runner) -> GridR
     # not a stage: a bad input here is one error line, with no progress lines around it
     plan, store, prepared, _ = plan_optimize(model, config, energy_measured=runner.energy_measured)
     cached = len(plan.cached_evals)
+    for note in plan.vllm_notes:
+        stages.line(f"optimize: {note}")
     stages.line(
         f"optimize: {len(plan.jobs) - 1} candidates + base; {cached} evaluations and "
         f"{len(plan.cached_checkpoints)} checkpoints reused from {store.root}"
