@@ -265,3 +265,20 @@ def test_candidates_with_an_assistant_are_grid_vocabulary() -> None:
     with pytest.raises(EcoquantError, match="num_speculative_tokens must be"):
         grid_from_mapping({"candidates": [{"method": "rtn", "assistant": "./a", "num_speculative_tokens": 0}]})
     assert isinstance(grid, Grid)
+
+
+def test_candidates_vllm_cannot_draft_for_are_never_built(tmp_path: Path) -> None:
+    from ecoquant.eval.runner import EvalConfig
+    from ecoquant.fixtures.tiny_vlm import tiny_vlm_path
+    from ecoquant.optimize.plan import OptimizeConfig, plan_optimize
+
+    tables = Candidate("rtn-gemma4-e-int4-tables", preset="gemma4-e-int4-tables")
+    levers = ServingLevers(mtp=MtpLever(), assistant="./a", model_type="gemma4")
+    assert levers.mtp_probes(tables) == ()
+    assert [c.name for c in levers.mtp_probes(Candidate("rtn-auto"))] == ["rtn-auto+mtp4"]
+    grid = grid_from_mapping(
+        {"candidates": [{"method": "rtn", "preset": "gemma4-e-int4-tables", "assistant": "./a", "num_speculative_tokens": 2}]}
+    )
+    config = OptimizeConfig(out=tmp_path / "o", grid=grid, eval=EvalConfig(suite="builtin-basic", size=1))
+    with pytest.raises(EcoquantError, match="token tables"):
+        plan_optimize(tiny_vlm_path(), config)

@@ -197,6 +197,7 @@ class ServingLevers:
     """The assistant the MTP lever drafts with; the lever is off without one."""
     left_out: tuple[str, ...] = ()
     """Levers this model, backend or target vLLM cannot take, each with why (the dry run shows them)."""
+    model_type: str | None = None
 
     def drafted(self, c: Candidate, k: int) -> Candidate:
         """``c`` decoding with the assistant drafting ``k`` tokens per step."""
@@ -205,7 +206,7 @@ class ServingLevers:
 
     def mtp_probes(self, c: Candidate) -> tuple[Candidate, ...]:
         """``c`` with the assistant at the probe's k (none when the lever is off or ``c`` already drafts)."""
-        if self.mtp is None or self.assistant is None or c.assistant is not None:
+        if self.mtp is None or self.assistant is None or c.assistant is not None or not drafter_fits(c, self.model_type):
             return ()
         return (self.drafted(c, self.mtp.probe_k),)
 
@@ -224,7 +225,12 @@ class ServingLevers:
 
 
 def serving_levers(
-    model: Path, levers: FamilyLevers, backend: str, target_vllm: str, assistant: str | None = None
+    model: Path,
+    levers: FamilyLevers,
+    backend: str,
+    target_vllm: str,
+    assistant: str | None = None,
+    model_type: str | None = None,
 ) -> ServingLevers:
     """The family's serving levers this model, backend and target vLLM can take.
 
@@ -263,6 +269,7 @@ def serving_levers(
         mtp=mtp,
         assistant=assistant if mtp is not None else None,
         left_out=tuple(left_out),
+        model_type=model_type,
     )
 
 
@@ -333,6 +340,19 @@ def candidate_features(c: Candidate, model_type: str | None) -> tuple[str, ...]:
     for lever, value in values.items():
         names += lever_features(lever, value)
     return tuple(dict.fromkeys(names))
+
+
+NO_DRAFTER: tuple[str, ...] = (
+    # vLLM's drafters (EAGLE, the Gemma-4 MTP assistant) read the target's embed_tokens.weight directly
+    # (docs/serving.md, vLLM 0.32): quantized token tables and a drafter cannot be served together.
+    "quantized_tables",
+)
+"""Features a checkpoint cannot have and be served with a drafter."""
+
+
+def drafter_fits(c: Candidate, model_type: str | None) -> bool:
+    """Whether vLLM can serve ``c``'s checkpoint with a drafting assistant (see :data:`NO_DRAFTER`)."""
+    return not set(NO_DRAFTER) & set(candidate_features(replace(c, assistant=None, num_speculative_tokens=None), model_type))
 
 
 @dataclass(frozen=True)

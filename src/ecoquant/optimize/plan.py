@@ -266,8 +266,16 @@ def fit_grid(grid: Grid, model_type: str | None, target_vllm: str) -> tuple[Grid
     return (replace(grid, candidates=fit.kept) if fit.left_out else grid), tuple(fit.lines())
 
 
-def _check_grid(grid: Grid, config: OptimizeConfig) -> None:
+def _check_grid(grid: Grid, config: OptimizeConfig, model_type: str | None = None) -> None:
+    from ecoquant.optimize.levers import drafter_fits
+
     drafted = [c.name for c in grid.candidates if c.assistant is not None]
+    unfit = [name for name in drafted if not drafter_fits(next(c for c in grid.candidates if c.name == name), model_type)]
+    if unfit:
+        raise EcoquantError(
+            f"candidates {', '.join(unfit)} quantize the token tables, which vLLM's drafters cannot read "
+            "(they take embed_tokens.weight directly); drop their assistant or use a preset with bf16 tables"
+        )
     if config.backend != "transformers" and drafted:
         raise EcoquantError(
             f"candidates {', '.join(drafted)} decode with an assistant, whose acceptance is measured with "
@@ -296,7 +304,7 @@ def plan_optimize(
     require_unquantized(path)  # the base must be the bf16 source the candidates are made from
     model_type = _model_type(path)
     grid, notes = fit_grid(config.grid or default_grid(model_type), model_type, config.target_vllm)
-    _check_grid(grid, config)
+    _check_grid(grid, config, model_type)
     for c in grid.candidates:
         try:
             check_max_soft_tokens(path, c.max_soft_tokens)

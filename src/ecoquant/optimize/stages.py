@@ -235,7 +235,7 @@ def search_space(model: str | Path, path: Path, model_type: str | None, config: 
         assistant = check_assistant(assistant)
     elif config.search.discover_assistant:
         assistant = find_assistant(str(model), levers)
-    serving = serving_levers(path, levers, config.backend, config.target_vllm, assistant)
+    serving = serving_levers(path, levers, config.backend, config.target_vllm, assistant, model_type)
     fit = fit_vllm(levers.weights_candidates(), model_type, config.target_vllm)
     if not fit.kept:
         raise EcoquantError(

@@ -276,6 +276,7 @@ def plan_serve(model: str | Path, options: ServeOptions = ServeOptions()) -> Ser
     if options.backend != "transformers":
         install = require_vllm(options.vllm_python) if options.backend == "vllm" else find_vllm(options.vllm_python)
     config_path, temporary = resolve_config(path, options)
+    config_path = config_path.resolve()  # vLLM starts inside the model folder (see serve)
     file_config = read_config(config_path)
     nf4 = file_config.get("quantization") == "bitsandbytes"
     budget = check_max_soft_tokens(path, options.max_soft_tokens or config_soft_tokens(file_config))
@@ -347,7 +348,8 @@ def serve(model: str | Path, options: ServeOptions = ServeOptions(), log: IO[str
         log.flush()
     try:
         if plan.backend == "vllm":
-            proc = subprocess.Popen(plan.command)
+            # inside the folder, as the challenge runs it: `model: .` and `./assistant` resolve there
+            proc = subprocess.Popen(plan.command, cwd=plan.model)
             try:
                 return proc.wait()
             except KeyboardInterrupt:
