@@ -226,6 +226,7 @@ def eval_material(
 ) -> dict[str, Any]:
     """What decides an evaluation's result (``assistant_key``: the drafting assistant's content hash, if any)."""
     e = config.eval
+    drafter = model_drafter(candidate, e)
     backend: dict[str, Any] = {"kind": config.backend}
     if config.backend == "transformers":
         backend |= {"device": e.device, "dtype": e.dtype, "batch_size": e.batch_size}
@@ -239,11 +240,7 @@ def eval_material(
         "serving": {} if candidate is None else dict(candidate.serving),
         **({} if candidate is None or candidate.answer_cap is None else {"answer_cap": candidate.answer_cap}),
         # absent without an assistant, so older keys stay valid
-        **(
-            {}
-            if candidate is None or candidate.assistant is None
-            else {"assistant": assistant_key or candidate.assistant, "num_speculative_tokens": candidate.num_speculative_tokens}
-        ),
+        **({} if drafter is None else {"assistant": assistant_key or drafter[0], "num_speculative_tokens": drafter[1]}),
         "suite": {"spec": e.suite, "size": e.size, "limit": e.limit, "sha256": prepared.digest},
         "generation": e.generation.to_record(),
         "prompt_variant": "default",
@@ -264,6 +261,14 @@ def fit_grid(grid: Grid, model_type: str | None, target_vllm: str) -> tuple[Grid
     if not fit.kept:
         raise EcoquantError(f"no candidate of the grid can be served by vLLM {target_vllm}: {fit.left_out[0][1]}")
     return (replace(grid, candidates=fit.kept) if fit.left_out else grid), tuple(fit.lines())
+
+
+def model_drafter(candidate: Candidate | None, e: EvalConfig) -> tuple[str, int] | None:
+    """``(assistant, k)`` a model decodes with: the candidate's own, else the evaluation's (which the base
+    gets too: how the demo measures the bf16 target's acceptance), else None."""
+    if candidate is not None and candidate.assistant is not None:
+        return candidate.assistant, int(candidate.num_speculative_tokens or 1)
+    return None if e.assistant is None else (e.assistant, e.num_speculative_tokens)
 
 
 def _check_grid(grid: Grid, config: OptimizeConfig, model_type: str | None = None) -> None:
@@ -316,6 +321,9 @@ def plan_optimize(
     if energy_measured is None:
         energy_measured = _meter_available(config)
     base_key = digest({"v": KEY_VERSION, "base": source_hash["sha256"]})
+    drafters = {d[0] for c in (None, *grid.candidates) if (d := model_drafter(c, config.eval)) is not None}
+    assistant_keys = {a: assistant_key(a) for a in sorted(drafters)}
+    base_drafter_key = None if config.eval.assistant is None else assistant_keys[config.eval.assistant]
     jobs = [
         Job(
             path.name,
@@ -324,16 +332,15 @@ def plan_optimize(
             None,
             None,
             path,
-            digest(m := eval_material(base_key, None, prepared, config, energy_measured)),
+            digest(m := eval_material(base_key, None, prepared, config, energy_measured, base_drafter_key)),
             m,
         )
     ]
-    assistant_keys = {c.assistant: assistant_key(c.assistant) for c in grid.candidates if c.assistant is not None}
     for c in grid.candidates:
         qkey = digest(quant_material(source_hash["sha256"], c, grid))
         qdir = store.checkpoint_dir(f"{c.method}-{c.preset}", qkey)
         folder = qdir.with_name(qdir.name + serving_suffix(c))
-        a_key = None if c.assistant is None else assistant_keys[c.assistant]
+        a_key = None if (d := model_drafter(c, config.eval)) is None else assistant_keys[d[0]]
         material = eval_material(qkey + serving_suffix(c), c, prepared, config, energy_measured, a_key)
         jobs.append(Job(c.name, "variant", c, qkey, qdir, folder, digest(material), material))
     cached_evals = frozenset(j.eval_key for j in jobs if store.load_eval(j.label, j.eval_key) is not None)
