@@ -1,4 +1,5 @@
-"""``ecoquant fixtures tiny-gemma4``, ``tiny-vlm`` and ``e4b-twin``: the offline Gemma-4 test models.
+"""``ecoquant fixtures tiny-gemma4``, ``tiny-vlm``, ``e4b-twin`` and ``e4b-assistant-twin``: the offline Gemma-4
+test models.
 
 Each prints the folder's path on stdout (and nothing else there), so a script can
 write ``MODEL=$(ecoquant fixtures tiny-gemma4)``; what it built goes to stderr.
@@ -53,6 +54,19 @@ def e4b_twin(out: OutOption = None) -> None:
         f"{shape.num_parameters:,} parameters, {shape.parameter_gib:.2f} GiB in bf16 — {folder}",
         highlight=False,
     )
+    typer.echo(str(folder))
+
+
+@fixtures_app.command("e4b-assistant-twin")
+@guarded
+def e4b_assistant_twin(out: OutOption = None) -> None:
+    """Write google/gemma-4-E4B-it-assistant's config.json alone (the MTP assistant's shapes, for the energy
+    model) and print its folder."""
+    from ecoquant.fixtures.cache import build_atomically
+    from ecoquant.fixtures.e4b_assistant import e4b_assistant_twin_path, write_e4b_assistant_twin
+
+    folder = e4b_assistant_twin_path() if out is None else build_atomically(out, write_e4b_assistant_twin)
+    console.print(f"E4B assistant shape twin (config only): {folder}", highlight=False)
     typer.echo(str(folder))
 
 

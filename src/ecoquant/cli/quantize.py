@@ -135,6 +135,8 @@ def render_inspection(info: Inspection) -> None:
         )
     if info.cost_terms:
         render_cost_terms(info.cost_terms)
+    if info.assistant:
+        render_assistant_terms(info.assistant)
     if info.scheme:
         out_console.print(f"scheme: {json.dumps(info.scheme)}")
     if info.recipe:
@@ -181,13 +183,27 @@ def inspect_cmd(
     group_size: Annotated[int, typer.Option(help="For an unquantized model: group size to price (-1 per channel).")] = 128,
     embeddings: Annotated[str | None, typer.Option(help="For an unquantized model: token tables to price (bf16, int4, int8; default: the preset's).")] = None,
     lm_head: Annotated[str | None, typer.Option(help="For an unquantized model: head to price (bf16, int4, int8; default: the preset's).")] = None,
+    assistant: Annotated[str | None, typer.Option("--assistant", help="A Gemma-4 MTP assistant folder (or hub id) to price beside MODEL: its cost per drafted token and what a drafted token reads next to one of MODEL's decode steps. MODEL may also be an assistant folder alone.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show what is (or would be) quantized, the weight footprint before and after, the recipe, and the energy
-    model's cost terms (bytes per decode step, FLOPs per prompt token, vision FLOPs per image at each budget)."""
-    from ecoquant.export.inspect import inspect_checkpoint
+    model's cost terms (bytes per decode step, FLOPs per prompt token, vision FLOPs per image at each budget).
+    For a Gemma-4 MTP assistant (alone or with --assistant): its cost per drafted token (docs/energy.md)."""
+    from ecoquant.energy.speculative import is_assistant_folder
+    from ecoquant.export.inspect import inspect_assistant, inspect_checkpoint
+    from ecoquant.models.loading import resolve_model
 
+    if assistant is None and is_assistant_folder(resolve_model(model)):
+        record = inspect_assistant(model)
+        if as_json:
+            out_console.print_json(json.dumps({"path": record["path"], "assistant": record}))
+        else:
+            render_assistant_terms(record)
+        return
     info = inspect_checkpoint(model, preset, scheme_from_options(group_size, "minmax", False), embeddings, lm_head)
+    if assistant is not None:
+        step = (info.cost_terms or {}).get("decode_bytes_per_token", {}).get("total_bytes")
+        info = replace(info, assistant=inspect_assistant(assistant, step))
     if as_json:
         d = {k: v for k, v in info.__dict__.items() if k != "path"}
         out_console.print_json(json.dumps({"path": str(info.path), **d}))
@@ -235,3 +251,37 @@ def presets_cmd() -> None:
         tables = f"{p.embeddings} / {p.lm_head}"
         table.add_row(p.name, ", ".join(auto), "\n".join(p.targets), "\n".join(p.ignore), tables, p.description)
     out_console.print(table)
+
+
+def render_assistant_terms(record: dict[str, Any]) -> None:
+    """An MTP assistant's cost per drafted token (docs/energy.md, "Speculative decoding")."""
+    from ecoquant.export.footprint import human_bytes
+
+    flops, nbytes = record["flops_per_drafted_token"], record["bytes_per_drafted_token"]
+    head = (
+        f"{record['head_candidates']:,} of {record['vocab']:,} vocabulary rows scored, centroid-masked"
+        if record["head_candidates"] < record["vocab"]
+        else f"all {record['vocab']:,} vocabulary rows scored"
+    )
+    layers = ", ".join(
+        f"q {x['query_width']} over kv {x['kv_width']} ({'window ' + str(x['window']) if x['window'] else 'full'})"
+        for x in record["layers"]
+    )
+    out_console.print(
+        f"assistant {record['path']}: per drafted token, Linears {flops['linears'] / 1e6:.2f} MFLOP reading"
+        f" {human_bytes(nbytes['linears'])}; head {flops['head'] / 1e6:.2f} MFLOP reading {human_bytes(nbytes['head'])}"
+        f" ({head}); the target's embedding row {human_bytes(nbytes['input_embedding_row'])}",
+        soft_wrap=True,
+    )
+    out_console.print(
+        f"assistant attention reads the target's KV cache (no cache of its own): {len(record['layers'])} layers, {layers};"
+        f" +{human_bytes(nbytes['kv_per_context_token'])} and +{flops['attention_per_context_token'] / 1e3:.1f} kFLOP"
+        " per context token",
+        soft_wrap=True,
+    )
+    if "bytes_vs_target_step" in record:
+        out_console.print(
+            f"a drafted token reads {record['bytes_vs_target_step']:.2%} of the weight bytes of one target decode step"
+            " (batch 1, KV cache aside)",
+            soft_wrap=True,
+        )

@@ -176,7 +176,7 @@ class AttentionLayer:
     window: int | None
     kv_width: int
 
-    def flops_per_token(self, context: int) -> float:
+    def flops_per_token(self, context: float) -> float:
         return 4.0 * self.width * (context if self.window is None else min(context, self.window))
 
     def prompt_flops(self, prompt: int) -> float:
@@ -185,7 +185,7 @@ class AttentionLayer:
         inside = w * (w + 1) / 2  # positions 1..w see themselves and everything before
         return 4.0 * self.width * (inside + (prompt - w) * w)
 
-    def kv_bytes(self, context: int) -> float:
+    def kv_bytes(self, context: float) -> float:
         """Cache bytes read to attend once over ``context`` tokens (keys and values)."""
         seen = context if self.window is None else min(context, self.window)
         return 2.0 * self.kv_width * KV_BYTES_PER_VALUE * seen
@@ -260,7 +260,7 @@ class CostTerms:
         out["bf16"] = out.get("bf16", 0.0) + sum(a.prompt_flops(prompt) for a in self.attention)
         return out
 
-    def kv_bytes(self, context: int) -> float:
+    def kv_bytes(self, context: float) -> float:
         """KV cache bytes read by one decode step at ``context`` tokens."""
         return sum(a.kv_bytes(context) for a in self.attention)
 

@@ -13,12 +13,22 @@ where the backend only reports the prompt total (OpenAI-compatible servers),
 as images x the image budget (``--max-soft-tokens``, else the checkpoint's
 default) -- an upper bound, since an image whose aspect ratio fills fewer
 patches becomes fewer soft tokens; text tokens are the rest of the prompt.
+
+A run with an MTP assistant (its ``speculative`` record: assistant,
+``num_speculative_tokens``, ``mean_accepted_per_step``, ...) is modelled with
+speculative decoding: the assistant's cost terms from its folder's
+``config.json`` (a hub id is looked up in the local Hugging Face cache only,
+never downloaded), the acceptance as measured, or
+:data:`~ecoquant.energy.speculative.ASSUMED_MEAN_ACCEPTED_PER_STEP` where the
+record has none, in which case the modelled record says ``"acceptance":
+"assumed"``. An assistant whose folder cannot be found gives no modelled
+energy (a figure without the lever the run used would be wrong).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +36,7 @@ from typing import Any, Protocol
 from ecoquant.energy.costs import FAMILIES, CostTerms, checkpoint_costs
 from ecoquant.energy.gpus import gpu_spec
 from ecoquant.energy.roofline import RequestTokens, modelled_energy
+from ecoquant.energy.speculative import AssistantTerms, Speculation, assistant_costs, speculation
 from ecoquant.eval.backends.base import ChatRequest, ImagePart
 
 
@@ -106,12 +117,60 @@ def request_tokens(samples: Sequence[TokenCounts]) -> list[RequestTokens] | None
     return out
 
 
+def _assistant_folder(source: str) -> Path | None:
+    """A local assistant folder, or a hub id's snapshot already in the Hugging Face cache (nothing downloaded)."""
+    path = Path(source).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(source, "config.json")
+    except ValueError:  # not a valid repo id either
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+@lru_cache(maxsize=16)
+def _assistant(folder: str, mtime_ns: int) -> AssistantTerms | None:
+    from ecoquant.errors import EcoquantError
+
+    try:
+        return assistant_costs(folder)
+    except EcoquantError:
+        return None
+
+
+def run_speculation(speculative: Mapping[str, Any] | None) -> Speculation | None:
+    """The roofline's view of a run's ``speculative`` record; None without one or where its assistant's
+    folder cannot be read (see the module docstring)."""
+    if not speculative or not speculative.get("assistant"):
+        return None
+    folder = _assistant_folder(str(speculative["assistant"]))
+    if folder is None:
+        return None
+    terms = _assistant(str(folder.resolve()), (folder / "config.json").stat().st_mtime_ns)
+    if terms is None:
+        return None
+    k = int(speculative.get("num_speculative_tokens") or 0)
+    accepted = speculative.get("mean_accepted_per_step")
+    return speculation(terms, k, None if accepted is None else float(accepted), str(speculative["assistant"]))
+
+
 def run_modelled_energy(
-    source: str, samples: Sequence[TokenCounts], target_gpu: str, concurrency: int = 1
+    source: str,
+    samples: Sequence[TokenCounts],
+    target_gpu: str,
+    concurrency: int = 1,
+    speculative: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """``{"gpu", "total_j", "parts"}`` for a run's samples on ``target_gpu``, or None (see the module docstring)."""
+    """``{"gpu", "total_j", "parts"}`` (+ ``"speculative"``) for a run's samples on ``target_gpu``, or None
+    (see the module docstring). ``speculative`` is the run's record of its MTP assistant, if it had one."""
     requests = request_tokens(samples)
     terms = cost_terms_for(source)
     if requests is None or terms is None:
         return None
-    return modelled_energy(requests, terms, gpu_spec(target_gpu), concurrency).to_record()
+    spec = run_speculation(speculative)
+    if speculative and speculative.get("assistant") and spec is None:
+        return None
+    return modelled_energy(requests, terms, gpu_spec(target_gpu), concurrency, speculative=spec).to_record()

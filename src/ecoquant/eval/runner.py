@@ -498,7 +498,12 @@ def build_record(
     from ecoquant.eval.modelled import run_modelled_energy
 
     runs = [
-        replace(r, modelled_energy=run_modelled_energy(r.source, r.samples, config.target_gpu, config.target_concurrency))
+        replace(
+            r,
+            modelled_energy=run_modelled_energy(
+                r.source, r.samples, config.target_gpu, config.target_concurrency, r.speculative
+            ),
+        )
         for r in runs
     ]
     suite_record = _suite_record(config.suite, prepared.suite, config)

@@ -4,6 +4,10 @@
 checkpoint (reports what is packed, its size, and its recipe), an ordinary
 model (reports what a preset would quantize and the size after), and a
 config-only folder such as the E4B shape twin (the same, from meta shapes).
+A Gemma-4 MTP assistant's folder (``model_type: gemma4_assistant``) reports
+the assistant's cost per drafted token instead (:func:`inspect_assistant`);
+given with a target (``--assistant``), both, and what a drafted token reads
+next to a target decode step.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ecoquant.energy.costs import CostTerms, checkpoint_costs, plan_costs
+from ecoquant.energy.speculative import assistant_costs, is_assistant_folder
 from ecoquant.errors import EcoquantError
 from ecoquant.models.loading import resolve_model, tensor_infos
 from ecoquant.models.quant_config import quantization_block, quantized_module_names
@@ -42,6 +47,23 @@ class Inspection:
     #: FLOPs per prompt token, vision FLOPs per image at each budget, bytes per decode step
     #: (see :meth:`ecoquant.energy.costs.CostTerms.to_record`); None for a family ecoquant cannot model
     cost_terms: dict[str, Any] | None = None
+    #: the MTP assistant given with the model (:func:`inspect_assistant`'s record), or None
+    assistant: dict[str, Any] | None = None
+
+
+def inspect_assistant(assistant: str | Path, target_step_bytes: float | None = None) -> dict[str, Any]:
+    """A Gemma-4 MTP assistant's cost per drafted token
+    (:meth:`~ecoquant.energy.speculative.AssistantTerms.to_record`) with its folder; with
+    ``target_step_bytes`` (a target's weight bytes per decode step) also the fraction of them a drafted
+    token reads (batch 1, KV aside)."""
+    path = resolve_model(assistant)
+    if not is_assistant_folder(path):
+        raise EcoquantError(f"{path} is not a Gemma-4 assistant (config.json's model_type is not gemma4_assistant)")
+    terms = assistant_costs(path)
+    record: dict[str, Any] = {"path": str(path), **terms.to_record()}
+    if target_step_bytes:
+        record["bytes_vs_target_step"] = (terms.weight_bytes + terms.input_bytes) / target_step_bytes
+    return record
 
 
 def inspect_checkpoint(
@@ -53,6 +75,8 @@ def inspect_checkpoint(
     """
     path = resolve_model(model)
     config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") == "gemma4_assistant":
+        raise EcoquantError(f"{path} is a Gemma-4 MTP assistant; inspect it alone or pass it with --assistant")
     qconfig = quantization_block(config)
     if qconfig is not None:
         infos = list(tensor_infos(path))

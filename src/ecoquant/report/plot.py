@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-PARTS_ORDER: tuple[str, ...] = ("prefill_text", "prefill_image", "vision_encoder", "decode", "idle")
+PARTS_ORDER: tuple[str, ...] = ("prefill_text", "prefill_image", "vision_encoder", "decode", "draft", "idle")
 """The energy model's parts, bottom to top (``ModelledEnergy.parts``); other keys are stacked after them."""
 
 
@@ -162,6 +162,7 @@ def parts_figure(parts: Mapping[str, Mapping[str, float]], gpu: str, title: str 
     names = list(parts)
     keys = [k for k in PARTS_ORDER if any(k in p for p in parts.values())]
     keys += sorted({k for p in parts.values() for k in p} - set(keys))
+    keys = [k for k in keys if k != "draft" or any(p.get(k) for p in parts.values())]  # no assistant: no draft bar
     fig = Figure(figsize=(max(6.0, 1.1 * len(names) + 3), 5.0), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

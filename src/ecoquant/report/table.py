@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
+from ecoquant.energy.speculative import speculation_label
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.bootstrap import DEFAULT_CONFIDENCE, BootstrapSpec
 from ecoquant.eval.runner import ModelRun, RunRecord, run_recovery_interval
@@ -320,6 +321,7 @@ MODELLED_PART_TITLES: Mapping[str, str] = MappingProxyType(
         "prefill_image": "prefill image",
         "vision_encoder": "vision",
         "decode": "decode",
+        "draft": "draft",
         "idle": "idle",
     }
 )
@@ -333,10 +335,14 @@ def modelled_lines(rows: Sequence[ReportRow]) -> list[str]:
             continue
         parts: Mapping[str, float] = r.modelled_energy["parts"]
         total = float(r.modelled_energy["total_j"])
+        spec = r.modelled_energy.get("speculative")
         shares = " · ".join(
-            f"{title} {(parts.get(k, 0.0) / total if total else 0.0):.0%}" for k, title in MODELLED_PART_TITLES.items()
+            f"{title} {(parts.get(k, 0.0) / total if total else 0.0):.0%}"
+            for k, title in MODELLED_PART_TITLES.items()
+            if k != "draft" or spec  # the draft part only where an assistant drafted
         )
-        by_gpu.setdefault(str(r.modelled_energy["gpu"]), []).append(f"{r.model} {total:.2f} J ({shares})")
+        lever = f"; {speculation_label(spec)}" if spec else ""
+        by_gpu.setdefault(str(r.modelled_energy["gpu"]), []).append(f"{r.model} {total:.2f} J ({shares}{lever})")
     return [
         f"energy modelled for {gpu} (a roofline of the recorded tokens over datasheet figures, see docs/energy.md;"
         f" not measured): " + "; ".join(items) + "."
