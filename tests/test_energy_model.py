@@ -8,19 +8,13 @@ from types import MappingProxyType
 import pytest
 from torch import nn
 
-from ecoquant.energy.costs import (
-    AttentionLayer,
-    CostTerms,
-    VisionCosts,
-    checkpoint_costs,
-    linear_precisions,
-    planned_costs,
-)
-from ecoquant.energy.gpus import GPUS, Figure, GpuSpec, gpu_spec
+from ecoquant.energy.costs import CostTerms, checkpoint_costs, linear_precisions, planned_costs
+from ecoquant.energy.gpus import GPUS, gpu_spec
 from ecoquant.energy.roofline import PARTS, ModelledEnergy, RequestTokens, modelled_energy
 from ecoquant.errors import EcoquantError
 from ecoquant.export.footprint import TokenBytes
 from ecoquant.fixtures.tiny_vlm import tiny_vlm_path
+from energy_toys import GPU, TOY
 
 # ------------------------------------------------------------------ GPU table
 
@@ -138,26 +132,6 @@ def test_e4b_twin_decoder_flops_are_twice_its_decoder_linear_parameters() -> Non
 
 
 # ------------------------------------------------------------------ roofline
-
-GPU = GpuSpec(
-    name="toy",
-    bf16_flops=Figure(1e12, "test"),
-    fp8_flops=Figure(2e12, "test"),
-    int8_flops=Figure(None, "test"),
-    memory_bandwidth=Figure(1e11, "test"),
-    board_power_w=Figure(100.0, "test"),
-    idle_power_w=Figure(10.0, "test"),
-)
-
-TOY = CostTerms(
-    model_type="toy",
-    linear_flops=MappingProxyType({"decoder": {"bf16": 1e9}}),
-    head_flops=MappingProxyType({"bf16": 1e8}),
-    attention=(AttentionLayer(width=100, window=None, kv_width=50),),
-    vision=VisionCosts({"bf16": 1e6}, {"bf16": 1e5}, (10,), pooling=2, budgets=(16,), default_budget=16),
-    decode=TokenBytes(decoder=1_000_000_000, head=100_000_000, embedding_rows=1000, bf16_total=1_100_001_000),
-)
-
 
 def test_two_request_suite_equals_the_hand_calculation() -> None:
     suite = [RequestTokens(10, 0, 0, 3), RequestTokens(4, 16, 1, 1)]

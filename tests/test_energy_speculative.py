@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 import torch
 from safetensors.torch import save_file
 
-from ecoquant.energy.costs import AttentionLayer, CostTerms, checkpoint_costs, planned_costs
-from ecoquant.energy.gpus import Figure, GpuSpec, gpu_spec
+from ecoquant.energy.costs import AttentionLayer, checkpoint_costs, planned_costs
+from ecoquant.energy.gpus import GpuSpec, gpu_spec
 from ecoquant.energy.roofline import PARTS, ModelledEnergy, RequestTokens, modelled_energy
 from ecoquant.energy.speculative import (
     ASSUMED_MEAN_ACCEPTED_PER_STEP,
@@ -29,9 +29,9 @@ from ecoquant.energy.speculative import (
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.modelled import run_modelled_energy
 from ecoquant.eval.record import SampleResult
-from ecoquant.export.footprint import TokenBytes
 from ecoquant.fixtures.e4b_assistant import e4b_assistant_twin_path
 from ecoquant.fixtures.tiny_vlm import tiny_vlm_path
+from energy_toys import GPU, TOY
 
 # ------------------------------------------------------------------ the assistant's cost terms
 
@@ -142,25 +142,6 @@ def test_full_acceptance_takes_ceil_of_the_rest_over_k_plus_one_steps(n: int, k:
 
 
 # ------------------------------------------------------------------ the roofline
-
-GPU = GpuSpec(
-    name="toy",
-    bf16_flops=Figure(1e12, "test"),
-    fp8_flops=Figure(2e12, "test"),
-    int8_flops=Figure(None, "test"),
-    memory_bandwidth=Figure(1e11, "test"),
-    board_power_w=Figure(100.0, "test"),
-    idle_power_w=Figure(10.0, "test"),
-)
-
-TOY = CostTerms(
-    model_type="toy",
-    linear_flops=MappingProxyType({"decoder": {"bf16": 1e9}}),
-    head_flops=MappingProxyType({"bf16": 1e8}),
-    attention=(AttentionLayer(width=100, window=None, kv_width=50),),
-    vision=None,
-    decode=TokenBytes(decoder=1_000_000_000, head=100_000_000, embedding_rows=1000, bf16_total=1_100_001_000),
-)
 
 DRAFT = AssistantTerms(
     model_type="gemma4_assistant",
@@ -298,6 +279,8 @@ def test_a_runs_measured_acceptance_goes_into_its_modelled_energy(tmp_path: Path
     # an assistant whose folder is nowhere: no figure rather than one without the lever the run used
     gone = run_modelled_energy(source, _samples(), "L4", speculative={**measured, "assistant": str(tmp_path / "nope")})
     assert gone is None
+    beyond_k = run_modelled_energy(source, _samples(), "L4", speculative={**measured, "mean_accepted_per_step": 3.5})
+    assert beyond_k is None
 
 
 def test_e4b_w4a16_int4_head_with_its_assistant_at_two_tokens_per_step() -> None:
@@ -342,3 +325,20 @@ def test_inspect_prints_an_assistants_cost_terms_alone_and_beside_its_target() -
     assert "a drafted token reads 1.01% of the weight bytes of one target decode step" in both.stdout
     wrong = runner.invoke(app, ["inspect", twin, "--assistant", twin])
     assert wrong.exit_code == 2 and "is not a Gemma-4 assistant" in wrong.output
+
+
+def test_the_report_line_states_the_lever_and_whether_its_acceptance_was_measured() -> None:
+    from ecoquant.report.table import ReportRow, modelled_lines
+
+    spec = Speculation(DRAFT, 4, 1.0, measured=False, name="a")
+    suite = [RequestTokens(10, 0, 0, 9)]
+    with_mtp = modelled_energy(suite, TOY, GPU, speculative=spec).to_record()
+    plain = modelled_energy(suite, TOY, GPU).to_record()
+
+    def row(name: str, record: dict[str, Any]) -> ReportRow:
+        return ReportRow(name, "variant", "default", None, None, None, {}, {}, None, "pass", 1, 1, 1, 0.0,
+                         record["total_j"], record)
+
+    (line,) = modelled_lines([row("plain", plain), row("mtp", with_mtp)])
+    assert "MTP k=4, 2.00 tokens per target step (ASSUMED)" in line and "draft" in line
+    assert "plain" in line.split("mtp")[0] and "draft" not in line.split("mtp")[0]  # no assistant: no draft share

@@ -216,9 +216,10 @@ def test_eval_records_the_token_split_and_modelled_l4_energy(eval_out: tuple[Pat
             assert (s.images > 0) == (s.image_tokens > 0)  # every built-in sample has its page or chart
         assert raw["modelled_energy"]["gpu"] == "L4" and set(raw["modelled_energy"]) == {"gpu", "total_j", "parts"}
         parts = raw["modelled_energy"]["parts"]
-        assert set(parts) == {"prefill_text", "prefill_image", "vision_encoder", "decode", "idle"}
+        assert set(parts) == {"prefill_text", "prefill_image", "vision_encoder", "decode", "draft", "idle"}
         assert sum(parts.values()) == pytest.approx(raw["modelled_energy"]["total_j"])
-        assert all(v > 0 for v in parts.values())
+        assert parts["draft"] == 0.0  # no assistant drafted
+        assert all(v > 0 for k, v in parts.items() if k != "draft")
     assert base.modelled_energy is not None and variant.modelled_energy is not None
     # the same prompts, and W4A16 reads fewer bytes per decoded token; prefill compute is the same
     assert [s.image_tokens for s in base.samples] == [s.image_tokens for s in variant.samples]

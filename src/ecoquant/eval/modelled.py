@@ -21,8 +21,9 @@ speculative decoding: the assistant's cost terms from its folder's
 never downloaded), the acceptance as measured, or
 :data:`~ecoquant.energy.speculative.ASSUMED_MEAN_ACCEPTED_PER_STEP` where the
 record has none, in which case the modelled record says ``"acceptance":
-"assumed"``. An assistant whose folder cannot be found gives no modelled
-energy (a figure without the lever the run used would be wrong).
+"assumed"``. An assistant whose folder cannot be found, or a record the
+roofline cannot read (k below 1, more accepted drafts per step than k), gives
+no modelled energy: a figure without the lever the run used would be wrong.
 """
 
 from __future__ import annotations
@@ -152,9 +153,14 @@ def run_speculation(speculative: Mapping[str, Any] | None) -> Speculation | None
     terms = _assistant(str(folder.resolve()), (folder / "config.json").stat().st_mtime_ns)
     if terms is None:
         return None
+    from ecoquant.errors import EcoquantError
+
     k = int(speculative.get("num_speculative_tokens") or 0)
     accepted = speculative.get("mean_accepted_per_step")
-    return speculation(terms, k, None if accepted is None else float(accepted), str(speculative["assistant"]))
+    try:
+        return speculation(terms, k, None if accepted is None else float(accepted), str(speculative["assistant"]))
+    except EcoquantError:  # k < 1 or more accepted per step than k: a record the roofline cannot read
+        return None
 
 
 def run_modelled_energy(
