@@ -15,7 +15,10 @@ answer equals the variant's own answer without the assistant.
 
 Usage::
 
-    uv run python bench/tiny_pair_acceptance.py --work /tmp/tiny-pair [--pages 2] [--ks 1,2,3,4]
+    uv run python bench/tiny_pair_acceptance.py --work /tmp/tiny-pair [--pages 1] [--ks 1,2,3,4] [--variants a,b]
+
+Each variant's rows are kept in ``WORK/acceptance-VARIANT-pPAGES.json`` and reused by a rerun, so variants can
+be measured by separate invocations; the table is printed from those files.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def answer(model: Path, requests: list[Any], assistant: str | None, k: int) -> l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the quantized targets and results.json")
-    parser.add_argument("--pages", type=int, default=2, help="evaluation pages per basic task")
+    parser.add_argument("--pages", type=int, default=1, help="evaluation pages per basic task")
     parser.add_argument("--ks", default="1,2,3,4", help="draft lengths to measure")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="target variants to measure")
     parser.add_argument("--make-only", action="store_true", help="make the quantized targets and stop")
@@ -98,42 +101,49 @@ def main() -> None:
     base = tiny_vlm_path()
     names, ks = args.variants.split(","), [int(k) for k in args.ks.split(",")]
     made = {name: make_variant(name, base, args.work) for name in names}
-    print(json.dumps({n: s for n, (_, s) in made.items()}), flush=True)
+    print(json.dumps({n: s for n, (_, s) in made.items()}), flush=True)  # seconds to make each (None: reused)
     if args.make_only:
         return
     assistant = str(tiny_vlm_assistant_path())
     suite = load_suite("builtin-basic", size=args.pages)
     requests = [r for _, _, r in suite_requests(suite, prompt_variant("default"), generation_settings())]
-    results: list[dict[str, Any]] = []
     for name in names:
+        done_path = args.work / f"acceptance-{name}-p{args.pages}.json"
+        if done_path.exists():  # measured by an earlier run (variants can be measured by separate invocations)
+            continue
         model = made[name][0]
         plain = [c.text for c in answer(model, requests, None, 1)]
-        for k in ks:
-            t0 = time.perf_counter()
-            done = answer(model, requests, assistant, k)
-            steps = sum(c.target_steps for c in done)
-            drafted = sum(c.drafted_tokens for c in done)
-            accepted = sum(c.accepted_tokens for c in done)
-            row = {
-                "variant": name,
-                "k": k,
-                "requests": len(done),
-                "tokens_out": sum(c.tokens_out for c in done),
-                "target_steps": steps,
-                "drafted": drafted,
-                "accepted": accepted,
-                "mean_accepted_per_step": accepted / steps if steps else 0.0,
-                "acceptance_rate": accepted / drafted if drafted else 0.0,
-                "same_answers": [c.text for c in done] == plain,
-                "seconds": time.perf_counter() - t0,
-            }
-            results.append(row)
-            print(json.dumps(row), flush=True)
-    (args.work / "acceptance.json").write_text(json.dumps(results, indent=1) + "\n")
+        rows = [measure(name, k, answer(model, requests, assistant, k), plain) for k in ks]
+        done_path.write_text(json.dumps(rows, indent=1) + "\n")
+    print_table([r for name in names for r in json.loads((args.work / f"acceptance-{name}-p{args.pages}.json").read_text())])
+
+
+def measure(name: str, k: int, done: list[Any], plain: list[str]) -> dict[str, Any]:
+    """One (variant, k) row, summed over the requests."""
+    steps = sum(c.target_steps for c in done)
+    drafted = sum(c.drafted_tokens for c in done)
+    accepted = sum(c.accepted_tokens for c in done)
+    row = {
+        "variant": name,
+        "k": k,
+        "requests": len(done),
+        "tokens_out": sum(c.tokens_out for c in done),
+        "target_steps": steps,
+        "drafted": drafted,
+        "accepted": accepted,
+        "mean_accepted_per_step": accepted / steps if steps else 0.0,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "same_answers": [c.text for c in done] == plain,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
     print("\n| target | k | requests | tokens out | target steps | drafted | accepted | mean accepted / step |"
-          " acceptance rate | tokens / step | same answers |")
+          " acceptance rate | tokens / target step | answers as without the assistant |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for r in results:
+    for r in rows:
         print(f"| {r['variant']} | {r['k']} | {r['requests']} | {r['tokens_out']} | {r['target_steps']} |"
               f" {r['drafted']} | {r['accepted']} | {r['mean_accepted_per_step']:.2f} | {r['acceptance_rate']:.2f} |"
               f" {1 + r['mean_accepted_per_step']:.2f} | {'yes' if r['same_answers'] else 'NO'} |")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ecoquant.errors import EcoquantError
+from ecoquant.fixtures.train_tiny_vlm import TrainRecipe, _log
 
 
 @dataclass(frozen=True)
@@ -67,12 +67,7 @@ class DistilRecipe:
     draft_steps: int = 2
     describe_fraction: float = 0.5
 
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        floor = self.final_lr_fraction
-        return self.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    lr_at = TrainRecipe.lr_at  # the VLM's schedule: linear warm-up, then cosine down to final_lr_fraction
 
 
 def earlier_positions_mask(queries: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
@@ -162,10 +157,6 @@ def unrolled_loss(assistant: Any, embed: Any, teacher: TeacherBatch, steps: int)
         else:
             hits.append(float("nan"))
     return total / max(count, 1), hits
-
-
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def train(out: Path, recipe: DistilRecipe, max_minutes: float) -> Path:
