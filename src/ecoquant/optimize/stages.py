@@ -76,6 +76,8 @@ class Outcome:
     """The bootstrap interval on mean recovery, where the record has one."""
     mean_accepted_per_step: float | None = None
     """With an assistant: drafts the target accepted per verification step, measured (None without)."""
+    parts: dict[str, float] | None = None
+    """The modelled energy's parts (``decode``, ``draft``...), where the cost is modelled; None otherwise."""
 
     def passes(self, gate: float) -> bool:
         return self.mean_recovery is not None and self.mean_recovery >= gate
@@ -298,6 +300,7 @@ def staged_optimize(model: str | Path, config: OptimizeConfig, runner: Runner) -
                 row_cost(row, runner.energy_measured),
                 interval,
                 speculative.get("mean_accepted_per_step"),
+                None if runner.energy_measured else (row.modelled_energy or {}).get("parts"),
             )
         return out
 
