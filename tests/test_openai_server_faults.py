@@ -455,7 +455,14 @@ def test_serve_with_vllm_checks_the_port_before_popen(
     install = VllmInstall(Path("/nonexistent/python"), "vllm", "0.32.0")
     monkeypatch.setattr(launch, "find_vllm", lambda python=None: install)
     started: list[list[str]] = []
-    monkeypatch.setattr(launch.subprocess, "Popen", lambda command: started.append(list(command)) or _FakeProc())
+    where: list[object] = []
+
+    def fake_popen(command: list[str], cwd: object = None) -> _FakeProc:
+        started.append(list(command))
+        where.append(cwd)
+        return _FakeProc()
+
+    monkeypatch.setattr(launch.subprocess, "Popen", fake_popen)
 
     with pytest.raises(EcoquantError, match=f"port {listening} on 127.0.0.1 is in use"):
         serve(tiny_vlm, ServeOptions(backend="vllm", port=listening, config=config))
@@ -466,3 +473,4 @@ def test_serve_with_vllm_checks_the_port_before_popen(
     assert serve(tiny_vlm, ServeOptions(backend="vllm", port=port, config=config)) == 0
     assert len(started) == 1 and started[0][:2] == ["/nonexistent/python", "-m"]
     assert started[0][started[0].index("--port") + 1] == str(port)
+    assert where == [tiny_vlm]  # vLLM starts inside the model folder, as the challenge runs a submission

@@ -131,6 +131,37 @@ def test_submission_folder_serves_from_inside_itself(finished: Path) -> None:
     assert template.startswith("{#- ecoquant response economy") == (pick["response"] == "short")
 
 
+def test_a_drafting_pick_ships_its_assistant_inside_the_submission(tmp_path: Path) -> None:
+    """Issue 30: a candidate decoding with the shipped tiny assistant is evaluated with it (acceptance measured on
+    its own RTN target); picked, its submission holds the assistant in assistant/ and a speculative_config naming
+    it relatively, and the card and choice.json state the lowest vLLM the pick needs."""
+    from ecoquant.fixtures.tiny_assistant import tiny_vlm_assistant_path
+
+    grid = {"candidates": [{"method": "rtn", "assistant": str(tiny_vlm_assistant_path()), "num_speculative_tokens": 2}]}
+    out = tmp_path / "mtp"
+    config = OptimizeConfig(
+        out=out,
+        grid=grid_from_mapping(grid),
+        gate=0.01,  # the decision is not the point here: the shipped pair is
+        eval=EvalConfig(suite="builtin-basic", size=1, generation=generation_settings(max_new_tokens=8), idle_seconds=0.0),
+    )
+    result = optimize(tiny_vlm_path(), config, show_progress=False)
+    (run,) = [r for r in result.record.runs if r.role == "variant"]
+    assert run.speculative is not None and run.speculative["num_speculative_tokens"] == 2
+    assert run.speculative["target_steps"] > 0
+    sub = result.submission
+    assert sub is not None and result.choice.pick == "rtn-auto+mtp2"
+    text = (sub / "vllm_config.yaml").read_text()
+    draft = json.loads(yaml.safe_load(text)["speculative_config"])
+    assert draft == {"method": "mtp", "model": "./assistant", "num_speculative_tokens": 2}
+    assert (sub / "assistant" / "config.json").is_file() and any((sub / "assistant").glob("*.safetensors"))
+    assert str(tmp_path) not in text and str(tiny_vlm_assistant_path()) not in text  # no path of this machine
+    needs = json.loads((sub / "choice.json").read_text())["vllm"]
+    assert needs["min_version"] == "0.32.0" and needs["features"]["gemma4_mtp"] == "0.21.0"
+    card = (sub / "README.md").read_text()
+    assert "## Serving requirements" in card and "vLLM >= 0.32.0" in card and "`assistant/`" in card
+
+
 def test_rerun_recomputes_nothing(finished: Path) -> None:
     before = snapshot(finished)
     assert len(before) == 4

@@ -186,6 +186,30 @@ def test_demo_is_the_decision_and_a_rerun_reuses_everything(tmp_path: Path) -> N
         assert (sub / name).is_file(), name
     assert any(sub.glob("*.safetensors"))
 
+    # the MTP lever: stage 2 probed the kept weights with the shipped assistant, each acceptance measured on
+    # its own quantized target, and tried the k that acceptance chose (levers.MtpLever.ks_after)
+    drafted = {n: o for n, o in choice["search"]["stages"]["serving"].items() if "+mtp" in n}
+    probes = [n for n in drafted if n.endswith("+mtp4")]
+    assert probes and all(drafted[n]["mean_accepted_per_step"] is not None for n in drafted), drafted
+    assert all(0.0 <= o["mean_accepted_per_step"] <= int(n.rsplit("+mtp", 1)[1]) for n, o in drafted.items())
+    # the lever's energy modelled for the L4 comes split into its parts, the assistant's own among them
+    assert all(o["parts"]["draft"] > 0 and o["parts"]["decode"] > 0 for o in drafted.values()), drafted
+    pick_run = next(r for r in result.record.runs if r.label == result.choice.pick)
+    if pick_run.speculative:  # a drafting pick ships its assistant inside the folder, named relatively
+        import yaml
+
+        draft = json.loads(yaml.safe_load((sub / "vllm_config.yaml").read_text())["speculative_config"])
+        assert draft["model"] == "./assistant" and (sub / "assistant" / "config.json").is_file()
+    assert json.loads((sub / "choice.json").read_text())["vllm"]["min_version"] is not None
+
+    # the acceptance table: the bf16 target against the W4A16 and W8A8 targets, at the probe's k
+    from ecoquant.demo import target_acceptance
+
+    table = target_acceptance(tmp_path / "demo", show_progress=False)
+    assert [a.role for a in table] == ["bf16 base", "W4A16", "W8A8-INT8"], table
+    assert all(a.target_steps > 0 and 0.0 <= a.acceptance_rate <= 1.0 for a in table), table
+    assert table[0].mean_accepted_per_step > 0  # the assistant was distilled from the bf16 target: it drafts
+
     again = run_demo(tmp_path / "demo", show_progress=False)
     assert again.quantized == () and again.evaluated == ()
     assert again.choice.pick == result.choice.pick

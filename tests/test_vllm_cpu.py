@@ -557,3 +557,65 @@ def test_vllm_maps_each_familys_w4a16_checkpoint(vllm_install: VllmInstall, fami
     assert all(v.startswith("Unquantized") for v in towers.values()), towers
     if check.cpu_isa is not None:
         assert set(quantized.values()) == {"CompressedTensorsWNA16/CPUWNA16LinearKernel"}
+
+
+# ------------------------------------------------------------------ the target with its drafting assistant (issue 30)
+
+
+def _vllm_error(log: Path) -> str:
+    """vLLM's own error in a server log: the last ``...Error: ...`` line, else the log's last lines."""
+    import re
+
+    text = log.read_text(encoding="utf-8", errors="replace")
+    errors = [line.strip() for line in text.splitlines() if re.search(r"\b\w*(Error|Exception)\b: ", line)]
+    return errors[-1] if errors else "\n".join(text.splitlines()[-15:])
+
+
+def test_the_submission_folder_serves_the_target_with_its_assistant(vllm_install: VllmInstall, tmp_path: Path) -> None:
+    """A submission-shaped folder -- the tiny VLM, the shipped tiny assistant in ``assistant/``, and the
+    ``vllm_config.yaml`` ecoquant writes for it (``speculative_config`` naming ``./assistant``) -- started as the
+    challenge starts it, inside the folder. vLLM loads the pair and serves a greedy answer with the drafter;
+    where the CPU build cannot run the drafter, the test records vLLM's own error (as the int4-table row does)."""
+    import shutil
+    import time
+
+    from ecoquant.fixtures.tiny_assistant import tiny_vlm_assistant_path
+    from ecoquant.fixtures.tiny_vlm import tiny_vlm_path
+    from ecoquant.serve.config import build_serve_config
+    from ecoquant.serve.launch import CPU_FLAGS, health_ok, stop_group, vllm_command
+
+    sub = tmp_path / "submission"
+    shutil.copytree(tiny_vlm_path(), sub)
+    shutil.copytree(tiny_vlm_assistant_path(), sub / "assistant")
+    options = ServeConfigOptions(suite="builtin-basic", size=1, model=".", assistant="./assistant", num_speculative_tokens=2)
+    (sub / CONFIG_FILE).write_text(build_serve_config(sub, options).to_yaml())
+    written = yaml.safe_load((sub / CONFIG_FILE).read_text())
+    assert json.loads(written["speculative_config"]) == {"method": "mtp", "model": "./assistant", "num_speculative_tokens": 2}
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    flags = {"port": port, **({} if torch.cuda.is_available() else CPU_FLAGS)}
+    log = tmp_path / "pair.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            vllm_command(vllm_install, Path(CONFIG_FILE), flags), cwd=sub, stdout=fh, stderr=subprocess.STDOUT,
+            start_new_session=True, env=env,
+        )
+    try:
+        deadline = time.monotonic() + 480
+        while not health_ok(url):
+            if proc.poll() is not None:
+                pytest.xfail(f"vLLM {vllm_install.version} (CPU build) does not serve the Gemma-4 pair: {_vllm_error(log)}")
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        text = log.read_text(encoding="utf-8", errors="replace")
+        assert "method='mtp'" in text or "Gemma4MTP" in text, text[-3000:]  # the assistant is the drafter, not a draft_model
+        try:
+            answer = _chat_messages(url, ".", [{"role": "user", "content": "What is the total?"}])
+        except OSError as exc:  # the engine died on the first drafted step: record why
+            pytest.xfail(f"vLLM {vllm_install.version} (CPU build) loads the pair but cannot run it: {_vllm_error(log)} ({exc})")
+        assert answer["choices"][0]["message"]["content"] is not None
+        assert answer["usage"]["completion_tokens"] >= 1
+    finally:
+        stop_group(proc)

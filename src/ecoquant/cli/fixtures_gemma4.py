@@ -1,5 +1,5 @@
-"""``ecoquant fixtures tiny-gemma4``, ``tiny-vlm``, ``e4b-twin`` and ``e4b-assistant-twin``: the offline Gemma-4
-test models.
+"""``ecoquant fixtures tiny-gemma4``, ``tiny-vlm``, ``tiny-vlm-assistant``, ``e4b-twin`` and ``e4b-assistant-twin``:
+the offline Gemma-4 test models.
 
 Each prints the folder's path on stdout (and nothing else there), so a script can
 write ``MODEL=$(ecoquant fixtures tiny-gemma4)``; what it built goes to stderr.
@@ -78,4 +78,15 @@ def tiny_vlm() -> None:
 
     folder = tiny_vlm_path()
     console.print(f"trained tiny Gemma-4 VLM: {folder}", highlight=False)
+    typer.echo(str(folder))
+
+
+@fixtures_app.command("tiny-vlm-assistant")
+@guarded
+def tiny_vlm_assistant() -> None:
+    """Print the folder of the shipped MTP assistant distilled from the tiny VLM (Gemma4AssistantForCausalLM, ~3 MB; offline)."""
+    from ecoquant.fixtures.tiny_assistant import tiny_vlm_assistant_path
+
+    folder = tiny_vlm_assistant_path()
+    console.print(f"tiny VLM's MTP assistant: {folder}", highlight=False)
     typer.echo(str(folder))

@@ -22,6 +22,7 @@ from ecoquant.eval.backends.base import GENERATION_PRESETS, generation_settings
 from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.runner import EvalConfig
 from ecoquant.report.table import GATE_RECOVERY
+from ecoquant.serve.vllm_features import TESTED_VLLM
 from ecoquant.signals import exit_code
 
 
@@ -65,6 +66,9 @@ def optimize_cmd(
     target_gpu: Annotated[str, typer.Option(help=f"GPU the modelled energy is for ({', '.join(GPUS)}); the challenge serves on an L4.")] = DEFAULT_GPU,
     target_concurrency: Annotated[int, typer.Option(help="Requests the target server runs at once, for the modelled energy (1: one at a time, the worst case).")] = 1,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Quantize source weights holding NaN or inf instead of refusing them (recorded in each quant_recipe.json).")] = False,
+    target_vllm: Annotated[str, typer.Option(help="The vLLM version the submission will be served with: levers needing a feature it is known to lack (e.g. Gemma-4 MTP before 0.21.0) are left out; the submission states the lowest version its pick needs.")] = TESTED_VLLM,
+    assistant: Annotated[str | None, typer.Option(help="Staged search: the drafting assistant (folder or hub id) for the MTP lever (Gemma-4). Default: a `<model>-assistant` folder beside a local model, or the published `<hub-id>-assistant`.")] = None,
+    no_assistant: Annotated[bool, typer.Option("--no-assistant", help="Staged search: no MTP lever, even when an assistant is found beside the model.")] = False,
 ) -> None:
     """Search the levers that move suite energy (weights, then serving, then finalists on the whole suite), pick the cheapest candidate that keeps the gate, write DIR/submission."""
     out = folder_arg(out_text)
@@ -110,7 +114,10 @@ def optimize_cmd(
             finalists=finalists,
             calib_samples=calib_samples,
             calib_length=calib_length,
+            assistant=assistant,
+            discover_assistant=not no_assistant,
         ),
+        target_vllm=target_vllm,
     )
     if dry_run and grid is None:
         _print_preview(model, config)
@@ -128,6 +135,8 @@ def optimize_cmd(
         note = calibration_device_note(plan.model, [j.candidate for j in plan.quantize if j.candidate is not None],
                                        plan.grid.calibration, config.quant_device)
         if note:
+            console.print(note, highlight=False, soft_wrap=True)
+        for note in plan.vllm_notes:
             console.print(note, highlight=False, soft_wrap=True)
         to_run = sum(1 for j in plan.jobs if j.eval_key not in plan.cached_evals)
         console.print(
@@ -165,6 +174,8 @@ def _print_preview(model: str, config: object) -> None:
     for s in p.stages:
         table.add_row(s.name, str(s.evaluations), str(s.samples), str(s.quantizations), str(s.cached), s.what)
     Console(stderr=True, width=max(console.width, 200)).print(table)
+    for note in p.notes:
+        console.print(note, highlight=False, soft_wrap=True)
     c = p.calibration
     estimate = "no estimate" if p.seconds is None else f"about {p.seconds / 60:.1f} min"
     console.print(

@@ -182,7 +182,7 @@ def model_refs(base: str, variants: Sequence[str]) -> list[ModelRef]:
 
 def check_sources(refs: Sequence[ModelRef], config: EvalConfig) -> None:
     """Fail with one line before any work when a local model folder is missing or is not a model, or its image
-    processor does not take the configured image-token budget.
+    processor does not take the configured image-token budget, or ``--assistant`` is not a drafting assistant.
 
     Not for the OpenAI backend (its names are served names, not paths); hub ids
     are left for the backend to download.
@@ -193,6 +193,10 @@ def check_sources(refs: Sequence[ModelRef], config: EvalConfig) -> None:
 
     if config.backend == "openai":
         return
+    if config.assistant is not None:
+        from ecoquant.eval.speculative import assistant_folder
+
+        assistant_folder(config.assistant)
     for ref in refs:
         source = underlying_model(ref.source)
         if Path(source).expanduser().exists() or not is_hub_id(source):

@@ -95,6 +95,11 @@ class Candidate:
         scheme: what the decoder's Linears become, a name in :data:`~ecoquant.quantize.scheme.SCHEMES`
             (``w4a16``, ``w8a8-int8``, ``w8a8-fp8``; see ``ecoquant quantize --scheme``). W8A8 runs
             prefill on 8-bit tensor cores; FP8 is data-free (rtn only).
+        assistant: a drafting assistant (folder or hub id; Gemma-4's MTP assistant) the candidate decodes
+            with: fewer target steps per answer, the same greedy tokens. The evaluation measures its
+            acceptance on this candidate's own target; the submission ships it in ``assistant/`` with a
+            ``speculative_config``. None decodes plainly.
+        num_speculative_tokens: tokens the assistant drafts per target step (k); set with ``assistant`` only.
     """
 
     name: str
@@ -110,9 +115,20 @@ class Candidate:
     lm_head: str | None = None
     answer_cap: int | None = None
     scheme: str = "w4a16"
+    assistant: str | None = None
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "serving", MappingProxyType(dict(self.serving)))
+        if (self.assistant is None) != (self.num_speculative_tokens is None):
+            raise EcoquantError(f"candidate {self.name}: assistant and num_speculative_tokens go together; set both or neither")
+        if self.num_speculative_tokens is not None and (
+            not isinstance(self.num_speculative_tokens, int) or isinstance(self.num_speculative_tokens, bool)
+            or self.num_speculative_tokens < 1
+        ):
+            raise EcoquantError(f"candidate {self.name}: num_speculative_tokens must be 1 or more, not {self.num_speculative_tokens!r}")
+        if self.assistant is not None and "speculative_config" in {str(k).replace("-", "_") for k in self.serving}:
+            raise EcoquantError(f"candidate {self.name}: assistant writes the speculative_config; drop it from serving:")
         if not self.name or any(c in self.name for c in "/\\ \t\n") or self.name.startswith("."):
             raise EcoquantError(f"candidate name {self.name!r} must be a plain folder name (no spaces, slashes or leading dot)")
         if self.method not in METHODS:
@@ -227,9 +243,10 @@ def auto_name(
     lm_head: str | None = None,
     answer_cap: int | None = None,
     scheme: str = "w4a16",
+    num_speculative_tokens: int | None = None,
 ) -> str:
     """``gptq-auto``, ``rtn-gemma4-e-mlpo-g64-mse+short``, ``gptq-auto-minmax-1pass``, ``awq-auto+img140``,
-    ``awq-auto+s1a2b3c``, ``rtn-auto-w8a8-int8``: readable, unique per choice (a method's default observer,
+    ``awq-auto+s1a2b3c``, ``rtn-auto-w8a8-int8``, ``gptq-auto+mtp4`` (an assistant drafting 4): readable, unique per choice (a method's default observer,
     passes and dampening, and W8A8's own per-channel group size, add nothing)."""
     name = f"{method}-{preset}"
     if scheme != "w4a16":
@@ -250,6 +267,8 @@ def auto_name(
         name += f"+cap{answer_cap}"
     if max_soft_tokens is not None:
         name += f"+img{max_soft_tokens}"
+    if num_speculative_tokens is not None:
+        name += f"+mtp{num_speculative_tokens}"
     if serving:
         import hashlib
 
@@ -297,6 +316,7 @@ def _candidate(spec: Mapping[str, Any], where: str) -> Candidate:
         lm_head=values.get("lm_head"),
         answer_cap=values.get("answer_cap"),
         scheme=str(values.get("scheme", defaults.scheme)),
+        num_speculative_tokens=values.get("num_speculative_tokens"),
     )
     try:
         return Candidate(str(name), **values)

@@ -23,6 +23,7 @@ from ecoquant.optimize.levers import FamilyLevers
 from ecoquant.optimize.store import Store, digest
 from ecoquant.quantize.scheme import ACTIVATION_AWARE
 from ecoquant.report.table import GATE_RECOVERY, check_confidence, check_threshold
+from ecoquant.serve.vllm_features import TESTED_VLLM, version_tuple
 
 KEY_VERSION = 1
 """Part of every key: bump it when what a key stands for changes, so old results are not reused."""
@@ -55,6 +56,10 @@ class SearchConfig:
         calibration: GPTQ/AWQ calibration as given; None for
             :func:`~ecoquant.calibrate.sizing.sized_calibration` of the model, with ``calib_samples``
             and ``calib_length`` (``--calib-samples``, ``--calib-length``) overriding its size.
+        assistant: the drafting assistant stage 2's MTP lever uses (folder or hub id); None: found
+            beside the model (:func:`~ecoquant.optimize.levers.find_assistant`) unless ``discover_assistant``
+            is False. Only families whose levers have an MTP entry use it.
+        discover_assistant: look for an assistant when none is given (``--no-assistant`` turns it off).
     """
 
     budget: int | None = None
@@ -65,6 +70,8 @@ class SearchConfig:
     calibration: CalibrationConfig | None = None
     calib_samples: int | None = None
     calib_length: int | None = None
+    assistant: str | None = None
+    discover_assistant: bool = True
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.budget < 1:
@@ -98,6 +105,9 @@ class OptimizeConfig:
             quantization and evaluation on, one GPU (or CPU) each (:mod:`ecoquant.optimize.jobs`); None: here.
         cluster_retries: how often Ray re-places a job whose node or worker died before the run gives up
             on it (the next run re-runs it; finished jobs are kept).
+        target_vllm: the vLLM version the submission will be served with (``--target-vllm``): levers
+            needing a feature this version is known to lack are left out
+            (:mod:`ecoquant.serve.vllm_features`), and the submission states the lowest version its pick needs.
     """
 
     out: Path
@@ -117,8 +127,11 @@ class OptimizeConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     cluster: str | None = None
     cluster_retries: int = 1
+    target_vllm: str = TESTED_VLLM
 
     def __post_init__(self) -> None:
+        if not version_tuple(self.target_vllm):
+            raise EcoquantError(f"--target-vllm takes a version such as {TESTED_VLLM}, not {self.target_vllm!r}")
         object.__setattr__(self, "out", Path(self.out).expanduser())
         object.__setattr__(self, "gpus", tuple(self.gpus))
         object.__setattr__(self, "vllm_args", tuple(self.vllm_args))
@@ -169,6 +182,8 @@ class Plan:
     cached_checkpoints: frozenset[str]
     disk_needed_bytes: int
     energy_measured: bool
+    vllm_notes: tuple[str, ...] = ()
+    """Candidates left out for ``--target-vllm`` and why, and features not checked on it."""
 
     def rows(self) -> list[dict[str, Any]]:
         """The plan as table rows (``--dry-run``)."""
@@ -184,6 +199,7 @@ class Plan:
                     "response": "default" if c is None else c.response,
                     "image budget": "" if c is None or c.max_soft_tokens is None else str(c.max_soft_tokens),
                     "serving": "" if c is None or not c.serving else json.dumps(dict(c.serving)),
+                    "draft": "" if c is None or c.assistant is None else f"k={c.num_speculative_tokens}",
                     "checkpoint": "source"
                     if c is None
                     else ("cached" if job.quant_key in self.cached_checkpoints else "to quantize"),
@@ -212,10 +228,16 @@ def quant_material(source_sha: str, candidate: Candidate, grid: Grid) -> dict[st
 
 
 def eval_material(
-    model_key: str, candidate: Candidate | None, prepared: PreparedSuite, config: OptimizeConfig, energy_measured: bool
+    model_key: str,
+    candidate: Candidate | None,
+    prepared: PreparedSuite,
+    config: OptimizeConfig,
+    energy_measured: bool,
+    assistant_key: str | None = None,
 ) -> dict[str, Any]:
-    """What decides an evaluation's result."""
+    """What decides an evaluation's result (``assistant_key``: the drafting assistant's content hash, if any)."""
     e = config.eval
+    drafter = model_drafter(candidate, e)
     backend: dict[str, Any] = {"kind": config.backend}
     if config.backend == "transformers":
         backend |= {"device": e.device, "dtype": e.dtype, "batch_size": e.batch_size}
@@ -228,6 +250,8 @@ def eval_material(
         "max_soft_tokens": None if candidate is None else candidate.max_soft_tokens,
         "serving": {} if candidate is None else dict(candidate.serving),
         **({} if candidate is None or candidate.answer_cap is None else {"answer_cap": candidate.answer_cap}),
+        # absent without an assistant, so older keys stay valid
+        **({} if drafter is None else {"assistant": assistant_key or drafter[0], "num_speculative_tokens": drafter[1]}),
         "suite": {"spec": e.suite, "size": e.size, "limit": e.limit, "sha256": prepared.digest},
         "generation": e.generation.to_record(),
         "prompt_variant": "default",
@@ -239,7 +263,40 @@ def eval_material(
     }
 
 
-def _check_grid(grid: Grid, config: OptimizeConfig) -> None:
+def fit_grid(grid: Grid, model_type: str | None, target_vllm: str) -> tuple[Grid, tuple[str, ...]]:
+    """``grid`` without the candidates ``target_vllm`` is known to lack a feature of, and what was said about it."""
+    from ecoquant.optimize.levers import fit_vllm, require_family
+
+    require_family(model_type, target_vllm)
+    fit = fit_vllm(grid.candidates, model_type, target_vllm)
+    if not fit.kept:
+        raise EcoquantError(f"no candidate of the grid can be served by vLLM {target_vllm}: {fit.left_out[0][1]}")
+    return (replace(grid, candidates=fit.kept) if fit.left_out else grid), tuple(fit.lines())
+
+
+def model_drafter(candidate: Candidate | None, e: EvalConfig) -> tuple[str, int] | None:
+    """``(assistant, k)`` a model decodes with: the candidate's own, else the evaluation's (which the base
+    gets too: how the demo measures the bf16 target's acceptance), else None."""
+    if candidate is not None and candidate.assistant is not None:
+        return candidate.assistant, int(candidate.num_speculative_tokens or 1)
+    return None if e.assistant is None else (e.assistant, e.num_speculative_tokens)
+
+
+def _check_grid(grid: Grid, config: OptimizeConfig, model_type: str | None = None) -> None:
+    from ecoquant.optimize.levers import drafter_fits
+
+    drafted = [c.name for c in grid.candidates if c.assistant is not None]
+    unfit = [name for name in drafted if not drafter_fits(next(c for c in grid.candidates if c.name == name), model_type)]
+    if unfit:
+        raise EcoquantError(
+            f"candidates {', '.join(unfit)} quantize the token tables, which vLLM's drafters cannot read "
+            "(they take embed_tokens.weight directly); drop their assistant or use a preset with bf16 tables"
+        )
+    if config.backend != "transformers" and drafted:
+        raise EcoquantError(
+            f"candidates {', '.join(drafted)} decode with an assistant, whose acceptance is measured with "
+            "--backend transformers (assisted generation); use it, or drop their assistant:"
+        )
     if config.backend != "vllm" and grid.needs_vllm():
         raise EcoquantError(
             f"candidates {', '.join(grid.needs_vllm())} set vLLM serving options, which only a vLLM server honours; "
@@ -262,8 +319,8 @@ def plan_optimize(
     path = resolve_model(model)
     require_unquantized(path)  # the base must be the bf16 source the candidates are made from
     model_type = _model_type(path)
-    grid = config.grid or default_grid(model_type)
-    _check_grid(grid, config)
+    grid, notes = fit_grid(config.grid or default_grid(model_type), model_type, config.target_vllm)
+    _check_grid(grid, config, model_type)
     for c in grid.candidates:
         try:
             check_max_soft_tokens(path, c.max_soft_tokens)
@@ -275,6 +332,9 @@ def plan_optimize(
     if energy_measured is None:
         energy_measured = _meter_available(config)
     base_key = digest({"v": KEY_VERSION, "base": source_hash["sha256"]})
+    drafters = {d[0] for c in (None, *grid.candidates) if (d := model_drafter(c, config.eval)) is not None}
+    assistant_keys = {a: assistant_key(a) for a in sorted(drafters)}
+    base_drafter_key = None if config.eval.assistant is None else assistant_keys[config.eval.assistant]
     jobs = [
         Job(
             path.name,
@@ -283,7 +343,7 @@ def plan_optimize(
             None,
             None,
             path,
-            digest(m := eval_material(base_key, None, prepared, config, energy_measured)),
+            digest(m := eval_material(base_key, None, prepared, config, energy_measured, base_drafter_key)),
             m,
         )
     ]
@@ -291,7 +351,8 @@ def plan_optimize(
         qkey = digest(quant_material(source_hash["sha256"], c, grid))
         qdir = store.checkpoint_dir(f"{c.method}-{c.preset}", qkey)
         folder = qdir.with_name(qdir.name + serving_suffix(c))
-        material = eval_material(qkey + serving_suffix(c), c, prepared, config, energy_measured)
+        a_key = None if (d := model_drafter(c, config.eval)) is None else assistant_keys[d[0]]
+        material = eval_material(qkey + serving_suffix(c), c, prepared, config, energy_measured, a_key)
         jobs.append(Job(c.name, "variant", c, qkey, qdir, folder, digest(material), material))
     cached_evals = frozenset(j.eval_key for j in jobs if store.load_eval(j.label, j.eval_key) is not None)
     cached_ckpts = frozenset(
@@ -309,9 +370,21 @@ def plan_optimize(
         tables = plan_tables(model_plan, j.candidate.quant_scheme, model_plan.preset.embeddings, head)  # type: ignore[arg-type]
         disk += plan_footprint(model_plan, j.candidate.quant_scheme, tables).after_bytes
     plan = Plan(
-        path, model_type, grid, tuple(jobs), tuple(to_quantize.values()), cached_evals, cached_ckpts, disk, energy_measured
+        path, model_type, grid, tuple(jobs), tuple(to_quantize.values()), cached_evals, cached_ckpts, disk, energy_measured,
+        notes,
     )
     return plan, store, prepared, source_hash
+
+
+def assistant_key(assistant: str) -> str:
+    """What identifies an assistant in an evaluation's key: its files' SHA-256 when it is a local folder
+    (a retrained assistant at the same path is a new evaluation), else the hub id as given."""
+    from ecoquant.export.recipe import hash_model_files
+
+    path = Path(assistant).expanduser()
+    if path.is_dir():
+        return str(hash_model_files(path)["sha256"])
+    return assistant
 
 
 def _meter_available(config: OptimizeConfig) -> bool:

@@ -179,11 +179,14 @@ def capped(generation: Any, cap: int) -> Any:
 
 
 def job_eval_config(job: Job, config: OptimizeConfig) -> EvalConfig:
-    """The evaluation settings of one job: its image budget, and its answer cap applied to each task's cap."""
+    """The evaluation settings of one job: its image budget, its answer cap applied to each task's cap, and its drafting assistant."""
     budget = None if job.candidate is None else job.candidate.max_soft_tokens
     job_eval = replace(config.eval, max_soft_tokens=budget)
     if job.candidate is not None and job.candidate.answer_cap is not None:
         job_eval = replace(job_eval, generation=capped(job_eval.generation, job.candidate.answer_cap))
+    if job.candidate is not None and job.candidate.assistant is not None:
+        k = job.candidate.num_speculative_tokens
+        job_eval = replace(job_eval, assistant=job.candidate.assistant, num_speculative_tokens=k)
     return job_eval
 
 
@@ -397,6 +400,8 @@ def run_grid(model: str | Path, config: OptimizeConfig, runner: Runner) -> GridR
     # not a stage: a bad input here is one error line, with no progress lines around it
     plan, store, prepared, _ = plan_optimize(model, config, energy_measured=runner.energy_measured)
     cached = len(plan.cached_evals)
+    for note in plan.vllm_notes:
+        stages.line(f"optimize: {note}")
     stages.line(
         f"optimize: {len(plan.jobs) - 1} candidates + base; {cached} evaluations and "
         f"{len(plan.cached_checkpoints)} checkpoints reused from {store.root}"
@@ -475,33 +480,6 @@ def decide(
     if config.keep == "pick":
         _discard_losers(plan, store, choice)
     return OptimizeResult(plan, record, choice, submission, run.quantized, run.evaluated, results)
-
-
-def optimize(
-    model: str | Path,
-    config: OptimizeConfig,
-    *,
-    show_progress: bool | None = None,
-    console: Console | None = None,
-    meter_factory: MeterFactory = _open_meter,
-    backend_factory: BackendFactory | None = None,
-) -> OptimizeResult:
-    """Quantize, evaluate, decide and write ``config.out/submission`` (see the module docstring).
-
-    With a grid (``config.grid``) every candidate is evaluated on the whole
-    suite (a product); without one, the staged search of
-    :mod:`ecoquant.optimize.stages` chooses what to evaluate.
-    ``meter_factory`` and ``backend_factory`` exist for tests (a recorded NVML,
-    a scripted backend); by default NVML and the configured backend are used.
-    """
-    runner = open_runner(
-        config, show_progress=show_progress, console=console, meter_factory=meter_factory, backend_factory=backend_factory
-    )
-    if config.grid is None:
-        from ecoquant.optimize.stages import staged_optimize
-
-        return staged_optimize(model, config, runner)
-    return decide(run_grid(model, config, runner), config, runner)
 
 
 def _transformers_factory(config: OptimizeConfig, gpu: int | None) -> BackendFactory:

@@ -13,7 +13,10 @@ so the levers only need trying on the weights worth shipping. Hence:
 2. **serving**: each serving lever alone (response, answer cap, image budget,
    kv-cache format) on the ``keep`` best weights by mean recovery per joule,
    among those that clear the gate on the subset (all of them if none
-   does), on the same subset;
+   does), on the same subset; for a family with a drafting assistant, the
+   MTP lever too: each of those weights drafting ``probe_k`` tokens first,
+   then at most two more k chosen from the acceptance that probe measured
+   (:class:`~ecoquant.optimize.levers.MtpLever`);
 3. **final**: the ``finalists`` cheapest candidates that clear the gate on
    the subset, on the whole suite (with ``--repeats`` energy windows where
    NVML measures); :func:`ecoquant.optimize.select.choose` picks among them
@@ -38,15 +41,25 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ecoquant.calibrate.data import CalibrationConfig
 from ecoquant.optimize.grid import Candidate, Grid
-from ecoquant.optimize.levers import FamilyLevers, ServingLevers, family_levers, serving_levers
+from ecoquant.errors import EcoquantError
+from ecoquant.optimize.levers import (
+    FamilyLevers,
+    ServingLevers,
+    VllmFit,
+    check_assistant,
+    family_levers,
+    find_assistant,
+    fit_vllm,
+    require_family,
+    serving_levers,
+)
 from ecoquant.optimize.plan import OptimizeConfig, SearchConfig
-
-if TYPE_CHECKING:
-    from ecoquant.optimize.run import OptimizeResult, Runner
+from ecoquant.optimize.run import GridRun, OptimizeResult, Runner, decide, run_grid
+from ecoquant.optimize.select import row_cost
 
 STAGES: tuple[str, ...] = ("weights", "serving", "final")
 
@@ -61,6 +74,10 @@ class Outcome:
     """Joules over the stage's suite (measured, else modelled for the target GPU); None when unknown."""
     interval: tuple[float, float] | None = None
     """The bootstrap interval on mean recovery, where the record has one."""
+    mean_accepted_per_step: float | None = None
+    """With an assistant: drafts the target accepted per verification step, measured (None without)."""
+    parts: dict[str, float] | None = None
+    """The modelled energy's parts (``decode``, ``draft``...), where the cost is modelled; None otherwise."""
 
     def passes(self, gate: float) -> bool:
         return self.mean_recovery is not None and self.mean_recovery >= gate
@@ -156,8 +173,15 @@ def search(
             if v.name not in by_name:
                 variants.append(v)
                 by_name[v.name] = v
-    variants = variants[: plan.serving]
+    probes = [p for o in kept for p in levers.mtp_probes(by_name[o.name]) if p.name not in by_name]
+    variants = (variants + probes)[: plan.serving]
+    by_name |= {v.name: v for v in variants}
     s2 = dict(evaluate("serving", variants, False)) if variants else {}
+    drafted = _after_probes([v for v in variants if v.assistant is not None], s2, levers, by_name)
+    drafted = drafted[: max(plan.serving - len(variants), 0)]
+    by_name |= {v.name: v for v in drafted}
+    if drafted:
+        s2 |= dict(evaluate("serving", drafted, False))
     pool = [*s1.values(), *s2.values()]
     finalists = tuple(by_name[o.name] for o in _cheapest_passing(pool, gate, plan.final))
     s3 = dict(evaluate("final", finalists, True)) if finalists else {}
@@ -165,12 +189,61 @@ def search(
     return SearchResult(plan, stages, tuple(o.name for o in kept), finalists)
 
 
+def _after_probes(
+    probes: Sequence[Candidate], outcomes: Mapping[str, Outcome], levers: ServingLevers, known: Mapping[str, Candidate]
+) -> list[Candidate]:
+    """The MTP variants with the k each probe's measured acceptance chooses (:meth:`MtpLever.ks_after`)."""
+    if levers.mtp is None:
+        return []
+    out: list[Candidate] = []
+    for p in probes:
+        measured = outcomes.get(p.name)
+        if measured is None or measured.mean_accepted_per_step is None:
+            continue
+        plain = replace(p, assistant=None, num_speculative_tokens=None)
+        for k in levers.mtp.ks_after(measured.mean_accepted_per_step):
+            v = levers.drafted(plain, k)
+            if v.name not in known and v.name not in {c.name for c in out}:
+                out.append(v)
+    return out
+
+
 # ------------------------------------------------------------------ the real thing
 
 
-def search_space(model: Path, model_type: str | None, config: OptimizeConfig) -> tuple[FamilyLevers, ServingLevers]:
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the staged search may try for one model: its family's levers as this target vLLM can take them."""
+
+    levers: FamilyLevers
+    serving: ServingLevers
+    weights: tuple[Candidate, ...]
+    """The family's weights candidates the target vLLM is not known to lack a feature of."""
+    fit: VllmFit
+    """The weights candidates' fit to the target vLLM (what was left out, what is unchecked)."""
+
+    def notes(self) -> list[str]:
+        """Every lever left out and why, and the features not checked on the target (dry run, progress)."""
+        return self.fit.lines() + [f"left out: {why}" for why in self.serving.left_out]
+
+
+def search_space(model: str | Path, path: Path, model_type: str | None, config: OptimizeConfig) -> SearchSpace:
+    """The levers for ``path`` (``model`` as given names the assistant's published sibling), fitted to
+    ``config.target_vllm``; one line when no weights candidate is left."""
+    require_family(model_type, config.target_vllm)
     levers = config.search.levers or family_levers(model_type)
-    return levers, serving_levers(model, levers, config.backend)
+    assistant = config.search.assistant
+    if assistant is not None:
+        assistant = check_assistant(assistant)
+    elif config.search.discover_assistant:
+        assistant = find_assistant(str(model), levers)
+    serving = serving_levers(path, levers, config.backend, config.target_vllm, assistant, model_type)
+    fit = fit_vllm(levers.weights_candidates(), model_type, config.target_vllm)
+    if not fit.kept:
+        raise EcoquantError(
+            f"no weights candidate can be served by vLLM {config.target_vllm}: " + "; ".join(w for _, w in fit.left_out[:1])
+        )
+    return SearchSpace(levers, serving, fit.kept, fit)
 
 
 def search_calibration(model: Path, search: SearchConfig) -> CalibrationConfig:
@@ -195,17 +268,17 @@ def staged_optimize(model: str | Path, config: OptimizeConfig, runner: Runner) -
     """:func:`search` with the real quantize-and-evaluate, then the decision on stage 3's whole-suite results."""
     from ecoquant.models.loading import resolve_model
     from ecoquant.optimize.plan import _model_type
-    from ecoquant.optimize.run import GridRun, decide, run_grid
-    from ecoquant.optimize.select import row_cost
 
     from ecoquant.eval.runner import prepare_suite
 
     path = resolve_model(model)
     prepare_suite(config.eval)  # a bad --suite is one line before stage 1 starts, not after it
     model_type = _model_type(path)
-    levers, serving = search_space(path, model_type, config)
+    space = search_space(model, path, model_type, config)
+    serving, weights = space.serving, space.weights
+    for note in space.notes():
+        runner.stages.line(f"optimize: {note}")
     calibration = search_calibration(path, config.search)
-    weights = levers.weights_candidates()
     last: dict[str, tuple[GridRun, OptimizeConfig]] = {}
 
     def evaluate(stage: str, candidates: Sequence[Candidate], whole: bool) -> dict[str, Outcome]:
@@ -214,13 +287,22 @@ def staged_optimize(model: str | Path, config: OptimizeConfig, runner: Runner) -
         with runner.stages.stage(f"stage {STAGES.index(stage) + 1}", f"{stage}: {len(candidates)} candidates"):
             run = run_grid(path, stage_cfg, runner)
         last[stage] = (run, stage_cfg)
+        accepted = {r.label: r.speculative for r in run.record.runs if r.speculative}
         out = {}
         rows, measured, _ = run.ranked(stage_cfg, runner.energy_measured)
         for row in rows:
             if row.role == "base":
                 continue
             interval = (row.recovery_interval or {}).get("mean")
-            out[row.model] = Outcome(row.model, row.mean_recovery, row_cost(row, measured), interval)
+            speculative = accepted.get(row.model) or {}
+            out[row.model] = Outcome(
+                row.model,
+                row.mean_recovery,
+                row_cost(row, measured),
+                interval,
+                speculative.get("mean_accepted_per_step"),
+                None if measured else (row.modelled_energy or {}).get("parts"),
+            )
         return out
 
     result = search(weights, serving, config.search, config.gate, evaluate)
@@ -258,6 +340,10 @@ class SearchPreview:
     basis: str
     device_note: str | None = None
     """Where stage 1's calibrated candidates would calibrate here, and why (None: none calibrates)."""
+    notes: tuple[str, ...] = ()
+    """Levers left out (target vLLM, backend, no assistant) and why; features not checked on the target."""
+    assistant: str | None = None
+    """The assistant the MTP lever drafts with (given or found), if the lever is on."""
 
     @property
     def evaluations(self) -> int:
@@ -298,9 +384,9 @@ def preview(model: str | Path, config: OptimizeConfig) -> SearchPreview:
     from ecoquant.optimize.plan import _model_type, calibration_device_note, plan_optimize
 
     path = resolve_model(model)
-    levers, serving = search_space(path, _model_type(path), config)
+    space = search_space(model, path, _model_type(path), config)
+    levers, serving, weights = space.levers, space.serving, space.weights
     calibration = search_calibration(path, config.search)
-    weights = levers.weights_candidates()
     counts = plan_stages(len(weights), serving, config.search)
     first = Grid(tuple(weights[: counts.weights]), calibration, "staged search, stage 1")
     plan1, store, prepared1, _ = plan_optimize(path, stage_config(config, first, False), energy_measured=False)
@@ -320,7 +406,10 @@ def preview(model: str | Path, config: OptimizeConfig) -> SearchPreview:
     device_note = calibration_device_note(path, first.candidates, calibration, config.quant_device)
     per_request, quant = measured_times(store.root)
     if per_request is None:
-        return SearchPreview(stages, calibration, levers.note, None, "no measured times in this folder yet", device_note)
+        return SearchPreview(
+            stages, calibration, levers.note, None, "no measured times in this folder yet",
+            device_note=device_note, notes=tuple(space.notes()), assistant=serving.assistant,
+        )
     seconds = per_request * (
         (counts.weights - cached1 + (1 if not plan1.cached_evals else 0)) * n_sub
         + counts.serving * n_sub
@@ -331,7 +420,10 @@ def preview(model: str | Path, config: OptimizeConfig) -> SearchPreview:
     basis = f"measured in this folder: {per_request:.2f} s per request" + (
         f"; quantization times of {', '.join(sorted(quant))}" if quant else ""
     ) + (f"; no measured time for quantizing {', '.join(sorted(set(unknown)))} (not counted)" if unknown else "")
-    return SearchPreview(stages, calibration, levers.note, seconds, basis, device_note)
+    return SearchPreview(
+        stages, calibration, levers.note, seconds, basis,
+        device_note=device_note, notes=tuple(space.notes()), assistant=serving.assistant,
+    )
 
 
 def describe_levers(levers: ServingLevers) -> str:
@@ -339,4 +431,8 @@ def describe_levers(levers: ServingLevers) -> str:
     parts += [f"answer cap {n}" for n in levers.answer_caps]
     parts += [f"image budget {b}" for b in levers.image_budgets]
     parts += [", ".join(f"{k} {v}" for k, v in s.items()) for s in levers.serving]
+    if levers.mtp is not None and levers.assistant is not None:
+        parts.append(
+            f"MTP with {levers.assistant}: k={levers.mtp.probe_k} first, then up to 2 more k chosen by its measured acceptance"
+        )
     return "; ".join(parts) or "none"

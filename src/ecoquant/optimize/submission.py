@@ -10,6 +10,15 @@ with the pick's serving options, the evaluation's ``results.json``,
 measured table, how it was chosen (every candidate, the gate, the cost
 measure, the hardware and vLLM version), usage, reproduction, license.
 
+A pick that decodes with a drafting assistant (the MTP lever) carries it in
+``assistant/`` (its files as given: ecoquant does not quantize assistants
+yet; see docs/serving.md), and ``vllm_config.yaml`` gets a
+``speculative_config`` naming ``./assistant``, so the folder serves the pair.
+
+The card, ``choice.json`` and the config's header state the lowest vLLM
+version the pick needs (:func:`ecoquant.serve.vllm_features.min_version_for`
+over :func:`ecoquant.optimize.levers.candidate_features`).
+
 The folder is built as ``DIR/.submission.partial`` and renamed into place,
 so a half-written submission never sits where an upload would take it.
 """
@@ -24,6 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ecoquant.eval.backends.base import DEFAULT_NUM_SPECULATIVE_TOKENS
 from ecoquant.optimize.grid import RESPONSES
 from ecoquant.optimize.plan import Job, OptimizeConfig, Plan
 from ecoquant.optimize.select import Choice, choice_record
@@ -32,11 +42,14 @@ from ecoquant.report.table import gate_rule
 from ecoquant.report import PARTS_FILE, PLOT_FILE, RESULTS_FILE, TABLE_FILE
 from ecoquant.serve.config import CONFIG_FILE, ServeConfigOptions, build_serve_config
 from ecoquant.serve.model_card import write_model_card
+from ecoquant.serve.vllm_features import feature, min_version_for, unchecked
 
 if TYPE_CHECKING:
     from ecoquant.eval.runner import RunRecord
 
 SUBMISSION = "submission"
+ASSISTANT_DIR = "assistant"
+"""The assistant's folder inside the submission; ``speculative_config`` names it as ``./assistant``."""
 SKIPPED = (CONFIG_FILE, "README.md")
 """Files of the candidate folder not copied: the submission gets its own."""
 
@@ -129,6 +142,61 @@ def choice_section(choice: Choice, plan: Plan, record: RunRecord, config: Optimi
     return "\n".join(lines)
 
 
+def vllm_requirements(pick: Job, plan: Plan, config: OptimizeConfig) -> dict[str, Any]:
+    """``choice.json``'s ``vllm`` block: the features the pick needs, the lowest version with all, the target."""
+    from ecoquant.optimize.levers import FAMILY_FEATURES, candidate_features
+
+    names = (
+        FAMILY_FEATURES.get(plan.model_type or "", ())
+        if pick.candidate is None
+        else candidate_features(pick.candidate, plan.model_type)
+    )
+    return {
+        "min_version": min_version_for(names),
+        "features": {n: feature(n).min_version for n in names},
+        "traced": [n for n in names if feature(n).verified],
+        "target": config.target_vllm,
+        "unchecked_on_target": [f.name for f in unchecked(config.target_vllm, names)],
+    }
+
+
+def vllm_section(req: Mapping[str, Any], speculative: Mapping[str, Any] | None) -> str:
+    """The card's "Serving requirements" section: the lowest vLLM version, feature by feature, and the drafter."""
+    lines = ["## Serving requirements", ""]
+    if req["min_version"] is None:
+        lines.append("No vLLM feature beyond a plain bf16 model.")
+    else:
+        lines.append(
+            f"Needs **vLLM >= {req['min_version']}**: "
+            + ", ".join(
+                f"`{n}` from {v}" + ("" if n in req["traced"] else " (ecoquant's vLLM tests; older releases not checked)")
+                for n, v in req["features"].items()
+            )
+            + f". Chosen for vLLM {req['target']} (`--target-vllm`)."
+        )
+    if speculative:
+        lines += [
+            "",
+            f"Decodes with the drafting assistant in `{ASSISTANT_DIR}/` (`speculative_config` in `{CONFIG_FILE}`: "
+            f"method `mtp`, {speculative['num_speculative_tokens']} draft tokens per step). Greedy answers are the "
+            f"target's own. Measured on this target: {speculative['mean_accepted_per_step']:.2f} drafts accepted per "
+            f"step ({speculative['acceptance_rate']:.0%} of drafts), so {1 + speculative['mean_accepted_per_step']:.2f} "
+            "tokens per target pass.",
+        ]
+    return "\n".join(lines)
+
+
+def copy_assistant(assistant: str, into: Path) -> None:
+    """The assistant's files into ``into`` (hard links where possible): a local folder, or a hub id resolved here."""
+    from ecoquant.models.loading import resolve_model
+
+    source = resolve_model(assistant)
+    into.mkdir(parents=True)
+    for f in sorted(source.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            link_or_copy(f, into / f.name)
+
+
 def write_submission(store: Store, pick: Job, plan: Plan, record: RunRecord, choice: Choice, config: OptimizeConfig) -> Path:
     """Build ``DIR/submission`` for ``pick`` (see the module docstring); returns its path."""
     final = store.root / SUBMISSION
@@ -139,7 +207,13 @@ def write_submission(store: Store, pick: Job, plan: Plan, record: RunRecord, cho
         if f.is_file() and not f.name.startswith(".") and f.name not in SKIPPED:
             link_or_copy(f, tmp / f.name)
     e = config.eval
-    serving = {} if pick.candidate is None else dict(pick.candidate.serving)
+    c = pick.candidate
+    serving = {} if c is None else dict(c.serving)
+    drafted = c is not None and c.assistant is not None
+    if drafted:
+        assert c is not None and c.assistant is not None
+        copy_assistant(c.assistant, tmp / ASSISTANT_DIR)
+    req = vllm_requirements(pick, plan, config)
     serve_config = build_serve_config(
         pick.folder,
         ServeConfigOptions(
@@ -149,8 +223,11 @@ def write_submission(store: Store, pick: Job, plan: Plan, record: RunRecord, cho
             prompt_variants=("default",),
             model=config.repo_id or ".",
             cache_dir=e.cache_dir,
-            max_soft_tokens=None if pick.candidate is None else pick.candidate.max_soft_tokens,
+            max_soft_tokens=None if c is None else c.max_soft_tokens,
             extra=serving,
+            assistant=f"./{ASSISTANT_DIR}" if drafted else None,
+            num_speculative_tokens=(c.num_speculative_tokens or DEFAULT_NUM_SPECULATIVE_TOKENS) if c else DEFAULT_NUM_SPECULATIVE_TOKENS,
+            min_vllm=req["min_version"],
         ),
     )
     (tmp / CONFIG_FILE).write_text(serve_config.to_yaml(), encoding="utf-8")
@@ -158,7 +235,11 @@ def write_submission(store: Store, pick: Job, plan: Plan, record: RunRecord, cho
         if (store.root / name).is_file():
             shutil.copy2(store.root / name, tmp / name)
     hw = hardware(record)
-    write_json_atomic(tmp / "choice.json", choice_record(choice, plan.grid, record.failures) | {"hardware": hw})
+    write_json_atomic(
+        tmp / "choice.json", choice_record(choice, plan.grid, record.failures) | {"hardware": hw, "vllm": req}
+    )
+    run = next((r for r in record.runs if r.label == pick.label), None)
+    speculative = None if run is None else run.speculative
     write_model_card(
         tmp,
         tmp,
@@ -167,7 +248,7 @@ def write_submission(store: Store, pick: Job, plan: Plan, record: RunRecord, cho
         overwrite=True,
         this_row=pick.label,
         title=config.repo_id or f"{plan.model.name}-{pick.label}",
-        extra_sections=(choice_section(choice, plan, record, config, hw),),
+        extra_sections=(choice_section(choice, plan, record, config, hw), vllm_section(req, speculative if drafted else None)),
     )
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

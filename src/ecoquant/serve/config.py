@@ -18,6 +18,17 @@ and take the file as it is, so each key is a decision with a cost:
 * ``override_generation_config`` sets the sampling a request gets when it
   names none: greedy (the evaluation's default) or the seed card's Gemma
   sampling, from the same presets as ``ecoquant eval --sampling``.
+* ``speculative_config`` (with an assistant): ``{"method": "mtp", "model":
+  "./assistant", "num_speculative_tokens": k}``, vLLM's Gemma-4 MTP path
+  (docs.vllm.ai, speculative decoding, "Gemma 4 Assistant Models"; vLLM maps
+  a ``gemma4_assistant`` checkpoint to ``Gemma4MTPModel``, whose layers read
+  the target's KV cache). The path is relative, as ``model: .`` is: vLLM
+  resolves both from the folder it is started in, the submission's own. No
+  ``quantization`` key inside it: vLLM reads the draft's quantization from
+  the assistant's own ``config.json`` (``get_draft_quant_config``), and its
+  docs say the key is only for a draft quantized as the target is.
+  A checkpoint with quantized token tables gets none: vLLM's drafters read
+  the target's ``embed_tokens.weight`` directly (docs/serving.md).
 * A compressed-tensors checkpoint gets **no** ``quantization`` key: vLLM reads
   ``quantization_config`` from ``config.json`` and picks its W4A16 kernel. The
   NF4 baseline is a bf16 folder quantized at load time, which needs both
@@ -40,7 +51,14 @@ from typing import Any
 
 import ecoquant
 from ecoquant.errors import EcoquantError
-from ecoquant.eval.backends.base import GENERATION_PRESETS, ChatRequest, GenerationSettings, ImagePart
+from ecoquant.eval.backends.base import (
+    DEFAULT_NUM_SPECULATIVE_TOKENS,
+    GENERATION_PRESETS,
+    ChatRequest,
+    GenerationSettings,
+    ImagePart,
+    check_num_speculative_tokens,
+)
 from ecoquant.eval.builtin import DEFAULT_SIZE
 from ecoquant.eval.economy import PROMPT_VARIANTS, prompt_variant, suite_requests
 from ecoquant.eval.image_budget import check_max_soft_tokens, processor_kwargs
@@ -219,6 +237,10 @@ class ServeConfigOptions:
         extra: more vLLM engine arguments, written as they are (``speculative_config``,
             ``mm_processor_kwargs``, ``max_num_seqs``...); a key the file already has is replaced.
             Dashes and underscores are the same key, as vLLM reads them.
+        assistant: the drafting assistant as vLLM should find it (``./assistant`` for a folder inside the
+            served one); writes ``speculative_config`` (see the module docstring). None: no drafter.
+        num_speculative_tokens: tokens the assistant drafts per target step (k).
+        min_vllm: the lowest vLLM version the served levers need, stated in the file's header (None: not stated).
     """
 
     suite: str = "builtin"
@@ -234,8 +256,14 @@ class ServeConfigOptions:
     cache_dir: Path | None = None
     max_soft_tokens: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    assistant: str | None = None
+    num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS
+    min_vllm: str | None = None
 
     def __post_init__(self) -> None:
+        check_num_speculative_tokens(self.num_speculative_tokens)
+        if self.assistant is not None and "speculative_config" in {engine_key(k) for k in self.extra}:
+            raise EcoquantError("give the assistant or a speculative_config option, not both")
         object.__setattr__(self, "prompt_variants", tuple(self.prompt_variants))
         object.__setattr__(self, "extra", MappingProxyType({engine_key(k): v for k, v in dict(self.extra).items()}))
         if "model" in self.extra:
@@ -322,6 +350,30 @@ def _dtype(config: Mapping[str, Any]) -> str:
     """The checkpoint's own activation dtype (``bfloat16`` for Gemma), as vLLM spells it."""
     value = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
     return str(value) if value in ("bfloat16", "float16", "float32") else "bfloat16"
+
+
+def has_quantized_tables(config: Mapping[str, Any]) -> bool:
+    """Whether ``config.json`` stores quantized token tables (ecoquant writes them as ``embeddings_*`` groups)."""
+    groups = (quantization_block(config) or {}).get("config_groups") or {}
+    return any(str(name).startswith("embeddings_") for name in groups)
+
+
+def speculative_entry(config: Mapping[str, Any], assistant: str, k: int) -> Entry:
+    """``speculative_config`` for a drafting assistant; refused for quantized token tables (see the module docstring)."""
+    if has_quantized_tables(config):
+        raise EcoquantError(
+            "this checkpoint stores quantized token tables, which vLLM's drafters cannot read (they take "
+            "embed_tokens.weight directly); serve it without an assistant, or quantize with bf16 tables"
+        )
+    return Entry(
+        "speculative_config",
+        {"method": "mtp", "model": assistant, "num_speculative_tokens": k},
+        (
+            f"the drafting assistant ({assistant}, relative to the folder vLLM is started in) proposes {k} tokens per",
+            "target step, verified in one pass (greedy answers unchanged); method mtp is vLLM's Gemma-4 assistant",
+            "path (vLLM >= 0.21.0); the assistant's own config.json carries any quantization of its weights",
+        ),
+    )
 
 
 def build_serve_config(path: Path, options: ServeConfigOptions, budget: ContextBudget | None = None) -> ServeConfig:
@@ -416,11 +468,14 @@ def build_serve_config(path: Path, options: ServeConfigOptions, budget: ContextB
                 ),
             ),
         ]
+    if options.assistant is not None:
+        entries.append(speculative_entry(config, options.assistant, options.num_speculative_tokens))
     for key, value in options.extra.items():
         note = ("set as a serving option (ecoquant optimize grid or serve-config --option)",)
         entries = [e for e in entries if e.key != key] + [Entry(key, value, note)]
     header = (
         f"vLLM serving config for {path.name}, written by ecoquant {ecoquant.__version__} (ecoquant serve-config).",
         f"Run: vllm serve --config {CONFIG_FILE}",
+        *(() if options.min_vllm is None else (f"Needs vLLM >= {options.min_vllm} (the features its levers use).",)),
     )
     return ServeConfig(tuple(entries), header, budget)

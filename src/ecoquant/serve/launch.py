@@ -47,8 +47,8 @@ from typing import IO, Any, Literal
 
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.image_budget import check_max_soft_tokens
-from ecoquant.serve.config import CONFIG_FILE, ServeConfigOptions, build_serve_config
-from ecoquant.serve.vllm_features import version_tuple
+from ecoquant.serve.config import CONFIG_FILE, ServeConfigOptions, build_serve_config, checkpoint_config
+from ecoquant.serve.vllm_features import config_features, known_missing, lacks_text, version_tuple
 
 VLLM_PYTHON_ENV = "ECOQUANT_VLLM_PYTHON"
 """Path of a Python interpreter that has vLLM installed (its own environment)."""
@@ -285,6 +285,7 @@ def plan_serve(model: str | Path, options: ServeOptions = ServeOptions()) -> Ser
     if options.backend != "transformers":
         install = require_vllm(options.vllm_python) if options.backend == "vllm" else find_vllm(options.vllm_python)
     config_path, temporary = resolve_config(path, options)
+    config_path = config_path.resolve()  # vLLM starts inside the model folder (see serve)
     file_config = read_config(config_path)
     nf4 = file_config.get("quantization") == "bitsandbytes"
     budget = check_max_soft_tokens(path, options.max_soft_tokens or config_soft_tokens(file_config))
@@ -296,6 +297,8 @@ def plan_serve(model: str | Path, options: ServeOptions = ServeOptions()) -> Ser
                 f"use vLLM <= {last} or --backend transformers"
             )
         install = None  # auto: the transformers server runs NF4
+    if install is not None:
+        require_features(install, file_config, checkpoint_config(path), config_path)
     if install is None:
         return ServePlan("transformers", path, served_name, config_path, nf4, temporary, max_soft_tokens=budget)
     flags: dict[str, Any] = {"host": options.host, "port": options.port, "served-model-name": served_name}
@@ -305,6 +308,20 @@ def plan_serve(model: str | Path, options: ServeOptions = ServeOptions()) -> Ser
         flags.update(CPU_FLAGS)
     command = vllm_command(install, config_path, flags) + list(options.vllm_args)
     return ServePlan("vllm", path, served_name, config_path, nf4, temporary, tuple(command), install, budget)
+
+
+def require_features(
+    install: VllmInstall, engine: Mapping[str, Any], checkpoint: Mapping[str, Any], config_path: Path
+) -> None:
+    """One line when this vLLM is known to lack a feature the config or checkpoint uses
+    (:func:`ecoquant.serve.vllm_features.config_features`; e.g. a ``speculative_config`` with a Gemma-4
+    assistant before vLLM 0.21.0), rather than a traceback from the engine minutes later."""
+    lacking = known_missing(install.version, config_features(engine, checkpoint))
+    if lacking:
+        raise EcoquantError(
+            f"{config_path} needs a newer vLLM: {lacks_text(install.version, lacking)}; "
+            f"upgrade vLLM ({install.python}) or serve a config without it"
+        )
 
 
 def config_soft_tokens(config: Mapping[str, Any]) -> int | None:
@@ -340,7 +357,8 @@ def serve(model: str | Path, options: ServeOptions = ServeOptions(), log: IO[str
         log.flush()
     try:
         if plan.backend == "vllm":
-            proc = subprocess.Popen(plan.command)
+            # inside the folder, as the challenge runs it: `model: .` and `./assistant` resolve there
+            proc = subprocess.Popen(plan.command, cwd=plan.model)
             try:
                 return proc.wait()
             except KeyboardInterrupt:

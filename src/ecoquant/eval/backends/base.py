@@ -96,8 +96,9 @@ def generation_settings(
 
 
 DEFAULT_NUM_SPECULATIVE_TOKENS = 4
-"""Tokens an assistant drafts per target step when not told: vLLM's Gemma-4 MTP recipe recommends 4 for the
-E4B (docs.vllm.ai, recipes/Google/Gemma4). Shared by the eval options and the serving config."""
+"""Tokens an assistant drafts per target step when not told. 4 is the value issue 30 takes from vLLM's Gemma-4
+recipe for the E4B (not checked here; vLLM's MTP page, docs.vllm.ai features/speculative_decoding/mtp, shows 1
+in its E2B example); the measured acceptance by k (bench/RESULTS.md) is what should set it per model."""
 
 
 def check_num_speculative_tokens(k: int) -> None:

@@ -38,6 +38,7 @@ from ecoquant.eval.backends.base import (
     check_num_speculative_tokens,
 )
 from ecoquant.eval.image_budget import check_max_soft_tokens, processor_kwargs
+from ecoquant.eval.speculative import DraftCounter, DraftCounts, load_assistant
 from ecoquant.models.dense import decompress_now, loadable
 from ecoquant.models.loading import load_config, model_class, resolve_model
 
@@ -132,8 +133,6 @@ class TransformersBackend:
     kind = "transformers"
 
     def __init__(self, model: Any, processor: Any, source: str, options: TransformersOptions) -> None:
-        if options.assistant is not None:  # plumbing first: assisted generation lands in the next commit
-            raise EcoquantError("--assistant is not wired into the transformers backend yet")
         self.model = model
         self.processor = processor
         self.source = source
@@ -150,6 +149,13 @@ class TransformersBackend:
         if tokenizer.eos_token_id is not None:
             eos_ids.append(tokenizer.eos_token_id)
         self.stop_ids = frozenset(int(i) for i in eos_ids)
+        self.assistant = (
+            None
+            if options.assistant is None
+            else load_assistant(
+                options.assistant, model.config.model_type, self.device, model.dtype, options.num_speculative_tokens
+            )
+        )
 
     @classmethod
     def load(cls, model: str | Path, options: TransformersOptions | None = None) -> TransformersBackend:
@@ -172,13 +178,24 @@ class TransformersBackend:
             loaded = decompress_now(cls_.from_pretrained(folder, dtype=DTYPES[options.dtype], **kwargs))  # type: ignore[attr-defined]
         return cls(loaded.to(device).eval(), processor, str(model), options)
 
+    @property
+    def batch_size(self) -> int:
+        """Requests per ``generate`` call: the configured size, or 1 with an assistant (transformers' assisted
+        generation rejects batches)."""
+        return self.options.batch_size if self.assistant is None else 1
+
     def describe(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "device": str(self.device),
             "dtype": self.options.dtype,
-            "batch_size": self.options.batch_size,
+            "batch_size": self.batch_size,
             "max_soft_tokens": self.options.max_soft_tokens,
+            **(
+                {}
+                if self.assistant is None
+                else {"assistant": self.options.assistant, "num_speculative_tokens": self.options.num_speculative_tokens}
+            ),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         }
@@ -215,8 +232,14 @@ class TransformersBackend:
         if settings.do_sample:
             torch.manual_seed(settings.seed)
         config = self._generation_config(settings, batch[0].max_new_tokens)
-        sequences = self.model.generate(**inputs, generation_config=config)
         prompt_len = inputs["input_ids"].shape[1]
+        drafts: DraftCounts | None = None
+        if self.assistant is None:
+            sequences = self.model.generate(**inputs, generation_config=config)
+        else:  # one request (``batch_size`` is 1 in effect): assisted generation takes no batch
+            with DraftCounter().observing(self.model, self.assistant) as counter:
+                sequences = self.model.generate(**inputs, generation_config=config, assistant_model=self.assistant)
+            drafts = counter.counts(sequences.shape[1] - prompt_len)
         tokens_in = inputs["attention_mask"].sum(dim=1).tolist()
         image_token = getattr(self.processor, "image_token_id", None)
         image_tokens = (
@@ -233,6 +256,9 @@ class TransformersBackend:
                     tokens_out=n_out,
                     finish_reason=finish,
                     image_tokens=None if n_img is None else int(n_img),
+                    target_steps=None if drafts is None else drafts.target_steps,
+                    drafted_tokens=None if drafts is None else drafts.drafted_tokens,
+                    accepted_tokens=None if drafts is None else drafts.accepted_tokens,
                 )
             )
         return out
@@ -244,7 +270,7 @@ class TransformersBackend:
         on_done: Callable[[int], None] | None = None,
     ) -> list[Completion]:
         out: list[Completion] = []
-        for batch in batches(requests, self.options.batch_size):
+        for batch in batches(requests, self.batch_size):
             out.extend(self._generate_batch(batch, settings))
             if on_done is not None:
                 on_done(len(batch))
@@ -254,6 +280,7 @@ class TransformersBackend:
         """Drop the model so the next one fits (models are evaluated one at a time)."""
         on_cuda = self.device.type == "cuda"
         del self.model
+        self.assistant = None
         gc.collect()
         if on_cuda:
             torch.cuda.empty_cache()
