@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-from ecoquant.energy.speculative import speculation_label
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.bootstrap import DEFAULT_CONFIDENCE, BootstrapSpec
 from ecoquant.eval.runner import ModelRun, RunRecord, run_recovery_interval
@@ -341,7 +340,11 @@ def modelled_lines(rows: Sequence[ReportRow]) -> list[str]:
             for k, title in MODELLED_PART_TITLES.items()
             if k != "draft" or spec  # the draft part only where an assistant drafted
         )
-        lever = f"; {speculation_label(spec)}" if spec else ""
+        lever = ""
+        if spec:  # imported here: energy.speculative reads checkpoints (torch), which `ecoquant --help` must not load
+            from ecoquant.energy.speculative import speculation_label
+
+            lever = f"; {speculation_label(spec)}"
         by_gpu.setdefault(str(r.modelled_energy["gpu"]), []).append(f"{r.model} {total:.2f} J ({shares}{lever})")
     return [
         f"energy modelled for {gpu} (a roofline of the recorded tokens over datasheet figures, see docs/energy.md;"
