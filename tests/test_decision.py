@@ -204,6 +204,9 @@ def test_a_candidate_within_the_cheapest_one_s_spread_ties_and_the_tie_goes_to_r
     assert choice.pick == "close"
     assert [s.name for s in choice.standings] == ["cheap", "close", "far"]  # still listed cheapest first
     assert choice.standing("cheap").tied and choice.standing("close").tied and not choice.standing("far").tied
+    assert choice.standing("close").tie_rule == "tied on energy (within the cheapest's spread) with cheap; higher recovery wins"
+    assert choice.standing("cheap").tie_rule == "tied on energy (within the cheapest's spread) with the pick; higher recovery wins"
+    assert choice.standing("far").tie_rule is None
     assert "ties go to the higher mean recovery" in choice.metric_note
     # without the spread (one window each) the cheapest wins outright
     single, _ = scripted_record(
@@ -292,6 +295,21 @@ def test_with_neither_energy_the_pick_is_the_best_quality_not_the_quickest() -> 
     assert choice.metric == "none" and choice.pick == "slow-better" and choice.base_cost is None
     assert "cost unknown" in choice.metric_note and "wall time is not used" in choice.metric_note
     assert choice.cost_label == "unknown"
+
+
+def test_a_tie_names_the_rule_that_broke_it_not_a_rule_that_did_not() -> None:
+    """Found in the demo's card: "tied on energy; higher recovery" for two rows both at 100.00%."""
+    rows = [
+        row("base", "base", None, 1.0, 5.0, 200.0),
+        row("first", "variant", None, 1.0, 1.0, 90.0),
+        row("second", "variant", None, 1.0, 1.0, 90.0),
+        row("dear", "variant", None, 1.0, 1.0, 120.0),
+    ]
+    choice = choose(rows, 0.8, energy_measured=False)
+    assert choice.pick == "first"
+    rule = choice.standing("first").tie_rule or ""
+    assert rule == "tied on energy (equal energy) with second; equal recovery and energy; the earlier candidate in the grid wins"
+    assert "higher recovery" not in rule and choice.standing("dear").tie_rule is None
 
 
 def test_measured_over_modelled_is_reported_where_both_exist() -> None:

@@ -97,11 +97,11 @@ def choice_section(choice: Choice, plan: Plan, record: RunRecord, config: Optimi
         bounds = None if s.interval is None else s.interval.get("mean")
         interval = "n/a" if bounds is None else f"{bounds[0]:.2%}–{bounds[1]:.2%}"
         if s.name == choice.pick:
-            decision = "**pick**" + (" (tied on energy; higher recovery)" if s.tied else "")
+            decision = "**pick**" + (f" ({s.tie_rule})" if s.tie_rule else "")
         elif s.passed:
             decision = (
-                "passes, tied on energy, lower recovery"
-                if s.tied
+                f"passes, {s.tie_rule}"
+                if s.tie_rule
                 else ("passes, lower mean recovery" if choice.metric == "none" else "passes, costs more")
             )
         else:
