@@ -57,7 +57,7 @@ from ecoquant.optimize.plan import Job, OptimizeConfig, Plan, plan_optimize, ser
 from ecoquant.optimize.select import Choice, choice_record, choose
 from ecoquant.optimize.store import SERVERS, Store, link_or_copy, write_json_atomic
 from ecoquant.progress import progress_bar
-from ecoquant.report import RESULTS_FILE, render_report
+from ecoquant.report import RESULTS_FILE, StagePoint, render_report
 from ecoquant.report.table import modelled_gpu, report_rows
 
 CHOICE_FILE = "choice.json"
@@ -414,11 +414,16 @@ def run_grid(model: str | Path, config: OptimizeConfig, runner: Runner) -> GridR
 
 
 def decide(
-    run: GridRun, config: OptimizeConfig, runner: Runner, search: dict[str, Any] | None = None
+    run: GridRun,
+    config: OptimizeConfig,
+    runner: Runner,
+    search: dict[str, Any] | None = None,
+    earlier: Sequence[StagePoint] = (),
 ) -> OptimizeResult:
     """Write results, report and ``choice.json`` for ``run``, pick, and write the submission folder.
 
-    ``search``: the staged search's record (stages, budget, what each stage kept), added to ``choice.json``.
+    ``search``: the staged search's record (stages, budget, what each stage kept), added to ``choice.json``;
+    ``earlier``: its subset results, drawn on the frontier beside the decision's rows.
     """
     plan, store, record = run.plan, run.store, run.record
     results = record.save(store.root / RESULTS_FILE)
@@ -430,7 +435,8 @@ def decide(
         modelled_for=modelled_gpu(record),
     )
     render_report(
-        record, store.root, config.gate, config.gate_confidence, pick=choice.pick, decision=choice.summary()
+        record, store.root, config.gate, config.gate_confidence, pick=choice.pick, decision=choice.summary(),
+        earlier=earlier,
     )
     extra = {} if search is None else {"search": search}
     write_json_atomic(store.root / CHOICE_FILE, choice_record(choice, plan.grid, record.failures) | extra)

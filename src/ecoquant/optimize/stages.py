@@ -47,6 +47,7 @@ from ecoquant.optimize.plan import OptimizeConfig, SearchConfig
 
 if TYPE_CHECKING:
     from ecoquant.optimize.run import OptimizeResult, Runner
+    from ecoquant.report.plot import StagePoint
 
 STAGES: tuple[str, ...] = ("weights", "serving", "final")
 
@@ -61,6 +62,8 @@ class Outcome:
     """Joules over the stage's suite (measured, else modelled for the target GPU); None when unknown."""
     interval: tuple[float, float] | None = None
     """The bootstrap interval on mean recovery, where the record has one."""
+    samples: int | None = None
+    """Samples the stage's suite held (its cost covers these)."""
 
     def passes(self, gate: float) -> bool:
         return self.mean_recovery is not None and self.mean_recovery >= gate
@@ -215,17 +218,32 @@ def staged_optimize(model: str | Path, config: OptimizeConfig, runner: Runner) -
             run = run_grid(path, stage_cfg, runner)
         last[stage] = (run, stage_cfg)
         out = {}
+        samples = int(run.record.suite.get("n_samples") or 0) or None
         for row in run.rows(stage_cfg):
             if row.role == "base":
                 continue
             interval = (row.recovery_interval or {}).get("mean")
-            out[row.model] = Outcome(row.model, row.mean_recovery, row_cost(row, runner.energy_measured), interval)
+            out[row.model] = Outcome(row.model, row.mean_recovery, row_cost(row, runner.energy_measured), interval, samples)
         return out
 
     result = search(weights, serving, config.search, config.gate, evaluate)
     # a budget of one leaves nothing for stage 3: then the decision is on what stage 1 saw
-    final, final_config = last.get("final") or last["weights"]
-    return decide(final, replace(final_config, keep=config.keep), runner, search=result.to_record(config.gate))
+    decided = "final" if "final" in last else "weights"
+    final, final_config = last[decided]
+    return decide(final, replace(final_config, keep=config.keep), runner, search=result.to_record(config.gate),
+                  earlier=stage_points(result, exclude=decided))
+
+
+def stage_points(result: SearchResult, exclude: str) -> list[StagePoint]:
+    """Every subset result of the search, for the frontier (``exclude``: the stage the decision's rows are)."""
+    from ecoquant.report.plot import StagePoint
+
+    return [
+        StagePoint(o.name, stage, o.mean_recovery, o.cost, o.samples or 0, o.interval)
+        for stage, outcomes in result.stages.items()
+        if stage != exclude
+        for o in outcomes.values()
+    ]
 
 
 # ------------------------------------------------------------------ the dry run
