@@ -131,6 +131,24 @@ def test_submission_folder_serves_from_inside_itself(finished: Path) -> None:
     assert template.startswith("{#- ecoquant response economy") == (pick["response"] == "short")
 
 
+def test_no_file_of_the_submission_names_a_path_of_this_machine(finished: Path) -> None:
+    """Found in the demo: the card named the source by this machine's absolute path, and the recipe,
+    results and report copied in held it too. Every byte of every file is scanned."""
+    sub = finished / "submission"
+    local = {str(finished.parent), str(finished.resolve().parent), str(tiny_vlm_path()), str(tiny_vlm_path().resolve()),
+             str(Path(__file__).resolve().parents[1])}
+    for f in sorted(sub.iterdir()):
+        data = f.read_bytes()
+        for path in local:
+            assert path.encode() not in data, f"{f.name} names {path}"
+    recipe = json.loads((sub / "quant_recipe.json").read_text())
+    assert recipe["source"]["model"] == recipe["source"]["path"] == "tiny_vlm"
+    assert "of `tiny_vlm`" in (sub / "README.md").read_text()
+    # the candidate's own recipe (linked into the submission when it can be) keeps its real paths
+    kept = sorted((finished / "checkpoints").glob("*/quant_recipe.json"))
+    assert kept and all(str(tiny_vlm_path()) in f.read_text() for f in kept)
+
+
 def test_rerun_recomputes_nothing(finished: Path) -> None:
     before = snapshot(finished)
     assert len(before) == 4
