@@ -98,8 +98,11 @@ def checkpoint_facts(path: Path) -> CheckpointFacts:
     named = [(n, m) for n, m in meta_model(load_config(path)).named_modules() if n]
     members: dict[str, list[str]] = {name: [] for name, _ in raw_groups}
     kept = []
+    # ecoquant writes ignore as module names (hundreds on E4B): a set lookup, patterns and classes matched
+    exact = {p for p in ignore if _precedence(p) == 0}
+    patterns = [p for p in ignore if p not in exact]
     for name, module in named:
-        if any(is_match(name, module, p) for p in ignore):
+        if name in exact or any(is_match(name, module, p) for p in patterns):
             if isinstance(module, nn.Linear):
                 kept.append(name)
             continue
