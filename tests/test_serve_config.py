@@ -367,3 +367,14 @@ def test_nf4_needs_a_vllm_that_still_has_bitsandbytes(tiny_gemma4: Path, tmp_pat
     monkeypatch.setattr(launch, "find_vllm", lambda python=None: old)
     plan = plan_serve(tiny_gemma4, ServeOptions(backend="auto", **opts))
     assert plan.backend == "vllm" and plan.command[:4] == ("/env/bin/python", "-m", "vllm.entrypoints.cli.main", "serve")
+
+
+def test_the_source_is_named_by_hub_id_or_folder_name_never_a_local_path(tmp_path: Path) -> None:
+    from ecoquant.serve.checkpoint_facts import public_source
+
+    snapshot = "/root/.cache/huggingface/hub/models--google--gemma-4-E4B-it/snapshots/0123abcd"
+    assert public_source({"model": "google/gemma-4-E4B-it", "path": snapshot}) == "google/gemma-4-E4B-it"
+    assert public_source({"model": snapshot, "path": snapshot}) == "google/gemma-4-E4B-it"
+    (tmp_path / "my-model").mkdir()
+    assert public_source({"model": str(tmp_path / "my-model"), "path": str(tmp_path / "my-model")}) == "my-model"
+    assert public_source(None) == "the base model"
