@@ -33,7 +33,7 @@ from ecoquant.eval.builtin import builtin_suite
 from ecoquant.eval.economy import PROMPT_VARIANTS, SHORT_ANSWER, build_request, prompt_variant, suite_requests
 from ecoquant.eval.runner import limit_suite
 from ecoquant.eval.tasks import Suite, score
-from ecoquant.serve.openai_server import ChatServer, RequestError, parse_messages, parse_settings
+from ecoquant.serve.openai_server import ChatServer, RequestError, parse_messages, parse_settings, parse_stream
 
 MAX_NEW = 4  # tokens per answer: enough to see real decoding, cheap on two busy cores
 
@@ -146,8 +146,12 @@ def test_server_rejects_what_it_cannot_answer_safely() -> None:
         parse_messages(
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
         )
-    with pytest.raises(RequestError, match="stream"):
-        parse_settings({"stream": True})
+    with pytest.raises(RequestError, match="stream must be true or false"):
+        parse_stream({"stream": "yes"})
+    with pytest.raises(RequestError, match="only allowed with stream: true"):
+        parse_stream({"stream_options": {"include_usage": True}})
+    assert parse_stream({"stream": True, "stream_options": {"include_usage": True}}) == (True, True)
+    assert parse_stream({}) == (False, False)
     with pytest.raises(RequestError, match="role"):
         parse_messages([{"role": "tool", "content": "x"}])
 

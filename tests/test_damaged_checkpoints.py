@@ -232,3 +232,32 @@ def test_nonfinite_counts_work_on_float8_weights() -> None:
     w = torch.tensor([1.0, -2.0, 0.5, float("nan")]).to(torch.float8_e4m3fn)
     assert count_nonfinite(w) == NonFinite(nan=1, inf=0)
     assert count_nonfinite(w[:3]) == NonFinite()
+
+
+def _contradicting(tmp_path: Path) -> Path:
+    """The tiny VLM's config relabelled ``model_type: llama``, keeping its ``text_config`` and ``vision_config``."""
+    model = copy_model(tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    assert isinstance(config["text_config"], dict) and config["model_type"] != "llama"
+    config["model_type"] = "llama"
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_config_whose_model_type_contradicts_it_is_one_line(tmp_path: Path, command: str) -> None:
+    """Found by a user: transformers loads it as Llama and fails building the model with a traceback."""
+    model = _contradicting(tmp_path)
+    assert_refused(COMMANDS[command](model, tmp_path), tmp_path, "config.json", "field model_type 'llama'", "set model_type to")
+
+
+def test_a_nested_config_of_the_wrong_family_is_refused(tmp_path: Path) -> None:
+    from ecoquant.models.loading import load_config
+
+    model = copy_model(tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"]["model_type"] = "llama"
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EcoquantError, match=r"config\.json: field model_type .* contradicts field text_config"):
+        load_config(model)
+    load_config(tiny_vlm_path())

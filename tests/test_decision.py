@@ -204,6 +204,9 @@ def test_a_candidate_within_the_cheapest_one_s_spread_ties_and_the_tie_goes_to_r
     assert choice.pick == "close"
     assert [s.name for s in choice.standings] == ["cheap", "close", "far"]  # still listed cheapest first
     assert choice.standing("cheap").tied and choice.standing("close").tied and not choice.standing("far").tied
+    assert choice.standing("close").tie_rule == "tied on energy (within the cheapest's spread) with cheap; higher recovery wins"
+    assert choice.standing("cheap").tie_rule == "tied on energy (within the cheapest's spread) with the pick; higher recovery wins"
+    assert choice.standing("far").tie_rule is None
     assert "ties go to the higher mean recovery" in choice.metric_note
     # without the spread (one window each) the cheapest wins outright
     single, _ = scripted_record(
@@ -294,6 +297,21 @@ def test_with_neither_energy_the_pick_is_the_best_quality_not_the_quickest() -> 
     assert choice.cost_label == "unknown"
 
 
+def test_a_tie_names_the_rule_that_broke_it_not_a_rule_that_did_not() -> None:
+    """Found in the demo's card: "tied on energy; higher recovery" for two rows both at 100.00%."""
+    rows = [
+        row("base", "base", None, 1.0, 5.0, 200.0),
+        row("first", "variant", None, 1.0, 1.0, 90.0),
+        row("second", "variant", None, 1.0, 1.0, 90.0),
+        row("dear", "variant", None, 1.0, 1.0, 120.0),
+    ]
+    choice = choose(rows, 0.8, energy_measured=False)
+    assert choice.pick == "first"
+    rule = choice.standing("first").tie_rule or ""
+    assert rule == "tied on energy (equal energy) with second; equal recovery and energy; the earlier candidate in the grid wins"
+    assert "higher recovery" not in rule and choice.standing("dear").tie_rule is None
+
+
 def test_measured_over_modelled_is_reported_where_both_exist() -> None:
     rows = [row("base", "base", 110.0, 1.0, 5.0, 100.0), row("q", "variant", 60.0, 0.9, 3.0, 50.0)]
     choice = choose(rows, 0.8, energy_measured=True, modelled_for="L4")
@@ -323,6 +341,51 @@ def test_frontier_labels_modelled_energy_marks_the_pick_and_draws_intervals(tmp_
     assert ax.containers, "the recovery intervals are drawn as error bars"
     measured = pareto_figure(rows, energy_measured=True)
     assert measured.axes[0].get_xlabel().endswith("measured by NVML")
+
+
+def test_frontier_shows_every_stage_with_its_marker_subset_results_labelled_the_gate_and_the_pick() -> None:
+    """Found in the demo: pareto.png held the base and two finalists; the image budget at 25%, the short
+    template at 83% and W8A8 (lost in stages 1 and 2) were nowhere."""
+    from ecoquant.report.plot import STAGE_MARKERS, StagePoint, plot_points
+
+    rows = [
+        row("base", "base", None, 1.0, 5.0, 200.0),
+        row("gptq", "variant", None, 1.0, 1.0, 100.0),
+        row("rtn", "variant", None, 0.9, 1.0, 110.0),
+    ]
+    earlier = [
+        StagePoint("gptq", "weights", 1.0, 40.0, 4, (0.95, 1.0)),
+        StagePoint("w8a8", "weights", 0.97, 60.0, 4),
+        StagePoint("gptq+img25", "serving", 0.25, 30.0, 4),
+        StagePoint("gptq+short", "serving", 0.83, 35.0, 4),
+        StagePoint("broken", "serving", None, 35.0, 4),
+    ]
+    points, xlabel, missing = plot_points(rows, False, modelled_for="L4", earlier=earlier, suite_samples=10)
+    by = {(p.label, p.role): p for p in points}
+    assert {p.label for p in points if p.role == "subset"} == {"gptq (subset)", "w8a8 (subset)", "gptq+img25 (subset)", "gptq+short (subset)"}
+    assert missing == ["broken (stage serving)"]
+    assert all(p.hollow and "subset, 4 samples" in p.series for p in points if p.role == "subset")
+    assert not any(p.hollow for p in points if p.role != "subset")
+    markers = {p.series.split(" (")[0]: p.marker for p in points}
+    assert markers == {"bf16 base": "s", "stage 1 weights": STAGE_MARKERS["weights"][0], "stage 2 serving": STAGE_MARKERS["serving"][0],
+                       "stage 3 final": STAGE_MARKERS["final"][0]}
+    assert len(set(markers.values())) == 4  # each stage its own marker
+    # per sample: the finalists' joules over the whole suite's 10 samples, the subset's over their 4
+    assert by[("gptq", "variant")].x == pytest.approx(10.0) and by[("gptq (subset)", "subset")].x == pytest.approx(10.0)
+    assert by[("gptq+img25 (subset)", "subset")].y == pytest.approx(25.0)
+    assert xlabel.startswith("energy per sample (J), modelled for L4")
+    fig = pareto_figure(rows, energy_measured=False, pick="gptq", modelled_for="L4", earlier=earlier, suite_samples=10)
+    ax = fig.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "pick: gptq" in labels and "80% gate" in labels and "Pareto front" in labels
+    assert "stage 1 weights (subset, 4 samples)" in labels and "stage 2 serving (subset, 4 samples)" in labels
+    assert "stage 3 final (whole suite, 10 samples)" in labels and "bf16 base" in labels
+    drawn = {t.get_text() for t in ax.texts}
+    assert {"gptq+img25 (subset)", "gptq+short (subset)", "w8a8 (subset)", "gptq", "rtn", "base"} <= drawn
+    assert "broken (stage serving)" in ax.get_title()
+    # without a staged search the frontier is what it was: suite totals, plain candidates
+    plain, plain_label, _ = plot_points(rows, False, modelled_for="L4")
+    assert plain_label.startswith("energy over the suite") and {p.series for p in plain} == {"bf16 base", "candidates"}
 
 
 def test_parts_bar_is_labelled_modelled_and_written(tmp_path: Path) -> None:

@@ -237,17 +237,18 @@ def test_fuzz_grid_yaml(grid: Any, text: str) -> None:
 BODIES = JSON | st.fixed_dictionaries(
     {"messages": JSON | st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "tool"]) | JSON,
                                                         "content": JSON}), max_size=2)},
-    optional={k: JSON for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "stream")},
+    optional={k: JSON for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "stream", "stream_options")},
 )
 
 
 @FUZZ
 @given(BODIES)
 def test_fuzz_chat_request_bodies(body: Any) -> None:
-    from ecoquant.serve.openai_server import RequestError, parse_messages, parse_settings
+    from ecoquant.serve.openai_server import RequestError, parse_messages, parse_settings, parse_stream
 
     for parse in (lambda: parse_messages(body.get("messages") if isinstance(body, dict) else body),
-                  lambda: parse_settings(body if isinstance(body, dict) else {})):
+                  lambda: parse_settings(body if isinstance(body, dict) else {}),
+                  lambda: parse_stream(body if isinstance(body, dict) else {})):
         try:
             parse()
         except RequestError as exc:  # the server's 400 with this message

@@ -162,6 +162,24 @@ def test_a_drafting_pick_ships_its_assistant_inside_the_submission(tmp_path: Pat
     assert "## Serving requirements" in card and "vLLM >= 0.32.0" in card and "`assistant/`" in card
 
 
+def test_no_file_of_the_submission_names_a_path_of_this_machine(finished: Path) -> None:
+    """Found in the demo: the card named the source by this machine's absolute path, and the recipe,
+    results and report copied in held it too. Every byte of every file is scanned."""
+    sub = finished / "submission"
+    local = {str(finished.parent), str(finished.resolve().parent), str(tiny_vlm_path()), str(tiny_vlm_path().resolve()),
+             str(Path(__file__).resolve().parents[1])}
+    for f in sorted(sub.iterdir()):
+        data = f.read_bytes()
+        for path in local:
+            assert path.encode() not in data, f"{f.name} names {path}"
+    recipe = json.loads((sub / "quant_recipe.json").read_text())
+    assert recipe["source"]["model"] == recipe["source"]["path"] == "tiny_vlm"
+    assert "of `tiny_vlm`" in (sub / "README.md").read_text()
+    # the candidate's own recipe (linked into the submission when it can be) keeps its real paths
+    kept = sorted((finished / "checkpoints").glob("*/quant_recipe.json"))
+    assert kept and all(str(tiny_vlm_path()) in f.read_text() for f in kept)
+
+
 def test_rerun_recomputes_nothing(finished: Path) -> None:
     before = snapshot(finished)
     assert len(before) == 4
@@ -496,3 +514,23 @@ def test_eval_checks_the_image_budget_before_any_work(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["eval", "--base", str(tiny_vlm_path()), "--max-soft-tokens", "99", "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and result.output.strip().startswith("error: --max-soft-tokens 99")
     assert not (tmp_path / "e").exists()
+
+
+def test_public_paths_rewrites_text_files_anew_and_leaves_linked_originals(tmp_path: Path) -> None:
+    """The rewrite behind the submission's "no path of this machine": longest path first, weights untouched,
+    and a record hard-linked from a candidate's folder keeps its real paths there."""
+    from ecoquant.optimize.submission import public_paths
+
+    candidate, sub = tmp_path / "run" / "checkpoints" / "c", tmp_path / "run" / "submission"
+    candidate.mkdir(parents=True)
+    sub.mkdir()
+    model = "/data/models/tiny_vlm"
+    (candidate / "quant_recipe.json").write_text(json.dumps({"source": {"model": model, "path": model + "/"}}))
+    os.link(candidate / "quant_recipe.json", sub / "quant_recipe.json")
+    (sub / "report.md").write_text(f"results in {tmp_path / 'run'}/results.json; base {model}")
+    (sub / "model.safetensors").write_bytes(model.encode())
+    public_paths(sub, {model: "tiny_vlm", str(tmp_path / "run"): "run", str(tmp_path): "never-used-shorter-prefix"})
+    assert json.loads((sub / "quant_recipe.json").read_text())["source"] == {"model": "tiny_vlm", "path": "tiny_vlm/"}
+    assert (sub / "report.md").read_text() == "results in run/results.json; base tiny_vlm"
+    assert (sub / "model.safetensors").read_bytes() == model.encode()  # weights are not text records
+    assert model in (candidate / "quant_recipe.json").read_text()

@@ -139,3 +139,21 @@ def test_scheme_rejects_bad_values() -> None:
         QuantScheme(group_size=100)
     with pytest.raises(EcoquantError):
         QuantScheme(num_bits=16)
+
+
+def test_fp8_signed_zeros_are_compressed_tensors_bytes() -> None:
+    """A weight stored as -0.0 gets the FP8 code 0x00 (compressed-tensors adds a +0 zero point);
+    a tiny negative weight still rounds to -0 (0x80) in both. Compared as bytes, not values."""
+    from ecoquant.quantize.scheme import SCHEMES
+
+    scheme = SCHEMES["w8a8-fp8"]
+    row = [1.0, -0.0, 0.0, -1e-7, 1e-7, -0.5, -0.0, 0.25]
+    w = torch.tensor([row, [-x for x in row]], dtype=torch.bfloat16)
+    scale, zp = minmax_qparams(w, scheme)
+    ours = quantize(w, scale, zp, scheme)
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel")
+    theirs = ct_quantize(w, scale, torch.zeros_like(scale, dtype=torch.float8_e4m3fn), args, dtype=torch.float8_e4m3fn)
+    assert ours.view(torch.uint8).tolist() == theirs.view(torch.uint8).tolist()
+    codes = ours.view(torch.uint8)
+    assert codes[0, 1] == codes[0, 2] == codes[1, 2] == codes[0, 6] == 0x00  # -0.0 and +0.0 weights
+    assert codes[0, 3] == 0x80 and codes[0, 4] == 0x00  # -1e-7 and 1e-7 round to -0 and +0

@@ -173,24 +173,59 @@ def test_plain_bf16_folder_gets_a_config_but_no_card(tiny_gemma4: Path, tmp_path
 # ------------------------------------------------------------------ model card
 
 
-def test_card_is_generated_from_the_recipe(w4a16: Path) -> None:
+def packed_modules(path: Path) -> list[str]:
+    """Modules stored quantized, read from the safetensors header (not from ecoquant's own bookkeeping)."""
+    from ecoquant.models.loading import tensor_infos
+
+    return [t.name.removesuffix(".weight_packed") for t in tensor_infos(path) if t.name.endswith(".weight_packed")]
+
+
+def card_facts(card: str) -> tuple[int, int, list[int], list[str]]:
+    """From a card: the quantized count, the kept count, the per-kind counts of the quantized section,
+    and the ignore list it shows."""
+    quantized = int(card.split("## What is quantized\n\n", 1)[1].split(" modules", 1)[0])
+    kept = int(card.split("`quantization_config.ignore` keeps ", 1)[1].split(" ", 1)[0])
+    section = card.split("## What is quantized", 1)[1].split("##", 1)[0]
+    kinds = [int(line.rsplit("× ", 1)[1]) for line in section.splitlines() if line.startswith("  - `")]
+    shown = card.split("<summary>quantization_config.ignore</summary>", 1)[1].split("</details>", 1)[0]
+    ignore = [line[3:-1] for line in shown.splitlines() if line.startswith("- `")]
+    return quantized, kept, kinds, ignore
+
+
+def test_card_is_generated_from_the_checkpoint(w4a16: Path) -> None:
     recipe = json.loads((w4a16 / "quant_recipe.json").read_text())
     qconfig = json.loads((w4a16 / "config.json").read_text())["quantization_config"]
     result = write_serve_config(w4a16, FAST)
     card = result.card_path.read_text() if result.card_path else ""
     assert card.startswith(MARKER)
     assert "W4A16 (RTN, compressed-tensors)" in card
-    assert f"{len(recipe['modules'])} Linear modules" in card
-    assert f"keeps {len(qconfig['ignore'])} Linear modules unquantized" in card
-    # The per-kind counts of "What is quantized" add up to the recipe's modules.
-    section = card.split("## What is quantized", 1)[1].split("##", 1)[0]
-    counts = [int(line.rsplit("× ", 1)[1]) for line in section.splitlines() if line.startswith("- `")]
-    assert sum(counts) == len(recipe["modules"])
+    quantized, kept, kinds, ignore = card_facts(card)
+    assert quantized == len(packed_modules(w4a16)) == len(recipe["modules"]) == sum(kinds)
+    assert kept == len(qconfig["ignore"]) and ignore == qconfig["ignore"]
+    assert str(w4a16.parent) not in card and f"of `{Path(recipe['source']['model']).name}`" in card
     assert "None: RTN is data-free." in card
     assert "vllm serve --config vllm_config.yaml" in card
     assert f"max_model_len: {yaml.safe_load(result.config_path.read_text())['max_model_len']}" in card
     assert recipe["ecoquant"]["git_sha"] is None or recipe["ecoquant"]["git_sha"] in card
     assert "Apache 2.0" in card  # gemma4's license note
+
+
+def test_card_of_an_int4_head_pick_is_its_quantization_config(tiny_gemma4: Path, tmp_path: Path) -> None:
+    """Found in the demo: a pick whose head is int4 in its own group was carded as "37 Linear modules"
+    with ``lm_head`` under the ignore patterns (the recipe's view, not the checkpoint's)."""
+    from ecoquant.api import QuantizeConfig, quantize
+
+    out = tmp_path / "head4"
+    quantize(tiny_gemma4, out, QuantizeConfig(lm_head="int4"), show_progress=False)
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "lm_head" in qconfig["config_groups"] and "lm_head" in packed_modules(out)
+    card = (write_serve_config(out, FAST).card_path or out / "missing").read_text()
+    quantized, kept, kinds, ignore = card_facts(card)
+    assert quantized == len(packed_modules(out)) == sum(kinds)
+    assert kept == len(qconfig["ignore"]) and ignore == qconfig["ignore"] and "lm_head" not in ignore
+    assert "- group `lm_head` (targets `re:.*lm_head$`): W4A16" in card and "  - `lm_head` × 1" in card
+    kept_section = card.split("## What is kept in bf16", 1)[1].split("##", 1)[0]
+    assert "lm_head" not in kept_section
 
 
 def test_card_never_replaces_a_foreign_readme(w4a16: Path, tmp_path: Path) -> None:
@@ -332,3 +367,14 @@ def test_nf4_needs_a_vllm_that_still_has_bitsandbytes(tiny_gemma4: Path, tmp_pat
     monkeypatch.setattr(launch, "find_vllm", lambda python=None: old)
     plan = plan_serve(tiny_gemma4, ServeOptions(backend="auto", **opts))
     assert plan.backend == "vllm" and plan.command[:4] == ("/env/bin/python", "-m", "vllm.entrypoints.cli.main", "serve")
+
+
+def test_the_source_is_named_by_hub_id_or_folder_name_never_a_local_path(tmp_path: Path) -> None:
+    from ecoquant.serve.checkpoint_facts import public_source
+
+    snapshot = "/root/.cache/huggingface/hub/models--google--gemma-4-E4B-it/snapshots/0123abcd"
+    assert public_source({"model": "google/gemma-4-E4B-it", "path": snapshot}) == "google/gemma-4-E4B-it"
+    assert public_source({"model": snapshot, "path": snapshot}) == "google/gemma-4-E4B-it"
+    (tmp_path / "my-model").mkdir()
+    assert public_source({"model": str(tmp_path / "my-model"), "path": str(tmp_path / "my-model")}) == "my-model"
+    assert public_source(None) == "the base model"

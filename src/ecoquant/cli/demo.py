@@ -130,6 +130,7 @@ def _final_table(rows: Sequence[Any], gpu: str) -> Table:
 @guarded
 def demo_cmd(
     out_text: Annotated[str, typer.Option("--out", help="Folder for the demo's store, report and submission (a rerun reuses what it holds).")] = "ecoquant-demo",
+    verbose: Annotated[bool, typer.Option("--verbose", help="Off a terminal too: a line per module exported and per sample evaluated, and the progress bars and load messages of transformers and compressed-tensors.")] = False,
 ) -> None:
     """Run optimize's staged search offline on the shipped, trained tiny Gemma-4 VLM and show the decision and the folder to upload."""
     from ecoquant.demo import run_demo, target_acceptance
@@ -137,7 +138,10 @@ def demo_cmd(
     from ecoquant.optimize.run import CHOICE_FILE
     from ecoquant.report.table import report_rows
 
-    result = run_demo(folder_arg(out_text))
+    from ecoquant.progress import verbose as verbose_logs
+
+    with verbose_logs(verbose):
+        result = run_demo(folder_arg(out_text))
     choice = json.loads((result.results.parent / CHOICE_FILE).read_text(encoding="utf-8"))
     gpu = result.choice.modelled_for or DEFAULT_GPU
     # tables are read in logs too: never squeeze a candidate's name to a narrow terminal

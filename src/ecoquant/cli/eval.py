@@ -65,6 +65,7 @@ def eval_cmd(
     gpus: Annotated[str | None, typer.Option(help="NVML GPU indices to meter, e.g. 0,1 (default: the visible GPUs).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder for the built-in suite's images.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Off a terminal too: a line per module exported and per sample evaluated, and the progress bars and load messages of transformers and compressed-tensors.")] = False,
     vllm_python: Annotated[Path | None, typer.Option(help="vllm backend: Python interpreter with vLLM (default: $ECOQUANT_VLLM_PYTHON, this one, or PATH).")] = None,
     vllm_arg: Annotated[list[str] | None, typer.Option("--vllm-arg", help="vllm backend: extra argument for every server, appended last (repeatable).")] = None,
     server_timeout: Annotated[float, typer.Option(help="vllm backend: seconds a server may take to become ready.")] = 900.0,
@@ -133,9 +134,12 @@ def eval_cmd(
         )
     spec = BootstrapSpec(gate_confidence or DEFAULT_CONFIDENCE)
     try:
-        record = run_eval(
-            base, tuple(variant or ()), config, meter=meter, backend_factory=factory, show_progress=progress, intervals=spec
-        )
+        from ecoquant.progress import verbose as verbose_logs
+
+        with verbose_logs(verbose):
+            record = run_eval(
+                base, tuple(variant or ()), config, meter=meter, backend_factory=factory, show_progress=progress, intervals=spec
+            )
     finally:
         if isinstance(meter, NvmlMeter):
             meter.close()

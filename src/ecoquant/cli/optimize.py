@@ -39,6 +39,7 @@ def optimize_cmd(
     calib_samples: Annotated[int | None, typer.Option(help="Staged search: GPTQ/AWQ calibration windows (default: sized to the model, see docs/optimize.md).")] = None,
     calib_length: Annotated[int | None, typer.Option(help="Staged search: tokens per calibration window (default: sized to the model).")] = None,
     gate: Annotated[float, typer.Option(help="Minimum mean recovery in (0, 1] a candidate must keep.")] = GATE_RECOVERY,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Off a terminal too: a line per module exported and per sample evaluated, and the progress bars and load messages of transformers and compressed-tensors.")] = False,
     gate_confidence: Annotated[float | None, typer.Option(help="Gate on the lower bound of this bootstrap interval on mean recovery, e.g. 0.9 (default: on the point estimate; intervals shown at 90%).")] = None,
     repeats: Annotated[int, typer.Option(help="Energy windows per model after warm-up (NVML only): mean and min..max spread; a candidate within the cheapest one's spread ties with it and ties go to the higher mean recovery. Without NVML the suite runs once.")] = 3,
     backend: Annotated[str, typer.Option(help="transformers (load models here) or vllm (each model served by its own `vllm serve --config`).")] = "transformers",
@@ -152,7 +153,10 @@ def optimize_cmd(
         )
         return
     try:
-        result = optimize(model, config, console=console)
+        from ecoquant.progress import verbose as verbose_logs
+
+        with verbose_logs(verbose):
+            result = optimize(model, config, console=console)
     except KeyboardInterrupt as exc:
         console.print(f"[yellow]stopped[/] ({exc or 'Ctrl-C'}): finished work is kept in {out}; rerun the same command to resume", highlight=False, soft_wrap=True)
         raise typer.Exit(code=exit_code(exc)) from None

@@ -64,6 +64,7 @@ def quantize_cmd(
     calib_dtype: Annotated[str, typer.Option(help="gptq/awq: dtype of the calibration forwards: auto (the checkpoint's on GPU, and bf16 on CPUs with AVX512-BF16/AMX: about 2x faster forwards; float32 on other CPUs), float32 (exact against the references), or bfloat16. Solves and Hessians stay float32.")] = "auto",
     seed: Annotated[int, typer.Option(help="gptq/awq: seed for sample selection.")] = 42,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Off a terminal too: a line per module exported and per sample evaluated, and the progress bars and load messages of transformers and compressed-tensors.")] = False,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Quantize source weights holding NaN or inf instead of refusing them (recorded in quant_recipe.json).")] = False,
 ) -> None:
     """Quantize a model's language stack (int4 W4A16 by default; W8A8 FP8 or INT8 with --scheme) into a compressed-tensors checkpoint."""
@@ -102,7 +103,10 @@ def quantize_cmd(
         vision_scheme=None if vision_scheme == "bf16" else named_scheme(vision_scheme),
         audio_scheme=None if audio_scheme == "bf16" else named_scheme(audio_scheme),
     )
-    result = quantize(model, out, config, show_progress=progress)
+    from ecoquant.progress import verbose as verbose_logs
+
+    with verbose_logs(verbose):
+        result = quantize(model, out, config, show_progress=progress)
     console.print(
         f"[green]wrote[/] {result.out}: {result.modules} modules, "
         f"{human_bytes(result.source_bytes)} -> {human_bytes(result.output_bytes)} in {result.seconds:.1f} s"

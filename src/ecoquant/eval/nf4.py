@@ -137,12 +137,15 @@ def load_nf4(path: str | Path, device: str = "auto") -> Any:
     check_nf4_available(target)
     cls = model_class(config)
     device_map = {"": torch.device(target).index or 0} if target.startswith("cuda") else {"": "cpu"}
-    model = cls.from_pretrained(  # type: ignore[attr-defined]
-        model_path,
-        dtype=torch.bfloat16,
-        quantization_config=nf4_quantization_config(getattr(config, "model_type", None)),
-        device_map=device_map,
-    )
+    from ecoquant.quiet import quiet_loads
+
+    with quiet_loads():
+        model = cls.from_pretrained(  # type: ignore[attr-defined]
+            model_path,
+            dtype=torch.bfloat16,
+            quantization_config=nf4_quantization_config(getattr(config, "model_type", None)),
+            device_map=device_map,
+        )
     return model.eval()
 
 

@@ -215,13 +215,21 @@ def _dense(module: str, infos: Mapping[str, Any], group: Mapping[str, Any]) -> P
 
 @contextmanager
 def loadable(path: Path, dense: bool = False) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """``(folder, from_pretrained kwargs)`` that load ``path`` right in transformers (see the module docstring)."""
+    """``(folder, from_pretrained kwargs)`` that load ``path`` right in transformers (see the module docstring).
+
+    The load inside is quiet (:func:`ecoquant.quiet.quiet_loads`): no third-party progress bars or
+    known-harmless warnings unless ``--verbose``.
+    """
+    from ecoquant.quiet import quiet_loads
+
     if not needs_dense_copy(path, dense):
-        yield path, quantized_load_kwargs(path, dense)
+        with quiet_loads():
+            yield path, quantized_load_kwargs(path, dense)
         return
     tmp = owned_tempdir(path.parent, ".ecoquant-dense-")
     try:
-        yield write_dense_copy(path, tmp / path.name), {}
+        with quiet_loads():
+            yield write_dense_copy(path, tmp / path.name), {}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

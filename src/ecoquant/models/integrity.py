@@ -23,8 +23,11 @@ and for ``model.safetensors.index.json``: it is JSON with a ``weight_map``,
 every shard it names exists inside the folder, and every tensor it maps is in
 that shard (and every tensor of a shard is in the map).
 
+``config.json`` must also agree with itself: its ``model_type`` must have a
+place for each nested config it holds (:func:`check_model_type`).
+
 Each problem is one :class:`~ecoquant.errors.EcoquantError` line naming the
-file and the tensor.
+file and the tensor (or field).
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def check_checkpoint(path: Path) -> None:
     """
     if (path / "config.json").is_file():
         check_config_json(path)
+        check_model_type(path)
     index = path / INDEX_FILE
     if index.is_file():
         mapped = read_index(index)
@@ -197,3 +201,52 @@ def _entry_span(shard: Path, name: str, meta: Any) -> tuple[int, int]:
 
 def _first_cut(spans: list[tuple[int, int, str]], data: int) -> str:
     return next(name for _, end, name in spans if end > data)
+
+
+def check_model_type(path: Path) -> None:
+    """Refuse a ``config.json`` whose ``model_type`` contradicts its own nested configs.
+
+    transformers builds the config class ``model_type`` names and keeps any
+    field it does not know as a plain value. A Gemma-4 config relabelled
+    ``llama`` therefore loads, and keeps its ``text_config`` as a dict, until
+    the model is built and transformers fails deep inside with
+    ``'dict' object has no attribute 'to_dict'``. A nested config is a dict
+    with its own ``model_type``; the config class declares the ones it holds
+    (``sub_configs``), so the check is the library's own table, not ours.
+    Reads the JSON and transformers' class table only: no config is built.
+    An unknown ``model_type`` is left to :func:`load_config` to refuse.
+    """
+    from transformers import CONFIG_MAPPING
+
+    raw = json.loads((path / "config.json").read_bytes())
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return
+    config_cls = CONFIG_MAPPING[model_type]
+    slots = getattr(config_cls, "sub_configs", {}) or {}
+    for field, value in raw.items():
+        if not isinstance(value, dict) or "model_type" not in value:
+            continue
+        nested = value["model_type"]
+        expected = getattr(slots.get(field), "model_type", None)
+        if field in slots and expected in (None, "", nested):
+            continue
+        hint = _model_type_hint(raw)
+        why = (f"{config_cls.__name__} has no {field}" if field not in slots
+               else f"{config_cls.__name__}.{field} must be {expected!r}")
+        raise EcoquantError(
+            f"{path}/config.json: field model_type {model_type!r} contradicts field {field} "
+            f"(a {nested!r} config; {why}); {hint}"
+        )
+
+
+def _model_type_hint(raw: dict[str, Any]) -> str:
+    """How to fix a contradicting ``model_type``: the one its ``architectures`` field implies, when known."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    names = set(raw.get("architectures") or []) if isinstance(raw.get("architectures"), list) else set()
+    for mapping in (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        for model_type, cls_name in mapping.items():
+            if cls_name in names:
+                return f"architectures says {cls_name}: set model_type to {model_type!r}"
+    return "set model_type to the family the file describes, or re-download the model"

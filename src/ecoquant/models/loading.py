@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ecoquant.errors import EcoquantError
-from ecoquant.models.integrity import check_checkpoint, check_config_json
+from ecoquant.models.integrity import check_checkpoint, check_config_json, check_model_type
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -103,10 +103,12 @@ def load_config(path: Path) -> Any:
 
     check_config_json(path)
     try:
-        return AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, OSError, TypeError, AttributeError, StrictDataclassError) as exc:  # odd values
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EcoquantError(f"{path}/config.json is not a config transformers can read: {why}") from None
+    check_model_type(path)
+    return config
 
 
 def model_class(config: Any) -> type[nn.Module]:

@@ -56,8 +56,8 @@ from ecoquant.eval.runner import (
 from ecoquant.optimize.plan import Job, OptimizeConfig, Plan, plan_optimize, serving_suffix
 from ecoquant.optimize.select import Choice, choice_record, choose
 from ecoquant.optimize.store import SERVERS, Store, link_or_copy, write_json_atomic
-from ecoquant.progress import progress_bar
-from ecoquant.report import RESULTS_FILE, render_report
+from ecoquant.progress import is_verbose, progress_bar, quiet
+from ecoquant.report import RESULTS_FILE, StagePoint, render_report
 from ecoquant.report.table import modelled_gpu, report_rows
 
 CHOICE_FILE = "choice.json"
@@ -67,12 +67,17 @@ CHOICE_FILE = "choice.json"
 
 
 class Stages:
-    """One line per stage start and end, with the time spent: the same on a terminal and in a log file
-    (on a terminal the quantize and evaluate progress bars show as well)."""
+    """One line per stage and per candidate step, with the time spent.
+
+    On a terminal (or with ``--verbose``) each step also gets a line when it starts, and the quantize
+    and evaluate progress show within; off a terminal only the line that ends it, with its time, so
+    the log reads as the decision (:mod:`ecoquant.progress`).
+    """
 
     def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
         self.console = console or Console(stderr=True)
         self.enabled = enabled
+        self.starts = self.console.is_terminal or is_verbose()
         self._lock = threading.Lock()
 
     def line(self, text: str) -> None:
@@ -83,9 +88,11 @@ class Stages:
     @contextmanager
     def stage(self, who: str, what: str) -> Iterator[None]:
         t0 = time.perf_counter()
-        self.line(f"optimize: {who}: {what} ...")
+        if self.starts:
+            self.line(f"optimize: {who}: {what} ...")
         try:
-            yield
+            with quiet():  # the step's own bars: this line has its time
+                yield
         except BaseException:
             self.line(f"optimize: {who}: {what} stopped after {time.perf_counter() - t0:.1f} s")
             raise
@@ -451,11 +458,16 @@ def run_grid(model: str | Path, config: OptimizeConfig, runner: Runner) -> GridR
 
 
 def decide(
-    run: GridRun, config: OptimizeConfig, runner: Runner, search: dict[str, Any] | None = None
+    run: GridRun,
+    config: OptimizeConfig,
+    runner: Runner,
+    search: dict[str, Any] | None = None,
+    earlier: Sequence[StagePoint] = (),
 ) -> OptimizeResult:
     """Write results, report and ``choice.json`` for ``run``, pick, and write the submission folder.
 
-    ``search``: the staged search's record (stages, budget, what each stage kept), added to ``choice.json``.
+    ``search``: the staged search's record (stages, budget, what each stage kept), added to ``choice.json``;
+    ``earlier``: its subset results, drawn on the frontier beside the decision's rows.
     """
     plan, store, record = run.plan, run.store, run.record
     results = record.save(store.root / RESULTS_FILE)
@@ -464,7 +476,8 @@ def decide(
     if fleet is not None:
         choice = replace(choice, metric_note=fleet.note())
     render_report(
-        record, store.root, config.gate, config.gate_confidence, pick=choice.pick, decision=choice.summary()
+        record, store.root, config.gate, config.gate_confidence, pick=choice.pick, decision=choice.summary(),
+        earlier=earlier,
     )
     extra = {} if search is None else {"search": search}
     write_json_atomic(store.root / CHOICE_FILE, choice_record(choice, plan.grid, record.failures) | extra)

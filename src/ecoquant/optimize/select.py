@@ -89,6 +89,9 @@ class Standing:
     interval: dict[str, tuple[float, float] | None] | None = None
     gated: float | None = None
     tied: bool = False
+    tie_rule: str | None = None
+    """For a tied candidate: how the tie was broken, e.g. ``tied on energy within the cheapest's spread;
+    equal recovery, lower energy wins`` (only the rule that actually decided)."""
     energy_j: float | None = None
     """Measured suite energy (mean of the windows), when measured."""
     modelled_energy_j: float | None = None
@@ -222,10 +225,19 @@ def choose(
         else:
             ceiling = cheapest.cost if cheapest.spread is None else max(cheapest.cost, cheapest.spread[1])
             tied = [s for s in passing if s.cost is not None and s.cost <= ceiling]
-        best = max(tied, key=lambda s: (s.mean_recovery or 0.0, -(s.cost or 0.0), -order[s.name]))
+        def tie_key(s: Standing) -> tuple[float, float, int]:
+            return (s.mean_recovery or 0.0, -(s.cost or 0.0), -order[s.name])
+
+        by_key = sorted(tied, key=tie_key, reverse=True)
+        best = by_key[0]
         pick = best.name
-        names = {s.name for s in tied} if len(tied) > 1 else set()
-        ranked = [replace(s, tied=s.name in names) for s in ranked]
+        rules: dict[str, str] = {}
+        if len(tied) > 1:
+            how = "within the cheapest's spread" if cheapest.spread is not None else "equal energy"
+            rules[best.name] = f"tied on energy ({how}) with {', '.join(s.name for s in by_key[1:])}; {tie_breaker(best, by_key[1])}"
+            for s in by_key[1:]:
+                rules[s.name] = f"tied on energy ({how}) with the pick; {tie_breaker(best, s)}"
+        ranked = [replace(s, tied=s.name in rules, tie_rule=rules.get(s.name)) for s in ranked]
     repeats = any(s.spread is not None for s in standings)
     base = next((r for r in rows if r.role == "base"), None)
     return Choice(
@@ -239,6 +251,18 @@ def choose(
         interval_confidence if interval_confidence is not None else (confidence or DEFAULT_CONFIDENCE),
         modelled_for,
     )
+
+
+def tie_breaker(winner: Standing, loser: Standing) -> str:
+    """The rule that put ``winner`` above ``loser`` in a tie on energy: only the one that decided.
+
+    The order is :func:`choose`'s: higher mean recovery, then lower cost, then the earlier candidate.
+    """
+    if (winner.mean_recovery or 0.0) != (loser.mean_recovery or 0.0):
+        return "higher recovery wins"
+    if (winner.cost or 0.0) != (loser.cost or 0.0):
+        return "equal recovery; lower energy wins"
+    return "equal recovery and energy; the earlier candidate in the grid wins"
 
 
 def choice_record(choice: Choice, grid: Grid, failures: Sequence[FailedRun] = ()) -> dict[str, Any]:

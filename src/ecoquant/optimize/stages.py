@@ -41,7 +41,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ecoquant.calibrate.data import CalibrationConfig
 from ecoquant.optimize.grid import Candidate, Grid
@@ -61,6 +61,9 @@ from ecoquant.optimize.plan import OptimizeConfig, SearchConfig
 from ecoquant.optimize.run import GridRun, OptimizeResult, Runner, decide, run_grid
 from ecoquant.optimize.select import row_cost
 
+if TYPE_CHECKING:
+    from ecoquant.report.plot import StagePoint
+
 STAGES: tuple[str, ...] = ("weights", "serving", "final")
 
 
@@ -78,6 +81,8 @@ class Outcome:
     """With an assistant: drafts the target accepted per verification step, measured (None without)."""
     parts: dict[str, float] | None = None
     """The modelled energy's parts (``decode``, ``draft``...), where the cost is modelled; None otherwise."""
+    samples: int | None = None
+    """Samples the stage's suite held (its cost covers these)."""
 
     def passes(self, gate: float) -> bool:
         return self.mean_recovery is not None and self.mean_recovery >= gate
@@ -289,6 +294,7 @@ def staged_optimize(model: str | Path, config: OptimizeConfig, runner: Runner) -
         last[stage] = (run, stage_cfg)
         accepted = {r.label: r.speculative for r in run.record.runs if r.speculative}
         out = {}
+        samples = int(run.record.suite.get("n_samples") or 0) or None
         rows, measured, _ = run.ranked(stage_cfg, runner.energy_measured)
         for row in rows:
             if row.role == "base":
@@ -300,15 +306,30 @@ def staged_optimize(model: str | Path, config: OptimizeConfig, runner: Runner) -
                 row.mean_recovery,
                 row_cost(row, measured),
                 interval,
-                speculative.get("mean_accepted_per_step"),
-                None if measured else (row.modelled_energy or {}).get("parts"),
+                mean_accepted_per_step=speculative.get("mean_accepted_per_step"),
+                parts=None if measured else (row.modelled_energy or {}).get("parts"),
+                samples=samples,
             )
         return out
 
     result = search(weights, serving, config.search, config.gate, evaluate)
     # a budget of one leaves nothing for stage 3: then the decision is on what stage 1 saw
-    final, final_config = last.get("final") or last["weights"]
-    return decide(final, replace(final_config, keep=config.keep), runner, search=result.to_record(config.gate))
+    decided = "final" if "final" in last else "weights"
+    final, final_config = last[decided]
+    return decide(final, replace(final_config, keep=config.keep), runner, search=result.to_record(config.gate),
+                  earlier=stage_points(result, exclude=decided))
+
+
+def stage_points(result: SearchResult, exclude: str) -> list[StagePoint]:
+    """Every subset result of the search, for the frontier (``exclude``: the stage the decision's rows are)."""
+    from ecoquant.report.plot import StagePoint
+
+    return [
+        StagePoint(o.name, stage, o.mean_recovery, o.cost, o.samples or 0, o.interval)
+        for stage, outcomes in result.stages.items()
+        if stage != exclude
+        for o in outcomes.values()
+    ]
 
 
 # ------------------------------------------------------------------ the dry run

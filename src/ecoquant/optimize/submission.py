@@ -21,6 +21,12 @@ over :func:`ecoquant.optimize.levers.candidate_features`).
 
 The folder is built as ``DIR/.submission.partial`` and renamed into place,
 so a half-written submission never sits where an upload would take it.
+
+No file of it names a path of this machine: the records copied in
+(``quant_recipe.json``, ``results.json``, ``report.md``, ``choice.json``) hold
+the source model's and ``DIR``'s absolute paths, which mean nothing where the
+folder is uploaded. :func:`public_paths` rewrites them: the source model to its
+hub id or folder name, ``DIR`` to its folder name.
 """
 
 from __future__ import annotations
@@ -52,6 +58,28 @@ ASSISTANT_DIR = "assistant"
 """The assistant's folder inside the submission; ``speculative_config`` names it as ``./assistant``."""
 SKIPPED = (CONFIG_FILE, "README.md")
 """Files of the candidate folder not copied: the submission gets its own."""
+TEXT_SUFFIXES = (".json", ".md", ".yaml", ".yml", ".jinja", ".txt")
+"""Files :func:`public_paths` rewrites (weights and images name no path)."""
+
+
+def public_paths(folder: Path, names: Mapping[str, str]) -> None:
+    """Replace each absolute path in ``names`` (path -> public name) in every text file of ``folder``.
+
+    Longest paths first, so a path inside another is not half-replaced. Each file
+    is written anew (never in place): files linked from a candidate's folder keep
+    their original content there.
+    """
+    ordered = sorted(((p, n) for p, n in names.items() if p and p != "/"), key=lambda pn: -len(pn[0]))
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or f.suffix not in TEXT_SUFFIXES:
+            continue
+        text = original = f.read_text(encoding="utf-8")
+        for path, name in ordered:
+            text = text.replace(path, name)
+        if text != original:
+            tmp = f.with_name(f".{f.name}.public")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, f)
 
 
 def hardware(record: RunRecord) -> dict[str, Any]:
@@ -110,11 +138,11 @@ def choice_section(choice: Choice, plan: Plan, record: RunRecord, config: Optimi
         bounds = None if s.interval is None else s.interval.get("mean")
         interval = "n/a" if bounds is None else f"{bounds[0]:.2%}–{bounds[1]:.2%}"
         if s.name == choice.pick:
-            decision = "**pick**" + (" (tied on energy; higher recovery)" if s.tied else "")
+            decision = "**pick**" + (f" ({s.tie_rule})" if s.tie_rule else "")
         elif s.passed:
             decision = (
-                "passes, tied on energy, lower recovery"
-                if s.tied
+                f"passes, {s.tie_rule}"
+                if s.tie_rule
                 else ("passes, lower mean recovery" if choice.metric == "none" else "passes, costs more")
             )
         else:
@@ -250,6 +278,23 @@ def write_submission(store: Store, pick: Job, plan: Plan, record: RunRecord, cho
         title=config.repo_id or f"{plan.model.name}-{pick.label}",
         extra_sections=(choice_section(choice, plan, record, config, hw), vllm_section(req, speculative if drafted else None)),
     )
+    public_paths(tmp, machine_paths(store, plan, pick))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
+
+
+def machine_paths(store: Store, plan: Plan, pick: Job) -> dict[str, str]:
+    """This machine's paths a submission's records hold, each with the name to show instead."""
+    from ecoquant.serve.checkpoint_facts import public_source
+
+    recipe_file = pick.folder / "quant_recipe.json"
+    source = json.loads(recipe_file.read_text(encoding="utf-8")).get("source") if recipe_file.is_file() else None
+    source = source if isinstance(source, Mapping) else {"model": str(plan.model)}
+    shown = public_source(source)
+    names = {str(store.root.resolve()): store.root.resolve().name, str(store.root): store.root.name}
+    for path in (plan.model, source.get("path"), source.get("model")):
+        if path and Path(str(path)).expanduser().is_absolute():
+            names[str(path)] = shown
+            names[str(Path(str(path)).expanduser().resolve())] = shown
+    return names

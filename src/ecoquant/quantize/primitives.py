@@ -115,12 +115,19 @@ def minmax_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, 
 def quantize(
     w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, scheme: QuantScheme
 ) -> torch.Tensor:
-    """Codes for ``w``: int8 ``clamp(round(w / scale) + zp)``, or for FP8 the cast of ``clamp(w / scale)``
-    to float8_e4m3fn (round to the nearest FP8 number, ties to even: the rounding is the cast's)."""
+    """Codes for ``w``: int8 ``clamp(round(w / scale) + zp)``, or for FP8 the cast of ``clamp(w / scale + 0)``
+    to float8_e4m3fn (round to the nearest FP8 number, ties to even: the rounding is the cast's).
+
+    Byte for byte what compressed-tensors writes, signed zeros included.
+    """
     g = _grouped(w, scheme)
     x = g / scale.unsqueeze(-1)
-    if zero_point is not None:
-        x = x + zero_point.unsqueeze(-1).to(x.dtype)
+    # compressed-tensors adds a zero point also for symmetric schemes (a zero
+    # tensor), and -0.0 + 0.0 is +0.0 in IEEE arithmetic: a weight stored as -0.0
+    # becomes the FP8 code 0x00, not 0x80. Adding +0 here writes the same bytes
+    # (a tiny negative weight still rounds to -0, 0x80, in both).
+    zp = torch.zeros((), dtype=x.dtype, device=x.device) if zero_point is None else zero_point.unsqueeze(-1).to(x.dtype)
+    x = x + zp
     x = torch.clamp(x, scheme.qmin, scheme.qmax)
     if scheme.type == "float":
         return x.to(torch.float8_e4m3fn).reshape(w.shape)

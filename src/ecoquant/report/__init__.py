@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ecoquant.eval.runner import RunRecord
-from ecoquant.report.plot import write_parts_plot, write_plot
+from ecoquant.report.plot import StagePoint, write_parts_plot, write_plot
 from ecoquant.report.table import GATE_RECOVERY, ReportRow, markdown_report, modelled_gpu, report_rows
 
 RESULTS_FILE = "results.json"
@@ -47,11 +47,13 @@ def render_report(
     *,
     pick: str | None = None,
     decision: str | None = None,
+    earlier: Sequence[StagePoint] = (),
 ) -> ReportFiles:
     """Write ``report.md``, ``pareto.png`` and (with modelled parts) ``energy_parts.png`` into ``out_dir``.
 
     The gate is at ``threshold``, on the lower bound of the ``confidence`` interval when given; ``pick`` is
-    starred on the frontier and ``decision`` (the choice's summary line) closes the report.
+    starred on the frontier and ``decision`` (the choice's summary line) closes the report; ``earlier``
+    are the staged search's subset results, drawn on the frontier beside the decision's rows.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,6 +74,8 @@ def render_report(
         pick=pick,
         modelled_for=gpu,
         gate_label=None if confidence is None else f"{threshold:.0%} gate on the lower bound of the {confidence:.0%} interval",
+        earlier=earlier,
+        suite_samples=int(record.suite.get("n_samples") or 0) or None,
     )
     stale = out / PARTS_FILE
     parts = write_parts_plot(modelled_parts(rows), stale, gpu or "the target GPU")
@@ -80,4 +84,4 @@ def render_report(
     return ReportFiles(table=table, plot=plot, parts=parts)
 
 
-__all__ = ["PARTS_FILE", "PLOT_FILE", "RESULTS_FILE", "TABLE_FILE", "ReportFiles", "render_report"]
+__all__ = ["PARTS_FILE", "PLOT_FILE", "RESULTS_FILE", "TABLE_FILE", "ReportFiles", "StagePoint", "render_report"]

@@ -1,10 +1,12 @@
 """The model card (``README.md``) shipped with a checkpoint, generated from what the folder holds.
 
 The deliverable is weights + README + ``vllm_config.yaml``. A card written by
-hand drifts from the checkpoint; this one is rendered from
-``quant_recipe.json`` (method, scheme, ignore patterns, calibration,
-footprint, source hashes), the checkpoint's own ``config.json`` (the exact
-modules kept unquantized) and, when an evaluation was run, its
+hand drifts from the checkpoint; this one is rendered from the checkpoint's
+own ``config.json`` (its ``quantization_config``: every group's scheme and
+modules, the exact modules kept unquantized; see
+:mod:`ecoquant.serve.checkpoint_facts`), ``quant_recipe.json`` (method,
+calibration, footprint, source hashes; the source named by hub id or folder
+name, never a local path) and, when an evaluation was run, its
 ``results.json``, in the sections of the seeds' cards: what this is, what is
 quantized and what is kept, calibration, footprint, results, usage with
 ``vllm serve --config``, reproduction and license.
@@ -26,12 +28,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ecoquant.quantize.scheme import QuantScheme
 from ecoquant.errors import EcoquantError
 from ecoquant.eval.nf4 import NF4_KEEP
 from ecoquant.export.footprint import human_bytes
 from ecoquant.models.quant_config import quantization_block
 from ecoquant.models.selection import module_kind
+from ecoquant.serve.checkpoint_facts import checkpoint_facts, public_source
 from ecoquant.serve.config import CONFIG_FILE, ServeConfig, checkpoint_config, quantization_format
 
 CARD_FILE = "README.md"
@@ -188,23 +190,28 @@ def render_quantized_card(
     """
     cfg = checkpoint_config(model_path)
     qc = quantization_block(cfg) or {}
-    groups = qc.get("config_groups") or {}
-    weights = next(iter(groups.values()), {}).get("weights") or {}
     if recipe is None:
         raise EcoquantError(
             f"{model_path} has no quant_recipe.json, so the card would have to guess how it was made; "
             "quantize it with ecoquant, or pass --no-card"
         )
+    facts = checkpoint_facts(model_path)  # counts, ignore list and schemes: the checkpoint's own, never the recipe's
     method = str(recipe.get("method", "unknown"))
-    scheme = recipe.get("scheme") or weights
-    modules = list(recipe.get("modules") or [])
-    ignored = list(qc.get("ignore") or [])
-    source = recipe.get("source", {}).get("model", "the base model")
+    main = facts.main
+    scheme = {**(recipe.get("scheme") or {}), **(main.scheme if main else {})}
+    source = public_source(recipe.get("source"))
     before = recipe.get("footprint", {}).get("weights_before_bytes")
     after = recipe.get("footprint", {}).get("weights_after_bytes")
+    label = main.label if main else "W4A16"
     bits = scheme.get("num_bits", 4)
-    label = QuantScheme(**scheme).label if "mse_grid" in scheme else f"W{bits}A16"  # a full recipe record, or bare args
     what = f"Int{bits} weight-only quantization" if label.endswith("A16") else f"{label} quantization (weights and activations)"
+    quantized_lines = []
+    for group in facts.groups:
+        quantized_lines += [
+            f"- group `{group.name}` (targets `{', '.join(group.targets)}`): {group.label}, {_scheme_text(group.scheme)}; "
+            f"{len(group.modules)} module{'' if len(group.modules) == 1 else 's'}:",
+            *(f"  {line}" for line in _kind_lines(group.modules)),
+        ]
 
     lines = [
         MARKER,
@@ -213,23 +220,27 @@ def render_quantized_card(
         f"{what} of `{source}`, produced offline with ecoquant "
         f"{recipe.get('ecoquant', {}).get('version', '')}: {METHODS.get(method, method)}.",
         "",
-        f"Saved in compressed-tensors `{recipe.get('format', qc.get('format', 'pack-quantized'))}` format: "
+        f"Saved in compressed-tensors `{facts.format or recipe.get('format', 'pack-quantized')}` format: "
         f"{_scheme_text(scheme)}. vLLM loads it through its `CompressedTensorsWNA16` layers.",
         "",
         "## What is quantized",
         "",
-        f"{len(modules)} Linear modules (targets `{', '.join(recipe.get('targets', []))}`, preset "
-        f"`{recipe.get('preset', '?')}`):",
+        f"{len(facts.quantized)} modules, as the checkpoint's `quantization_config` (`config.json`) assigns them "
+        f"(preset `{recipe.get('preset', '?')}`):",
         "",
-        *_kind_lines(modules),
+        *quantized_lines,
         "",
         "## What is kept in bf16",
         "",
-        "Ignore patterns: " + ", ".join(f"`{p}`" for p in recipe.get("ignore", [])) + ".",
+        f"The checkpoint's `quantization_config.ignore` keeps {len(facts.kept_linears)} Linear modules unquantized:",
         "",
-        f"That keeps {len(ignored)} Linear modules unquantized (the checkpoint's `quantization_config.ignore`):",
+        *_kind_lines(facts.kept_linears),
         "",
-        *_kind_lines(ignored),
+        "<details><summary>quantization_config.ignore</summary>",
+        "",
+        *(f"- `{p}`" for p in facts.ignore),
+        "",
+        "</details>",
         "",
         "Embeddings (including the per-layer embeddings), norms and every non-Linear weight stay in bf16 too.",
         "",
@@ -273,8 +284,8 @@ def render_quantized_card(
         "## Reproduce",
         "",
         f"`quant_recipe.json` (beside the weights) records ecoquant {eco.get('version', '?')} at commit "
-        f"`{eco.get('git_sha') or 'unknown'}`, the full scheme, the ignore patterns, the {recipe.get('resolved_module_count', len(modules))} "
-        f"resolved modules, the calibration block, timings, and the SHA-256 of every source file "
+        f"`{eco.get('git_sha') or 'unknown'}`, the full scheme, the ignore patterns it was given, the "
+        f"modules it resolved, the calibration block, timings, and the SHA-256 of every source file "
         f"(`{str(recipe.get('source', {}).get('sha256', ''))[:16]}…`).",
         "",
         "## License",

@@ -8,7 +8,14 @@ where vLLM is not installed. It serves exactly what the evaluation uses:
   (``data:`` URLs only: the server never fetches a URL), ``max_tokens`` /
   ``max_completion_tokens``, ``temperature`` (0 means greedy; default 1.0 as
   in OpenAI's API), ``top_p``, ``top_k`` (vLLM's extension), ``seed``; the
-  answer with ``usage`` token counts and ``finish_reason``.
+  answer with ``usage`` token counts and ``finish_reason``. ``stream: true``
+  answers with server-sent events in OpenAI's ``chat.completion.chunk``
+  format (role first, then content, then ``finish_reason``, then
+  ``data: [DONE]``), with a last ``usage`` chunk when
+  ``stream_options: {"include_usage": true}``. Chat front-ends and many clients
+  only stream. The answer is generated whole and then sent as one content
+  event: the format clients need, not an earlier first token (this server
+  generates one request at a time; for latency, serve with vLLM).
 * ``GET /v1/models`` -- the one served model.
 * ``GET /health`` -- 200 when ready.
 
@@ -128,10 +135,52 @@ def parse_messages(raw: Any) -> tuple[Message, ...]:
     return tuple(out)
 
 
+def parse_stream(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """Whether to answer as server-sent events, and whether to end them with a usage chunk.
+
+    The rules are OpenAI's: ``stream`` is a boolean, and ``stream_options`` goes only with
+    ``stream: true``.
+    """
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError("stream must be true or false")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise RequestError("stream_options is only allowed with stream: true")
+    if not isinstance(options, Mapping) or not isinstance(options.get("include_usage", False), bool):
+        raise RequestError('stream_options must be an object like {"include_usage": true}')
+    return stream, bool(options.get("include_usage", False))
+
+
+def stream_chunks(answer: Mapping[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+    """A finished ``chat.completion`` as the ``chat.completion.chunk`` events OpenAI streams.
+
+    Role first (empty content), then the content, then an empty delta with
+    ``finish_reason``; with ``include_usage`` every chunk carries
+    ``usage: null`` and a last chunk with no choices carries the counts.
+    """
+    (choice,) = answer["choices"]
+    head = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"], "model": answer["model"]}
+    deltas = [
+        ({"role": "assistant", "content": ""}, None),
+        ({"content": choice["message"]["content"]}, None),
+        ({}, choice["finish_reason"]),
+    ]
+    chunks = [
+        {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} | ({"usage": None} if include_usage else {})
+        for delta, finish in deltas
+    ]
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": answer["usage"]})
+    return chunks
+
+
 def parse_settings(body: Mapping[str, Any]) -> tuple[GenerationSettings, int]:
     """Sampling settings and the token cap of a request (temperature 0 means greedy)."""
-    if body.get("stream"):
-        raise RequestError("streaming is not supported by this server")
     if body.get("n", 1) != 1:
         raise RequestError("only n=1 is supported")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", DEFAULT_MAX_TOKENS))
@@ -304,6 +353,20 @@ def _handler_for(server: ChatServer, read_timeout_s: float) -> type[BaseHTTPRequ
             self.end_headers()
             self.wfile.write(data)
 
+        def _send_events(self, events: list[dict[str, Any]]) -> None:
+            """Server-sent events, each ``data: <json>`` and a blank line, then ``data: [DONE]``; the close ends the body."""
+            self.close_connection = True
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for event in events:
+                self.wfile.write(b"data: " + json.dumps(event).encode("utf-8") + b"\n\n")
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+
         def _error(self, status: HTTPStatus, message: str) -> None:
             # After an error the rest of the connection (an unread body, say) cannot be trusted.
             self.close_connection = True
@@ -364,6 +427,7 @@ def _handler_for(server: ChatServer, read_timeout_s: float) -> type[BaseHTTPRequ
                 self._error(exc.status, str(exc))
                 return
             try:
+                stream, include_usage = parse_stream(body) if isinstance(body, Mapping) else (False, False)
                 answer = server.chat_completion(body)
             except RequestError as exc:
                 self._error(exc.status, str(exc))
@@ -372,7 +436,10 @@ def _handler_for(server: ChatServer, read_timeout_s: float) -> type[BaseHTTPRequ
                 log.exception("chat completion failed")
                 self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
                 return
-            self._send(HTTPStatus.OK, answer)
+            if stream:
+                self._send_events(stream_chunks(answer, include_usage))
+            else:
+                self._send(HTTPStatus.OK, answer)
 
     return Handler
 
