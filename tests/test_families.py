@@ -266,15 +266,16 @@ def test_smoothing_rows_are_exact_on_each_family(name: str) -> None:
 def test_each_family_has_its_levers_row(model_type: str) -> None:
     """The image budget is a vLLM serving option under the family's own processor key; W8A8 is a candidate."""
     from ecoquant.optimize.levers import family_levers, serving_levers
+    from ecoquant.serve.vllm_features import TESTED_VLLM
 
     levers = family_levers(model_type)
     row = VLM_FAMILIES[model_type]
     assert {"method": "rtn", "scheme": "w8a8-int8"} in [dict(w) for w in levers.weights]
     assert levers.processor_budgets, f"{model_type} has no image-budget lever"
-    served = serving_levers(Path("."), levers, "vllm").serving
+    served = serving_levers(Path("."), levers, "vllm", TESTED_VLLM).serving
     budgets = [s["mm_processor_kwargs"] for s in served if "mm_processor_kwargs" in s]
     assert budgets == [row.budget.processor_kwargs(v) for v in row.budget.values if v != row.budget.default]
-    assert not any("mm_processor_kwargs" in s for s in serving_levers(Path("."), levers, "transformers").serving)
+    assert not any("mm_processor_kwargs" in s for s in serving_levers(Path("."), levers, "transformers", TESTED_VLLM).serving)
 
 
 def test_budget_keys_as_vllm_reads_them() -> None:
