@@ -129,7 +129,9 @@ def _quantize_job(job: Job, plan: Plan, store: Store, config: OptimizeConfig, st
         )
         if choice.fell_back:
             stages.line(f"optimize: {c.name}: {choice.note}")
-        qconfig = replace(qconfig, device=choice.device)
+            qconfig = replace(qconfig, device=choice.device)
+        # otherwise quantize() is asked what optimize was asked, reaches the same device, and its line gives the
+        # true reason (handing it the resolved device made it say "asked for" where nobody asked)
         where = f", on {choice.device}"
     with stages.stage(c.name, f"quantize ({c.method}, preset {c.preset}, {c.scheme_label}{where})"):
         quantize(plan.model, job.quant_dir, qconfig, show_progress=show)
