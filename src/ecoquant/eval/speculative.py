@@ -74,10 +74,12 @@ def load_assistant(
     """
     from ecoquant.models.assistant_config import buildable
     from ecoquant.models.loading import load_config, model_class
+    from ecoquant.quiet import quiet_loads
 
     path = assistant_folder(source, target_model_type)
     config = buildable(load_config(path))  # transformers 5.23 cannot build an all-KV-shared stack unaided
-    model = model_class(config).from_pretrained(path, config=config, dtype=dtype)  # type: ignore[attr-defined]
+    with quiet_loads():  # transformers' "Loading weights" bar is one more line per evaluation off a terminal
+        model = model_class(config).from_pretrained(path, config=config, dtype=dtype)  # type: ignore[attr-defined]
     model.generation_config.num_assistant_tokens = num_speculative_tokens
     return model.to(device).eval()
 
