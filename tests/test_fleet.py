@@ -148,3 +148,20 @@ def test_jobs_checking_the_shared_out_at_once_do_not_trip_over_each_other(tmp_pa
         for future in [pool.submit(check_writable, tmp_path) for _ in range(400)]:
             assert future.result() == tmp_path
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cluster_address_nobody_answers_is_one_line_at_once() -> None:
+    """ray.init retries an unreachable address for minutes, logging as it goes; the check says so in one line first."""
+    import socket
+
+    import pytest
+
+    from ecoquant.errors import EcoquantError
+    from ecoquant.optimize.cluster import _check_reachable
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(EcoquantError, match="nothing answers there"):
+        _check_reachable(f"127.0.0.1:{port}")
+    _check_reachable("auto")  # Ray resolves this itself: not checked here

@@ -82,6 +82,7 @@ def connect(address: str) -> ModuleType:
     ray = require_ray()
     if ray.is_initialized():
         return ray
+    _check_reachable(address)
     try:
         ray.init(address=address, log_to_driver=False, logging_level="WARNING", configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -91,6 +92,27 @@ def connect(address: str) -> ModuleType:
             "(docs/optimize.md) and pass its address, or `auto` on one of its nodes"
         ) from None
     return ray
+
+
+REACH_TIMEOUT_S = 5.0
+"""How long a HOST:PORT address may take to accept a TCP connection before ``--cluster`` gives up."""
+
+
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT nobody listens on is one line at once: ``ray.init`` would retry for minutes, logging as it goes."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():  # ``auto`` and other forms Ray resolves itself
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise EcoquantError(
+            f"cannot join the Ray cluster at {address!r}: nothing answers there ({exc.strerror or exc}); start one "
+            "with `ray start --head` (docs/optimize.md) and pass its address, or `auto` on one of its nodes"
+        ) from None
 
 
 def _label(resources: Mapping[str, float]) -> str | None:
