@@ -171,7 +171,15 @@ def survey(ray: ModuleType, out: Path, idle_seconds: float) -> tuple[NodeInfo, .
     try:
         for n in alive:
             node_id = n["NodeID"]
-            got = ray.get(refs[node_id])
+            try:
+                got = ray.get(refs[node_id])
+            except ray.exceptions.RayError as exc:
+                # A node listed alive can be one already lost whose heartbeats have not timed out yet:
+                # it leaves the cluster rather than stopping the search with Ray's traceback.
+                if not _still_alive(ray, node_id):
+                    continue
+                refused.append(f"{n.get('NodeManagerAddress', '?')} (node {node_id[:6]}): its check failed ({type(exc).__name__})")
+                continue
             reply = out / f"{PROBE_PREFIX}{token}-{node_id}"
             error = got["error"]
             if error is None and not (reply.is_file() and reply.read_text(encoding="utf-8") == node_id):
@@ -201,6 +209,10 @@ def survey(ray: ModuleType, out: Path, idle_seconds: float) -> tuple[NodeInfo, .
             "filesystem every node mounts at the same path, writable by the user Ray runs as (docs/optimize.md)"
         )
     return tuple(nodes)
+
+
+def _still_alive(ray: ModuleType, node_id: str) -> bool:
+    return any(n.get("NodeID") == node_id and n.get("Alive") for n in ray.nodes())
 
 
 def describe(nodes: tuple[NodeInfo, ...]) -> str:
