@@ -81,6 +81,8 @@ def test_invalid_calibration_options(tiny_gemma4: Path, tmp_path: Path) -> None:
     out = str(tmp_path / "o")
     one_line_error(["quantize", str(tiny_gemma4), "--out", out, "--method", "awq", "--device", "nonsense"],
                    "unknown device 'nonsense'")
+    one_line_error(["quantize", str(tiny_gemma4), "--out", out, "--method", "rtn", "--device", "bogus"],
+                   "unknown device 'bogus'")  # RTN never reads it, but it is still refused
     one_line_error(["quantize", str(tiny_gemma4), "--out", out, "--method", "gptq", "--calib", ""],
                    "the calibration source is empty")
     assert list(tmp_path.iterdir()) == []

@@ -100,3 +100,14 @@ def test_a_hub_model_not_downloaded_gets_no_estimate_and_no_download(tmp_path: P
     lines = optimize_estimate("google/gemma-4-E4B-it", tmp_path / "out")
     assert len(lines) == 1 and "not in the Hugging Face cache" in lines[0].text
     assert not (tmp_path / "hub").exists() or not any((tmp_path / "hub").rglob("*.safetensors"))
+
+
+def test_a_missing_folder_is_one_error_not_a_hub_lookup(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ecoquant.cli import app
+
+    result = CliRunner().invoke(app, ["doctor", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and "no such folder" in lines[-1] and "Traceback" not in result.output

@@ -163,6 +163,10 @@ class QuantizeConfig:
             from ecoquant.calibrate.run import calibration_device
 
             calibration_device(self.device)  # a bad --device fails before any work, not after hashing
+        else:
+            from ecoquant.devices import check_device_name
+
+            check_device_name(self.device)  # data-free methods never read it, but a typo is still a typo
         if problem := method_scheme_problem(self.method, self.scheme, flags=True):
             raise EcoquantError(problem)
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):

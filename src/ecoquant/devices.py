@@ -48,14 +48,19 @@ def cuda_devices() -> tuple[CudaDevice, ...]:
     return tuple(found)
 
 
+def check_device_name(asked: str) -> None:
+    """Refuse a device string no command could use (``--device bogus``), even where the method never reads it."""
+    if not _DEVICE.match(asked):
+        raise EcoquantError(f"unknown device {asked!r}; use auto, cpu, cuda or cuda:N")
+
+
 def resolve_device(asked: str, cuda: Sequence[CudaDevice]) -> str:
     """``asked`` as a concrete device: ``auto`` is ``cuda`` when ``cuda`` lists a device, else ``cpu``.
 
     Raises:
         EcoquantError: an unknown device, or a CUDA device this machine does not have.
     """
-    if not _DEVICE.match(asked):
-        raise EcoquantError(f"unknown device {asked!r}; use auto, cpu, cuda or cuda:N")
+    check_device_name(asked)
     if asked == "auto":
         return "cuda" if cuda else "cpu"
     if asked.startswith("cuda"):
