@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+# Read when ray is imported (here, before optimize imports it): Ray binds 127.0.0.1, as optimize asks (see test_cluster.py).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded 2-core machine starts nodes slowly
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 

@@ -86,7 +86,9 @@ def start_local(gpus: Sequence[int], log_to_driver: bool = False) -> ModuleType:
     list and ``num_gpus`` its length. ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (unless set) makes those CUDA indices NVML's,
     which is how :func:`ecoquant.energy.nvml.visible_gpus` reads them back to meter the task's GPU. Ray binds
     127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is Ray's switch for that, read when ``ray`` is imported),
-    with the dashboard off (and Ray's token authentication on, its default for a new local instance): nothing outside this machine can reach it.
+    with the dashboard off (and Ray's token authentication on, its default for a new local instance): nothing
+    outside this machine can reach it. (A process that imported ``ray`` before without that switch binds where
+    that import decided; ``ecoquant optimize`` imports it here.)
     """
     option = f"--gpus {','.join(map(str, gpus))}"
     env = {
