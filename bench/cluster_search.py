@@ -1,21 +1,32 @@
 """The staged search on the tiny VLM without Ray, and with ``--cluster`` on one and on two local Ray nodes (CPU only).
 
+    uv run --locked --extra ray python bench/cluster_search.py            # local, 1 node, 2 nodes: about 4 min on 2 cores
+
 Each node is started by ``ray.cluster_utils.Cluster`` on 127.0.0.1 with the
 dashboard off, one CPU and no GPU, so every job asks for one CPU and a node
 runs one job at a time. The search: two RTN weights candidates (W4A16, W8A8
 INT8), the ``short`` response on the best, two finalists, on the basic pages
 (2 per kind; 1 per task in stages 1-2). Each run starts from an empty
-``--out``.
+``--out``; the local run (no Ray) is the reference pick and wall time.
 
-What it prints per run: wall time of the search (cluster start not
-included), jobs run, and per job the mean wait between handing it to Ray and
-its start on a node (queueing for the single slot included). The scheduling
-overhead per job is (one-node wall - local wall) / jobs: one node with one
-CPU runs the jobs one after the other as the local run does, so the
-difference is what Ray adds (task dispatch, worker start and imports, moving
-the plan and suite to the worker).
+What it prints, one JSON line per run and a markdown table at the end: the
+wall time of the search (the cluster's start not included, shown apart),
+the jobs run, and two figures per job from the times Ray's tasks report
+(:class:`ecoquant.optimize.jobs.JobTime`):
 
-    uv run --extra ray python bench/cluster_search.py --runs local 1 2
+* **wait**: from handing the job to Ray to its start on a node. It includes
+  queueing behind the stage's other jobs for a free slot.
+* **scheduling overhead**: from the moment the job *could* have started (handed
+  to Ray, and the one slot of the node it ran on free, i.e. the node's previous
+  job returned) to its start: Ray's dispatch, a worker's start and imports, and
+  moving the plan and the suite to it. This assumes one job at a time per node
+  (true here: one CPU per node, one CPU per job), and a job Ray kept waiting for
+  a node it then did not use is counted from that node's slot only (an
+  underestimate in that case).
+
+Subtracting the local wall time from the one-node wall time does not measure
+the overhead: Ray runs a one-CPU task with ``OMP_NUM_THREADS=1``, which on an
+oversubscribed machine can be faster than the local run's torch threads.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a 127.0.0.1 cluster (see tests/test_cluster.py)
@@ -38,6 +51,7 @@ from ecoquant.eval.backends.base import generation_settings  # noqa: E402
 from ecoquant.eval.runner import EvalConfig  # noqa: E402
 from ecoquant.fixtures.tiny_vlm import tiny_vlm_path  # noqa: E402
 from ecoquant.optimize import OptimizeConfig, optimize  # noqa: E402
+from ecoquant.optimize.jobs import JobTime  # noqa: E402
 from ecoquant.optimize.levers import FamilyLevers  # noqa: E402
 from ecoquant.optimize.plan import SearchConfig  # noqa: E402
 
@@ -74,6 +88,9 @@ def run(kind: str, root: Path) -> dict[str, object]:
     import ray
     from ray.cluster_utils import Cluster
 
+    from ecoquant.optimize.run import open_runner
+    from ecoquant.optimize.stages import staged_optimize
+
     nodes = int(kind)
     args = {"num_cpus": 1, "num_gpus": 0, "node_ip_address": "127.0.0.1"}
     t0 = time.perf_counter()
@@ -83,51 +100,86 @@ def run(kind: str, root: Path) -> dict[str, object]:
     cluster.wait_for_nodes()
     started = time.perf_counter() - t0
     try:
-        from ecoquant.optimize.run import open_runner
-
         cfg = config(out, cluster.address)
         t0 = time.perf_counter()
         runner = open_runner(cfg, show_progress=False)
-        from ecoquant.optimize.stages import staged_optimize
-
-        result = staged_optimize(tiny_vlm_path(), cfg, runner)
+        try:
+            result = staged_optimize(tiny_vlm_path(), cfg, runner)
+        finally:
+            runner.close()
         wall = time.perf_counter() - t0
-        waits = runner.cluster.overheads
+        timeline = runner.cluster.timeline
+        waits = [t.waited for t in timeline]
+        overheads = scheduling_overheads(timeline)
         return {
-            "run": f"--cluster, {nodes} node(s) x 1 CPU",
+            "run": f"--cluster, {nodes} node{'s' if nodes > 1 else ''} x 1 CPU",
             "cluster_start_s": started,
             "wall_s": wall,
             "pick": result.choice.pick,
-            "jobs": len(waits),
-            "mean_wait_s": statistics.mean(waits) if waits else None,
-            "max_wait_s": max(waits) if waits else None,
+            "jobs": len(timeline),
+            "wait_mean_s": statistics.mean(waits),
+            "wait_max_s": max(waits),
+            "overhead_mean_s": statistics.mean(overheads),
+            "overhead_max_s": max(overheads),
         }
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
+def scheduling_overheads(timeline: Sequence[JobTime]) -> list[float]:
+    """Per job: seconds from when it could have started (handed to Ray, its node's one slot free) to its start."""
+    by_node: dict[str, list[JobTime]] = defaultdict(list)
+    for t in timeline:
+        by_node[t.placement.node_id].append(t)
+    out = []
+    for jobs in by_node.values():
+        free = 0.0
+        for t in sorted(jobs, key=lambda t: t.placement.started):
+            out.append(max(t.placement.started - max(t.handed, free), 0.0))
+            free = t.placement.started + t.placement.seconds
+    return out
+
+
 def _jobs(out: Path) -> int:
+    """Evaluations and quantizations in ``out`` (a response variant's hard-linked folder is not a job)."""
     evals = len(list((out / "evals").glob("*.json")))
-    quants = len(list((out / "checkpoints").glob("*/.ecoquant-key.json")))
-    return evals + quants
+    markers = [json.loads(f.read_text()) for f in (out / "checkpoints").glob("*/.ecoquant-key.json")]
+    return evals + sum(1 for m in markers if "candidate" in m["material"])
+
+
+def table(rows: Sequence[dict[str, object]]) -> str:
+    """The runs as a markdown table, for bench/RESULTS.md."""
+
+    def s(row: dict[str, object], key: str) -> str:
+        value = row.get(key)
+        return "" if value is None else f"{float(value):.1f} s"  # type: ignore[arg-type]
+
+    def ms(row: dict[str, object], key: str) -> str:
+        return f"{float(row[key]) * 1000:.0f} ms"  # type: ignore[arg-type]
+
+    lines = [
+        "| run | cluster start | search wall time | jobs | pick | wait, mean / max | scheduling overhead, mean / max |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        wait = f"{s(r, 'wait_mean_s')} / {s(r, 'wait_max_s')}" if "wait_mean_s" in r else ""
+        over = f"{ms(r, 'overhead_mean_s')} / {ms(r, 'overhead_max_s')}" if "overhead_mean_s" in r else ""
+        lines.append(f"| {r['run']} | {s(r, 'cluster_start_s')} | {s(r, 'wall_s')} | {r['jobs']} | {r['pick']} | {wait} | {over} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", default=["local", "1", "2"], help="local, 1, 2 (nodes)")
-    parser.add_argument("--root", type=Path, default=None)
+    parser.add_argument("--root", type=Path, default=None, help="where each run's --out goes (default: a new temporary folder)")
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="ecoquant-cluster-bench-"))
     rows = []
     for kind in args.runs:
         rows.append(run(kind, root))
         print(json.dumps(rows[-1]), flush=True)
-    local = next((r for r in rows if r["run"].startswith("local")), None)
-    one = next((r for r in rows if "1 node" in str(r["run"])), None)
-    if local and one and one.get("jobs"):
-        overhead = (float(one["wall_s"]) - float(local["wall_s"])) / int(one["jobs"])  # type: ignore[arg-type]
-        print(json.dumps({"scheduling_overhead_per_job_s": overhead}))
+    print(table(rows))
 
 
 if __name__ == "__main__":

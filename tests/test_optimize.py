@@ -34,6 +34,7 @@ from ecoquant.optimize import Candidate, Grid, OptimizeConfig, optimize
 from ecoquant.optimize.grid import default_grid, grid_from_mapping, load_grid
 from ecoquant.optimize.store import Store, write_json_atomic
 from ecoquant.report.table import mean_recovery, recovery
+from gpu_fakes import METERS, WATTS, FakeGpuMeter, slow_backend
 
 ECOQUANT = Path(sys.executable).parent / "ecoquant"
 CALIBRATION = {"source": CORPUS_SOURCE, "num_samples": 8, "max_length": 128, "multimodal": True}
@@ -383,83 +384,39 @@ def test_candidate_validation() -> None:
         Grid(())
 
 
-# ------------------------------------------------------------------ one candidate per GPU
+# ------------------------------------------------------------------ --gpus (several GPUs: Ray, tests/test_local_gpus.py)
 
 
-class FakeGpuMeter:
-    """Stands in for NVML on some GPUs: 100 W on each while a window is open; records its windows."""
-
-    def __init__(self, gpus: list[int] | None) -> None:
-        self.gpus = tuple(gpus or (0,))
-        self.available = True
-        self.description = f"fake NVML, GPU {','.join(map(str, self.gpus))}"
-        self.windows: dict[str, tuple[float, float]] = {}
-        self._open: dict[str, float] = {}
-        METERS.append(self)
-
-    def begin_window(self, name: str) -> None:
-        self._open[name] = time.monotonic()
-
-    def end_window(self, name: str) -> Any:
-        from ecoquant.energy.meter import Measurement
-
-        t0 = self._open.pop(name)
-        t1 = time.monotonic()
-        self.windows[name] = (t0, t1)
-        return Measurement(t1 - t0, {g: 100.0 * (t1 - t0) for g in self.gpus})
-
-    def close(self) -> None:
-        pass
-
-
-METERS: list[FakeGpuMeter] = []
-
-
-class SlowBackend:
-    """Answers every request with "x" after a pause, so that parallel evaluations overlap measurably."""
-
-    kind = "fake"
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind}
-
-    def generate(self, requests: Any, settings: Any, on_done: Any = None) -> list[Any]:
-        from ecoquant.eval.backends.base import Completion
-
-        time.sleep(0.5)
-        return [Completion("x", 5, 1, "stop") for _ in requests]
-
-    def close(self) -> None:
-        pass
-
-
-def test_gpus_evaluate_in_parallel_each_metered_on_its_own_gpu(tmp_path: Path) -> None:
+def test_one_gpu_evaluates_here_without_ray_metered_on_that_gpu(tmp_path: Path) -> None:
     METERS.clear()
-    grid = grid_from_mapping({"candidates": [{"method": "rtn", "group_size": g} for g in (128, 64, 32)]})
+    grid = grid_from_mapping({"candidates": [{"method": "rtn", "group_size": 64}]})
     config = OptimizeConfig(
         out=tmp_path / "o",
         grid=grid,
-        gpus=(0, 1),
-        eval=EvalConfig(suite="builtin-basic", size=1, limit=1, idle_seconds=0.0, warmup_requests=0),
+        gpus=(1,),
+        eval=EvalConfig(suite="builtin-basic", size=1, limit=1, idle_seconds=0.05, warmup_requests=0),
     )
-    result = optimize(
-        tiny_vlm_path(),
-        config,
-        show_progress=False,
-        meter_factory=FakeGpuMeter,
-        backend_factory=lambda ref, index, cfg: SlowBackend(),
-    )
-    per_gpu = [m for m in METERS if len(m.gpus) == 1]
-    assert sorted(m.gpus[0] for m in per_gpu) == [0, 1]
+    result = optimize(tiny_vlm_path(), config, show_progress=False, meter_factory=FakeGpuMeter, backend_factory=slow_backend)
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()  # one GPU needs no scheduler: no Ray started
+    assert {m.gpus for m in METERS} == {(1,)}
     for run in result.record.runs:
-        owners = [m for m in per_gpu if f"{run.label}/default" in m.windows]
-        assert len(owners) == 1, run.label  # measured on exactly one GPU's meter
-        assert run.energy is not None and list(run.energy.gpu_energy_j) == [str(owners[0].gpus[0])]
-    assert all(m.windows for m in per_gpu)  # both GPUs did work
-    spans = sorted(t for m in per_gpu for t in m.windows.values())
-    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))  # two windows overlapped in time
-    assert "one GPU per candidate" in result.record.energy.meter
+        assert run.energy is not None and list(run.energy.gpu_energy_j) == ["1"]
+    assert result.record.energy.meter == "fake NVML, GPU 1"
+    assert result.record.energy.idle_gpu_power_w == {"1": pytest.approx(WATTS)}
     assert result.choice.metric == "energy_j"
+
+
+def test_gpus_without_ray_is_one_line_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as without the extra: `import ray` fails
+    grid = grid_from_mapping({"candidates": [{"method": "rtn", "group_size": 64}]})
+    config = OptimizeConfig(out=tmp_path / "o", grid=grid, gpus=(0, 1), eval=EvalConfig(suite="builtin-basic", size=1, limit=1))
+    with pytest.raises(EcoquantError) as info:
+        optimize(tiny_vlm_path(), config, show_progress=False, meter_factory=FakeGpuMeter, backend_factory=slow_backend)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("--gpus 0,1 needs Ray, which is not installed")
+    assert "uv run --extra ray" in message and "pip install 'ecoquant[ray]'" in message
+    assert not (tmp_path / "o" / "checkpoints").exists()
 
 
 def test_gpus_without_nvml_is_one_line(tmp_path: Path) -> None:

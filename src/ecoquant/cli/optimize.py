@@ -49,7 +49,7 @@ def optimize_cmd(
     sampling: Annotated[str, typer.Option(help=f"Decoding preset: {', '.join(GENERATION_PRESETS)}.")] = "greedy",
     max_new_tokens: Annotated[int | None, typer.Option(help="Lower every task's token cap to this.")] = None,
     keep: Annotated[str, typer.Option(help="pick: delete the losers' checkpoints after the decision; all: keep them.")] = "all",
-    gpus: Annotated[str | None, typer.Option(help="NVML GPU indices, e.g. 0,1: candidates are evaluated in parallel, one per GPU, each metered alone.")] = None,
+    gpus: Annotated[str | None, typer.Option(help="NVML GPU indices, e.g. 0,1: with more than one, a Ray instance on this machine (127.0.0.1, the ray extra) runs the quantizations and evaluations in parallel, one GPU each, each metered on its own GPU; one GPU runs here without Ray.")] = None,
     cluster: Annotated[str | None, typer.Option(help="Run every quantization and evaluation as a Ray task (one GPU, or one CPU, each) on the Ray cluster at this address, or `auto` for the one started on this machine by `ray start`; needs the ray extra and an --out every node shares (docs/optimize.md).")] = None,
     cluster_retries: Annotated[int, typer.Option(help="--cluster: times Ray re-places a job whose node or worker died; after that the run stops and a rerun runs only what did not finish.")] = 1,
     repo_id: Annotated[str | None, typer.Option(help="Write this as the submission's `model` (the hub id you publish under) instead of `.`.")] = None,

@@ -1,12 +1,12 @@
-"""``optimize --cluster``: the Ray cluster the search's jobs run on, and the checks made before any work.
+"""``optimize --cluster`` and ``--gpus``: the Ray cluster the search's jobs run on, and the checks made before any work.
 
 ecoquant does not schedule across machines itself: Ray places each job (a
 quantization or an evaluation, :mod:`ecoquant.optimize.jobs`) on a node with
 a free GPU (or CPU), and says when a node is lost. What ecoquant adds is
 checked here, once, before the first job:
 
-* **Ray is there**: it is an optional extra; without it ``--cluster`` is one
-  line saying how to install it.
+* **Ray is there**: it is an optional extra; without it ``--cluster`` (or
+  ``--gpus`` with more than one GPU) is one line saying how to install it.
 * **``--out`` is shared**: every job writes its result into the keyed store
   (:mod:`ecoquant.optimize.store`), the only record of the search, so every
   node must see the same folder at the same path. A task pinned to each node
@@ -18,6 +18,10 @@ checked here, once, before the first job:
   between candidates metered on the same GPU model
   (:mod:`ecoquant.optimize.fleet`).
 
+``--gpus 0,1,...`` on one machine is the same path on a Ray instance this
+process starts (:func:`start_local`): bound to 127.0.0.1, no dashboard, and
+only the listed GPUs, so ecoquant has one scheduler, Ray's.
+
 Ray's ports and dashboard have no authentication: a cluster belongs on a
 private network (docs/optimize.md).
 """
@@ -26,7 +30,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -40,7 +45,7 @@ ACCELERATOR_PREFIX = "accelerator_type:"
 PROBE_PREFIX = ".ecoquant-shared-"
 
 
-def require_ray() -> ModuleType:
+def require_ray(option: str = "--cluster") -> ModuleType:
     """The ``ray`` module, or one line saying how to install it.
 
     Ray's ``uv run`` hook is turned off (unless the environment says otherwise): it would ship the current
@@ -51,7 +56,57 @@ def require_ray() -> ModuleType:
     try:
         import ray
     except ImportError:
-        raise EcoquantError(f"--cluster needs Ray, which is not installed; {INSTALL_HINT}") from None
+        raise EcoquantError(f"{option} needs Ray, which is not installed; {INSTALL_HINT}") from None
+    return ray
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` while Ray starts (its raylet, and so every worker, inherits them), then as before."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def start_local(gpus: Sequence[int], log_to_driver: bool = False) -> ModuleType:
+    """Start a Ray instance on this machine that owns ``gpus`` (NVML indices) and nothing else (``--gpus``).
+
+    Ray hands each task one of the GPUs named in ``CUDA_VISIBLE_DEVICES`` when its node started, and sets the
+    task's ``CUDA_VISIBLE_DEVICES`` to that entry (``ray.get_gpu_ids()`` returns it), so the node starts with the
+    list and ``num_gpus`` its length. ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (unless set) makes those CUDA indices NVML's,
+    which is how :func:`ecoquant.energy.nvml.visible_gpus` reads them back to meter the task's GPU. Ray binds
+    127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is Ray's switch for that, read when ``ray`` is imported),
+    with the dashboard off (and Ray's token authentication on, its default for a new local instance): nothing
+    outside this machine can reach it. (A process that imported ``ray`` before without that switch binds where
+    that import decided; ``ecoquant optimize`` imports it here.)
+    """
+    option = f"--gpus {','.join(map(str, gpus))}"
+    env = {
+        "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)),
+        "CUDA_DEVICE_ORDER": os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
+    }
+    with _environ(env):
+        ray = require_ray(option)
+        if ray.is_initialized():
+            raise EcoquantError(
+                f"{option} starts its own Ray instance, but this process is already connected to one; "
+                "pass that cluster's address as --cluster instead"
+            )
+        ray.init(  # "local": a new instance, even where `ray start` left one running on this machine
+            address="local", num_gpus=len(gpus), include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=log_to_driver,
+            logging_level="WARNING", configure_logging=False,
+        )
     return ray
 
 
@@ -77,14 +132,17 @@ class NodeInfo:
         return f"{self.host}/{self.node_id[:6]}"
 
 
-def connect(address: str) -> ModuleType:
-    """Join the running Ray cluster at ``address`` (``auto``: the one started on this machine by ``ray start``)."""
+def connect(address: str, log_to_driver: bool = False) -> ModuleType:
+    """Join the running Ray cluster at ``address`` (``auto``: the one started on this machine by ``ray start``).
+
+    ``log_to_driver`` (``--verbose``): the tasks' own progress lines come back here, prefixed by Ray with the task.
+    """
     ray = require_ray()
     if ray.is_initialized():
         return ray
     _check_reachable(address)
     try:
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING", configure_logging=False)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level="WARNING", configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EcoquantError(

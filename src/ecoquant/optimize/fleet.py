@@ -16,6 +16,9 @@ figures are the plain modelled ones, and the note says that too.
 
 With one GPU model everywhere nothing changes: measured energy ranks, as on
 one machine.
+
+The record's one account of how energy was measured (:func:`fleet_energy`)
+lists every meter the evaluations used, since on Ray each ran on its own GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from ecoquant.eval.record import EnergyInfo
 from ecoquant.report.table import ReportRow
 
 
@@ -100,3 +104,29 @@ def ranked(
     if fleet is None or not fleet.mixed:
         return list(rows), energy_measured, None
     return calibrated_rows(rows, where, fleet), False, fleet
+
+
+def fleet_energy(stored: Sequence[tuple[EnergyInfo, str | None]]) -> EnergyInfo | None:
+    """The record's energy account from each stored evaluation's (its meter, idle power; its node or None).
+
+    One meter for all: that one. Several (Ray gave each evaluation its own GPU): each is named, measured only if
+    every one measured, and the idle power kept per GPU, keyed ``node GPU`` where more than one node ran them
+    (GPU 0 of two nodes are two GPUs).
+    """
+    if not stored:
+        return None
+    first = stored[0][0]
+    meters = sorted({info.meter for info, _ in stored})
+    if len(meters) == 1:
+        return first
+    several_nodes = len({node for _, node in stored}) > 1
+    idle: dict[str, float] = {}
+    for info, node in stored:
+        for gpu, watts in (info.idle_gpu_power_w or {}).items():
+            idle[f"{node} GPU {gpu}" if several_nodes else gpu] = watts
+    return replace(
+        first,
+        measured=all(info.measured for info, _ in stored),
+        meter=f"one GPU per evaluation: {'; '.join(meters)}",
+        idle_gpu_power_w=idle or None,
+    )

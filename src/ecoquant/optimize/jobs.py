@@ -1,8 +1,9 @@
 """The search's jobs as Ray tasks: each quantization and each evaluation asks Ray for one GPU (or one CPU).
 
 :func:`ecoquant.optimize.run.run_grid` hands a stage's jobs here when
-``--cluster`` is given (:class:`ClusterSession` stands in for its local
-quantize loop and evaluation pool). Ray places each task on a node with the
+``--cluster`` is given, or ``--gpus`` with more than one GPU (a Ray instance
+on this machine, :func:`open_local`): :class:`ClusterSession` stands in for
+its in-process quantize and evaluate loops. Ray places each task on a node with the
 resource free; the task runs the same code as a local run
 (:func:`ecoquant.optimize.run._quantize_job`, :func:`ecoquant.eval.runner.evaluate_model`)
 and writes its result into the keyed store on the shared ``--out`` before it
@@ -35,6 +36,7 @@ from ecoquant.errors import EcoquantError
 from ecoquant.optimize.cluster import NodeInfo, connect, describe, survey
 from ecoquant.optimize.fleet import Where
 from ecoquant.optimize.store import Store, read_json, write_json_atomic
+from ecoquant.progress import is_verbose
 
 if TYPE_CHECKING:
     from ecoquant.eval.runner import EnergyInfo, FailedRun, PreparedSuite
@@ -64,6 +66,21 @@ class Placement:
         return f"{self.host}/{self.node_id[:6]}, {gpu}"
 
 
+@dataclass(frozen=True)
+class JobTime:
+    """When one finished job was handed to Ray (``time.time()`` on the driver) and where and when it ran."""
+
+    label: str
+    kind: str
+    handed: float
+    placement: Placement
+
+    @property
+    def waited(self) -> float:
+        """Seconds from hand-off to start on a node: Ray's dispatch and worker start, and queueing for a free slot."""
+        return max(self.placement.started - self.handed, 0.0)
+
+
 def _here(nodes: Mapping[str, NodeInfo]) -> tuple[str, str, tuple[int, ...], NodeInfo | None]:
     import ray
 
@@ -79,16 +96,18 @@ def _mark_running(root: Path, name: str, node_id: str, host: str) -> Path:
 
 
 def _quantize_task(
-    job: Job, root: Path, plan: Plan, config: OptimizeConfig, nodes: Mapping[str, NodeInfo]
+    job: Job, root: Path, plan: Plan, config: OptimizeConfig, nodes: Mapping[str, NodeInfo], verbose: bool
 ) -> dict[str, Any]:
     from ecoquant.optimize.run import Stages, _quantize_job
+    from ecoquant.progress import verbose as verbose_logs
 
     node_id, host, gpu_ids, node = _here(nodes)
     started = time.time()
     store = Store(root)
     marker = _mark_running(store.root, f"quantize-{job.label}", node_id, host)
     try:
-        _quantize_job(job, plan, store, config, Stages(enabled=False), False)
+        with verbose_logs(verbose):  # a worker starts at the default level: --verbose is passed, not inherited
+            _quantize_job(job, plan, store, config, Stages(enabled=verbose), verbose)
     finally:
         marker.unlink(missing_ok=True)
     placement = Placement(node_id, host, gpu_ids, None if node is None else node.gpu_model, started, time.time() - started)
@@ -105,11 +124,14 @@ def _evaluate_task(
     nodes: Mapping[str, NodeInfo],
     meter_factory: Callable[[Sequence[int] | None], Any],
     backend_factory: Any,
+    verbose: bool,
 ) -> dict[str, Any]:
     """Evaluate one model on this node's GPU, metered on that GPU alone, and save it under its key."""
     from ecoquant.energy.meter import IdleBaseline
     from ecoquant.eval.runner import BackendFailure, FailedRun, energy_info, evaluate_model, ModelRef
-    from ecoquant.optimize.run import _transformers_factory, _vllm_factory, job_eval_config
+    from ecoquant.optimize.run import backend_for, job_eval_config
+    from ecoquant.progress import progress_bar
+    from ecoquant.progress import verbose as verbose_logs
 
     node_id, host, gpu_ids, node = _here(nodes)
     started = time.time()
@@ -123,15 +145,15 @@ def _evaluate_task(
     names = tuple(getattr(meter, "gpu_names", ()))
     gpu_model = " + ".join(sorted(set(names))) if names else (None if node is None else node.gpu_model)
     ref = ModelRef(job.label, str(job.folder), job.role)
-    if backend_factory is None:
-        factory = _vllm_factory(config, plan, store, None) if config.backend == "vllm" else _transformers_factory(config, None)
-    else:
-        factory = backend_factory
+    factory = backend_for(config, plan, store, None, backend_factory)  # Ray's CUDA_VISIBLE_DEVICES: its GPU
     failed: FailedRun | None = None
     try:
-        runs = evaluate_model(
-            ref, index, prepared, job_eval_config(job, config), meter=meter, idle=idle, backend_factory=factory
-        )
+        # --verbose: a line per sample on this worker's stderr (the driver prints it where Ray sends it back)
+        with verbose_logs(verbose), progress_bar(job.label, prepared.suite.n_samples, verbose) as advance:
+            runs = evaluate_model(
+                ref, index, prepared, job_eval_config(job, config), meter=meter, idle=idle, backend_factory=factory,
+                advance=advance,
+            )
     except BackendFailure as exc:
         failed = FailedRun.from_failure(ref, exc)
     except EcoquantError as exc:  # this model cannot be loaded here (e.g. a scheme mix transformers refuses)
@@ -172,8 +194,17 @@ class ClusterSession:
     retries: int
     meter_factory: Callable[[Sequence[int] | None], Any]
     backend_factory: Any
-    overheads: list[float] = field(default_factory=list)
-    """Per finished job: seconds between handing it to Ray and its start on a node (scheduling + worker start)."""
+    timeline: list[JobTime] = field(default_factory=list)
+    """Every finished job's hand-off to Ray and its placement, in the order they finished (bench/cluster_search.py)."""
+    owns_ray: bool = False
+    """``--gpus``: this session started its Ray instance (:func:`open_local`) and stops it in :meth:`close`."""
+
+    def close(self) -> None:
+        """Stop the Ray instance :func:`open_local` started (a joined ``--cluster`` keeps running)."""
+        if self.owns_ray:
+            import ray
+
+            ray.shutdown()
 
     @property
     def gpus(self) -> int:
@@ -213,8 +244,8 @@ class ClusterSession:
                 stages.line(f"optimize: {label}: {kind} lost with its node or worker ({type(exc).__name__})")
                 continue
             where = Placement(**{k: tuple(v) if k == "gpu_ids" else v for k, v in result["placement"].items()})
-            waited = max(where.started - placed, 0.0)
-            self.overheads.append(waited)
+            self.timeline.append(JobTime(label, kind, placed, where))
+            waited = self.timeline[-1].waited
             state = "FAILED" if result.get("failed") else "done"
             stages.line(f"optimize: {label}: {kind} {state} on {where.where()} in {where.seconds:.1f} s (waited {waited:.1f} s for a slot)")
             done.append((label, result))
@@ -243,8 +274,9 @@ class ClusterSession:
         if not plan.quantize:
             return []
         task = ray.remote(max_retries=self.retries)(_quantize_task)
-        ask = self._ask(config.quant_device.startswith("cuda"))
-        shared = (ray.put(plan), ray.put(config), ray.put(_by_id(self.nodes)))
+        # auto asks for a GPU too: in the task, GPTQ/AWQ calibrate on it when they fit (as they would here)
+        ask = self._ask(config.quant_device != "cpu")
+        shared = (ray.put(plan), ray.put(config), ray.put(_by_id(self.nodes)), is_verbose())
         pending = {}
         for job in plan.quantize:
             pending[task.options(**ask).remote(job, store.root, *shared)] = (job.label, "quantize", time.time())
@@ -271,7 +303,7 @@ class ClusterSession:
         index = {j.label: i for i, j in enumerate(plan.jobs)}
         shared = (
             ray.put(plan), ray.put(prepared), ray.put(config), ray.put(_by_id(self.nodes)),
-            self.meter_factory, self.backend_factory,
+            self.meter_factory, self.backend_factory, is_verbose(),
         )
         pending = {}
         for job in jobs:
@@ -311,11 +343,49 @@ def open_cluster(
     from ecoquant.optimize.store import check_writable
 
     assert config.cluster is not None
-    ray = connect(config.cluster)
+    ray = connect(config.cluster, log_to_driver=is_verbose())
     out = check_writable(config.out)
     nodes = survey(ray, out.resolve(), config.eval.idle_seconds)
     stages.line(f"optimize: cluster {config.cluster}: {describe(nodes)}; --out {out} is shared by all of them")
     return ClusterSession(config.cluster, nodes, config.cluster_retries, meter_factory, backend_factory)
+
+
+def open_local(
+    config: OptimizeConfig, stages: Stages, meter_factory: Callable[[Sequence[int] | None], Any], backend_factory: Any
+) -> ClusterSession:
+    """``--gpus 0,1,...``: a Ray instance on this machine with those GPUs, its node described and metered here.
+
+    No ``--out`` check (one machine, one filesystem) and no survey task: the driver meters the listed GPUs'
+    idle power itself, before any job, with the meter the evaluations use (``meter_factory``).
+    """
+    from ecoquant.energy.meter import measure_idle
+    from ecoquant.optimize.cluster import start_local
+
+    ray = start_local(config.gpus, log_to_driver=is_verbose())
+    try:
+        meter = meter_factory(list(config.gpus))
+        idle = measure_idle(meter, config.eval.idle_seconds)
+        names = sorted(set(getattr(meter, "gpu_names", ())))
+        node = NodeInfo(
+            ray.get_runtime_context().get_node_id(),
+            socket.gethostname(),
+            float(ray.cluster_resources().get("CPU", 0.0)),
+            len(config.gpus),
+            " + ".join(names) if names else None,
+            None if idle is None else {int(g): w for g, w in idle.gpu_power_w.items()},
+            str(meter.description),
+            bool(meter.available),
+        )
+        if hasattr(meter, "close"):
+            meter.close()
+    except BaseException:
+        ray.shutdown()
+        raise
+    stages.line(
+        f"optimize: --gpus {','.join(map(str, config.gpus))}: a local Ray instance (127.0.0.1, no dashboard) "
+        f"places the jobs, one GPU each; {describe((node,))}"
+    )
+    return ClusterSession("local", (node,), config.cluster_retries, meter_factory, backend_factory, owns_ray=True)
 
 
 def stored_wheres(store: Store, jobs: Sequence[Job]) -> dict[str, Where]:

@@ -38,6 +38,9 @@ def optimize(
     runner = open_runner(
         config, show_progress=show_progress, console=console, meter_factory=meter_factory, backend_factory=backend_factory
     )
-    if config.grid is None:
-        return staged_optimize(model, config, runner)
-    return decide(run_grid(model, config, runner), config, runner)
+    try:
+        if config.grid is None:
+            return staged_optimize(model, config, runner)
+        return decide(run_grid(model, config, runner), config, runner)
+    finally:
+        runner.close()  # --gpus: the Ray instance it started

@@ -96,7 +96,8 @@ class OptimizeConfig:
         quant_device: where GPTQ/AWQ calibrate: ``auto`` (CUDA when visible and the calibration fits, else
             the CPU; :func:`ecoquant.calibrate.memory.plan_calibration_device`), ``cpu``, ``cuda``, ``cuda:N``.
         keep: ``all`` keeps every checkpoint; ``pick`` deletes the losers' after the decision.
-        gpus: NVML indices; more than one evaluates candidates in parallel, one per GPU, each metered alone.
+        gpus: NVML indices; one: everything runs here on it; more than one: a Ray instance on this machine with
+            just those GPUs runs the jobs, one GPU each, each metered alone (:func:`ecoquant.optimize.jobs.open_local`).
         repo_id: the submission's ``vllm_config.yaml`` names this as ``model`` (default: ``.``, the folder itself).
         vllm_python, vllm_args, server_timeout_s: for ``--backend vllm``.
         allow_nonfinite: quantize source weights holding NaN or inf (recorded in each recipe) instead of refusing.

@@ -12,8 +12,10 @@ and card -- which know nothing about it:
 2. **quantize** each distinct quantization once (a response variant reuses
    its weights through hard links and carries its own chat template);
 3. **evaluate** the base and every candidate on the suite, each model in its
-   own energy window (``--backend vllm``: its own ``vllm serve --config``),
-   one per GPU in parallel with ``gpus``;
+   own energy window (``--backend vllm``: its own ``vllm serve --config``);
+   with ``--cluster``, or ``gpus`` naming more than one GPU, each quantization
+   and evaluation is a Ray task instead, one GPU each
+   (:mod:`ecoquant.optimize.jobs`): Ray is the only scheduler;
 4. **decide** with :func:`ecoquant.optimize.select.choose`;
 5. **ship**: ``DIR/submission/`` (:mod:`ecoquant.optimize.submission`).
 
@@ -24,12 +26,9 @@ redoes only what had not finished.
 
 from __future__ import annotations
 
-import queue
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -53,6 +52,7 @@ from ecoquant.eval.runner import (
     evaluate_model,
     open_backend,
 )
+from ecoquant.optimize.fleet import fleet_energy
 from ecoquant.optimize.plan import Job, OptimizeConfig, Plan, plan_optimize, serving_suffix
 from ecoquant.optimize.select import Choice, choice_record, choose
 from ecoquant.optimize.store import SERVERS, Store, link_or_copy, write_json_atomic
@@ -78,12 +78,10 @@ class Stages:
         self.console = console or Console(stderr=True)
         self.enabled = enabled
         self.starts = self.console.is_terminal or is_verbose()
-        self._lock = threading.Lock()
 
     def line(self, text: str) -> None:
         if self.enabled:
-            with self._lock:
-                self.console.print(text, highlight=False, soft_wrap=True)
+            self.console.print(text, highlight=False, soft_wrap=True)
 
     @contextmanager
     def stage(self, who: str, what: str) -> Iterator[None]:
@@ -243,7 +241,19 @@ def _vllm_factory(config: OptimizeConfig, plan: Plan, store: Store, gpu: int | N
     return vllm_backend_factory(options)
 
 
-def _evaluate_jobs(
+def backend_for(
+    config: OptimizeConfig, plan: Plan, store: Store, gpu: int | None, injected: BackendFactory | None
+) -> BackendFactory:
+    """How each model of a run is opened: ``injected`` (tests), else the configured backend on ``gpu`` (None: the
+    process's own device, which in a Ray task is the GPU Ray gave it)."""
+    if injected is not None:
+        return injected
+    if config.backend == "vllm":
+        return _vllm_factory(config, plan, store, gpu)
+    return _transformers_factory(config, gpu)
+
+
+def _evaluate_here(
     jobs: Sequence[Job],
     plan: Plan,
     store: Store,
@@ -251,86 +261,54 @@ def _evaluate_jobs(
     config: OptimizeConfig,
     stages: Stages,
     meter_factory: MeterFactory,
-    backend_factory: Callable[[int | None], BackendFactory],
+    backend_factory: BackendFactory | None,
     show: bool,
 ) -> tuple[list[str], dict[str, FailedRun], EnergyInfo | None]:
-    """Evaluate ``jobs`` (one worker per GPU, or one in all), saving each result under its key as it finishes."""
+    """Evaluate ``jobs`` one after the other in this process, on ``--gpus``'s one GPU or the default device,
+    saving each result under its key as it finishes (several GPUs go through Ray: :mod:`ecoquant.optimize.jobs`)."""
     from ecoquant.energy.meter import measure_idle
     from ecoquant.eval.runner import energy_info
 
-    slots: queue.Queue[int | None] = queue.Queue()
-    for g in config.gpus or (None,):
-        slots.put(g)
-    meters: dict[int | None, Any] = {}
-    idles: dict[int | None, Any] = {}
-    infos: dict[int | None, EnergyInfo] = {}
-    for g in config.gpus or (None,):
-        meters[g] = meter_factory(None if g is None else [g])
-        idles[g] = measure_idle(meters[g], config.eval.idle_seconds)
-        infos[g] = energy_info(meters[g], idles[g], config.eval)
+    gpu = config.gpus[0] if config.gpus else None
+    meter = meter_factory(None if gpu is None else [gpu])
     evaluated: list[str] = []
     failures: dict[str, FailedRun] = {}
     index = {j.label: i for i, j in enumerate(plan.jobs)}
-
-    def run_one(job: Job) -> None:
-        gpu = slots.get()
-        try:
-            where = "" if gpu is None else f" on GPU {gpu}"
+    factory = backend_for(config, plan, store, gpu, backend_factory)
+    where = "" if gpu is None else f" on GPU {gpu}"
+    try:
+        idle = measure_idle(meter, config.eval.idle_seconds)
+        info = energy_info(meter, idle, config.eval)
+        for job in jobs:
             ref = ModelRef(job.label, str(job.folder), job.role)
             t0 = time.perf_counter()
             with stages.stage(job.label, f"evaluate ({config.backend}{where}, {prepared.suite.n_samples} samples)"):
-                job_eval = job_eval_config(job, config)
                 try:
-                    # a bar per model on a terminal (one worker: parallel bars would interleave)
-                    bar = show and len(config.gpus) <= 1
-                    with progress_bar(job.label, prepared.suite.n_samples, bar) as advance:
+                    with progress_bar(job.label, prepared.suite.n_samples, show) as advance:
                         runs = evaluate_model(
-                            ref,
-                            index[job.label],
-                            prepared,
-                            job_eval,
-                            meter=meters[gpu],
-                            idle=idles[gpu],
-                            backend_factory=backend_factory(gpu),
-                            advance=advance,
+                            ref, index[job.label], prepared, job_eval_config(job, config), meter=meter, idle=idle,
+                            backend_factory=factory, advance=advance,
                         )
                 except BackendFailure as exc:
                     failures[job.label] = FailedRun.from_failure(ref, exc)
-                    stages.line(f"optimize: {job.label}: FAILED: {str(exc).splitlines()[0]}")
-                    return
                 except EcoquantError as exc:  # this model cannot be loaded here (e.g. a scheme mix transformers refuses)
                     failures[job.label] = FailedRun(job.label, str(job.folder), job.role, "load", str(exc))
-                    stages.line(f"optimize: {job.label}: FAILED: {str(exc).splitlines()[0]}")
-                    return
+            if job.label in failures:
+                stages.line(f"optimize: {job.label}: FAILED: {failures[job.label].error.splitlines()[0]}")
+                continue
             payload = {
                 "seconds": time.perf_counter() - t0,  # loading included: what the dry run's estimate needs
                 "runs": [asdict(r) for r in runs],
                 "gpu": gpu,
-                "meter": meters[gpu].description,
-                "energy": asdict(infos[gpu]),
+                "meter": meter.description,
+                "energy": asdict(info),
             }
             store.save_eval(job.label, job.eval_key, job.eval_material, payload)
             evaluated.append(job.label)
-        finally:
-            slots.put(gpu)
-
-    try:
-        if len(config.gpus) > 1:
-            with ThreadPoolExecutor(max_workers=len(config.gpus)) as pool:
-                for future in [pool.submit(run_one, j) for j in jobs]:
-                    future.result()
-        else:
-            for j in jobs:
-                run_one(j)
     finally:
-        for m in meters.values():
-            if hasattr(m, "close"):
-                m.close()
-    first = next(iter(infos.values()), None)
-    if first is not None and len(infos) > 1:
-        gpus = ", ".join(str(g) for g in infos)
-        first = replace(first, meter=f"{first.meter.split(',')[0]}, one GPU per candidate (GPUs {gpus})")
-    return evaluated, failures, first
+        if hasattr(meter, "close"):
+            meter.close()
+    return evaluated, failures, info
 
 
 # ------------------------------------------------------------------ the whole job
@@ -346,7 +324,13 @@ class Runner:
     meter_factory: MeterFactory
     backend_factory: BackendFactory | None
     cluster: Any = None
-    """``--cluster``: the :class:`~ecoquant.optimize.jobs.ClusterSession` the jobs run on; None: here."""
+    """``--cluster``, or ``--gpus`` with several GPUs: the :class:`~ecoquant.optimize.jobs.ClusterSession` the jobs
+    run on; None: here, one after the other."""
+
+    def close(self) -> None:
+        """Stop what :func:`open_runner` started (``--gpus``'s local Ray instance)."""
+        if self.cluster is not None:
+            self.cluster.close()
 
 
 @dataclass(frozen=True)
@@ -380,7 +364,11 @@ def open_runner(
     meter_factory: MeterFactory = _open_meter,
     backend_factory: BackendFactory | None = None,
 ) -> Runner:
-    """Check the meter and backend once, before any work (a missing vLLM or GPU is one line)."""
+    """Check the meter and backend once, before any work (a missing vLLM, GPU or Ray is one line).
+
+    ``--cluster`` joins that Ray cluster; ``--gpus`` with more than one GPU starts a Ray instance on this machine
+    with just those GPUs: either way Ray places every job. :meth:`Runner.close` stops what this started.
+    """
     console = console or Console(stderr=True)
     show = console.is_terminal if show_progress is None else show_progress
     stages = Stages(console, enabled=show_progress is not False)
@@ -399,6 +387,11 @@ def open_runner(
         from ecoquant.optimize.jobs import open_cluster
 
         cluster = open_cluster(config, stages, meter_factory, backend_factory)
+        energy_measured = cluster.energy_measured
+    elif len(config.gpus) > 1:
+        from ecoquant.optimize.jobs import open_local
+
+        cluster = open_local(config, stages, meter_factory, backend_factory)
         energy_measured = cluster.energy_measured
     return Runner(stages, show, energy_measured, meter_factory, backend_factory, cluster)
 
@@ -424,28 +417,24 @@ def run_grid(model: str | Path, config: OptimizeConfig, runner: Runner) -> GridR
         if job.candidate is not None and serving_suffix(job.candidate) and job.eval_key not in plan.cached_evals:
             _serving_variant(job, store)
 
-    backend_factory = runner.backend_factory
-    if backend_factory is not None:
-        factory_for: Callable[[int | None], BackendFactory] = lambda gpu: backend_factory  # noqa: E731
-    elif config.backend == "vllm":
-        factory_for = lambda gpu: _vllm_factory(config, plan, store, gpu)  # noqa: E731
-    else:
-        factory_for = lambda gpu: _transformers_factory(config, gpu)  # noqa: E731
     todo = [j for j in plan.jobs if j.eval_key not in plan.cached_evals]
-    evaluate = _evaluate_jobs if runner.cluster is None else runner.cluster.evaluate
-    evaluated, failures, info = evaluate(
-        todo, plan, store, prepared, config, stages, runner.meter_factory, factory_for, show
-    )
+    if runner.cluster is None:
+        evaluated, failures, info = _evaluate_here(
+            todo, plan, store, prepared, config, stages, runner.meter_factory, runner.backend_factory, show
+        )
+    else:
+        evaluated, failures, info = runner.cluster.evaluate(todo, plan, store, prepared, config, stages)
 
     runs: list[ModelRun] = []
-    stored_info: EnergyInfo | None = None
+    stored: list[tuple[EnergyInfo, str | None]] = []
     for job in plan.jobs:
         data = store.load_eval(job.label, job.eval_key)
         if data is None:
             continue
         runs += [ModelRun.from_dict(r) for r in data["runs"]]
-        stored_info = stored_info or EnergyInfo(**data["energy"])
-    energy = info or stored_info
+        placed = data.get("placement")
+        stored.append((EnergyInfo(**data["energy"]), None if placed is None else f"{placed['host']}/{placed['node_id'][:6]}"))
+    energy = info or fleet_energy(stored)
     assert energy is not None or not runs
     record = build_record(
         config.eval,
