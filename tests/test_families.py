@@ -312,3 +312,56 @@ def test_eval_runs_each_family_on_the_builtin_suite(name: str, tmp_path: Path) -
     for run in runs:
         assert run["requests"] == len(run["samples"]) > 0
         assert run["modelled_energy"]["parts"]["vision_encoder"] > 0, run["modelled_energy"]
+
+
+# ----------------------------------------------------------------- optimize to a submission (memorised eval pages)
+
+#: W4A16 by RTN (group 32: the tiny decoder is 64 wide) and W8A8 INT8 by RTN: data-free, so the grid stays cheap.
+SMALL_GRID = {"candidates": [{"method": "rtn", "group_size": 32}, {"method": "rtn", "scheme": "w8a8-int8"}]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_optimize_grid_to_a_submission_on_memorised_pages(name: str, tmp_path: Path) -> None:
+    """``optimize --grid`` (RTN W4A16, RTN W8A8 INT8) on ``builtin-basic`` size 2, through the decision to the
+    submission folder. The base is the family's fixture briefly overfit on those very requests (**memorised eval
+    pages**, :mod:`ecoquant.fixtures.memorise`): its scores prove the mechanics -- real recoveries, a gate that
+    decides, a pick, a submission in the source's layout -- and say nothing of any model's or method's quality."""
+    import yaml
+
+    from ecoquant.eval.backends.base import generation_settings
+    from ecoquant.eval.runner import EvalConfig, RunRecord
+    from ecoquant.fixtures.memorise import CONFIG_KEY
+    from ecoquant.optimize import OptimizeConfig, optimize
+    from ecoquant.optimize.grid import grid_from_mapping
+
+    source = family_fixture_path(name, memorised=True)
+    out = tmp_path / "run"
+    eval_config = EvalConfig(suite="builtin-basic", size=2, generation=generation_settings(max_new_tokens=8), idle_seconds=0.0)
+    optimize(source, OptimizeConfig(out=out, grid=grid_from_mapping(SMALL_GRID), eval=eval_config), show_progress=False)
+
+    record = RunRecord.load(out / "results.json")
+    base = next(r for r in record.runs if r.role == "base")
+    assert min(base.suite_scores.values()) >= 0.5, base.suite_scores  # memorised: the base answers its pages
+    choice = json.loads((out / "choice.json").read_text())
+    standings = {s["name"]: s for s in choice["standings"]}
+    assert set(standings) == {"rtn-auto-g32", "rtn-auto-w8a8-int8"}
+    assert all(s["mean_recovery"] is not None and s["mean_recovery"] > 0 for s in standings.values()), standings
+    assert choice["pick"] is not None, choice["summary"]
+    pick = standings[choice["pick"]]
+    assert pick["passed"] and pick["mean_recovery"] >= choice["gate"]
+    # the rule: no passing candidate is cheaper than the pick (cost: the energy modelled for the target GPU)
+    assert all(not s["passed"] or s["cost"] >= pick["cost"] for s in standings.values())
+
+    sub = out / "submission"
+    for file in ("model.safetensors", "config.json", "vllm_config.yaml", "README.md", "quant_recipe.json"):
+        assert (sub / file).is_file(), file
+    assert yaml.safe_load((sub / "vllm_config.yaml").read_text())["model"] == "."
+    assert f"| {choice['pick']} |" in (sub / "README.md").read_text()
+    config = json.loads((sub / "config.json").read_text())
+    assert CONFIG_KEY in config and "quantization_config" in config  # the label travels with the weights
+    layout, shipped = checkpoint_layout(source), checkpoint_layout(sub)
+    assert shipped.renamed == layout.renamed
+    src_names = set(_names(source))
+    packed = {n.rsplit(".", 1)[0] for n in _names(sub) if n.endswith((".weight_packed", ".weight_scale"))}
+    assert packed and all(f"{m}.weight" in src_names for m in packed)  # quantized under the source's own names

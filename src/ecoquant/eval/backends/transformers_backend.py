@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import gc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -96,6 +96,23 @@ def hf_messages(request: ChatRequest) -> list[dict[str, Any]]:
                 raise TypeError(f"unknown message part {type(part).__name__}")
         out.append({"role": message.role, "content": content})
     return out
+
+
+def encode_prompts(processor: Any, requests: Sequence[ChatRequest], budget: Mapping[str, Any]) -> Any:
+    """The model inputs for ``requests`` as the backend asks them: the processor's chat template with the images
+    inline, padded on the tokenizer's ``padding_side``, with ``budget`` (the image budget's processor keys).
+
+    One function so that whatever is trained on the evaluation's requests
+    (:mod:`ecoquant.fixtures.memorise`) sees the very tokens the evaluation sends.
+    """
+    return processor.apply_chat_template(
+        [hf_messages(r) for r in requests],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True, **budget},
+    )
 
 
 def batches(requests: Sequence[ChatRequest], batch_size: int) -> Iterator[list[ChatRequest]]:
@@ -217,14 +234,7 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def _generate_batch(self, batch: Sequence[ChatRequest], settings: GenerationSettings) -> list[Completion]:
-        inputs = self.processor.apply_chat_template(
-            [hf_messages(r) for r in batch],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs={"padding": True, **processor_kwargs(self.options.max_soft_tokens)},
-        )
+        inputs = encode_prompts(self.processor, batch, processor_kwargs(self.options.max_soft_tokens))
         inputs = {
             k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device))
             for k, v in inputs.items()
