@@ -219,6 +219,36 @@ def test_gptq_and_w8a8_load_and_stay_close(name: str, tmp_path: Path) -> None:
         assert 0.0 < score.kl_mean < 0.05, (score.model, score.kl_mean)  # quantized: not identical, and close
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_awq_gptq_end_to_end(name: str, tmp_path: Path) -> None:
+    """AWQ smoothing (the family's mapping rows) then GPTQ, W4A16, on each family, kept short (4 windows of 32
+    tokens, a 4-point grid): written in the source layout with the towers untouched, the smoothing recorded for
+    the decoder's layers, loaded by transformers through its own mapping and close to the base by KL."""
+    from ecoquant.calibrate.data import CalibrationConfig
+    from ecoquant.quality.run import QualityConfig, compare
+    from ecoquant.quantize.awq import AWQConfig
+
+    source = family_fixture_path(name)
+    out = tmp_path / "awq-gptq"
+    config = QuantizeConfig(method="awq-gptq", scheme=QuantScheme(group_size=16), awq=AWQConfig(grid=4, clip_grid=4),
+                            calibration=CalibrationConfig(source="corpus", num_samples=4, max_length=32))
+    quantize(source, out, config, show_progress=False)
+    assert checkpoint_layout(out).renamed == checkpoint_layout(source).renamed
+    src, dst = _names(source), _names(out)
+    row = VLM_FAMILIES[load_config(source).model_type]
+    layout = checkpoint_layout(source)
+    towers = [n for n in src if layout.tree_name(n).startswith(row.towers)]
+    assert towers and all(torch.equal(src[n], dst[n]) for n in towers)  # smoothing never reaches a tower
+    recipe = json.loads((out / "quant_recipe.json").read_text())
+    assert recipe["method"] == "awq-gptq", recipe.get("method")
+    searched = [m for unit in recipe["method_config"]["stats"]["units"].values() for m in unit.get("smoothing", ())]
+    assert len(searched) >= 2 * load_config(source).get_text_config().num_hidden_layers  # the row's mappings, per layer
+    assert all(n.startswith(row.decoder) for m in searched for n in (m["smooth"], *m["balance"]))
+    text = compare(source, [out], QualityConfig(window_tokens=64, max_windows=2, device="cpu")).part("text")
+    assert 0.0 < text.variants[0].kl_mean < 0.05, text.variants[0].kl_mean
+
+
 # ----------------------------------------------------------------- AWQ / SmoothQuant rows
 
 
