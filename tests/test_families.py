@@ -60,6 +60,23 @@ def test_fixtures_keep_the_hub_layout() -> None:
     assert "visual.blocks.0.attn.qkv.weight" in qwen and "model.layers.0.self_attn.q_proj.weight" in qwen
 
 
+def test_gemma3_fixture_has_the_newline_pieces_vllm_looks_up() -> None:
+    """vLLM's gemma3_mm processor reads ``vocab["\\n"]`` .. ``vocab["\\n\\n\\n\\n"]`` (Gemma-3's own vocabulary has
+    them); the processor's "\\n\\n" around an image must tokenize to the one piece, as it does on the real model."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(family_fixture_path("tiny-gemma3-mm"))
+    tokenizer = processor.tokenizer
+    vocab = tokenizer.get_vocab()
+    runs = ["\n" * k for k in range(1, 5)]
+    assert all(r in vocab and vocab[r] < 640 for r in runs)
+    assert len(tokenizer) <= 640  # every id has an embedding row
+    ids = tokenizer("a\n\nb\nc", add_special_tokens=False)["input_ids"]
+    assert vocab["\n\n"] in ids and vocab["\n"] in ids and tokenizer.decode(ids) == "a\n\nb\nc"
+    image = tokenizer(processor.full_image_sequence, add_special_tokens=False)["input_ids"]
+    assert image[0] == image[-1] == vocab["\n\n"]
+
+
 def test_layout_round_trip(rtn_checkpoint: tuple[Path, Path]) -> None:
     """Source names in, the same names out: untouched tensors keep name and bytes, quantized ones are packed
     under their source module name, and the output's layout is the source's."""
@@ -395,3 +412,47 @@ def test_optimize_grid_to_a_submission_on_memorised_pages(name: str, tmp_path: P
     src_names = set(_names(source))
     packed = {n.rsplit(".", 1)[0] for n in _names(sub) if n.endswith((".weight_packed", ".weight_scale"))}
     assert packed and all(f"{m}.weight" in src_names for m in packed)  # quantized under the source's own names
+
+
+# ----------------------------------------------------------------- the image budget in the transformers backend
+
+#: (smaller, larger) image budget per fixture under its family's own key, within the tiny processors' ranges:
+#: Qwen max_pixels (16 and 64 soft tokens' worth), Gemma-3 pan-and-scan off / on (on: the 1024 x 384 image is
+#: 2.7 times wider than tall, so 3 crops of at least transformers' 256-px minimum join it), Idefics3 and
+#: Mistral-3 size.longest_edge (one 64-px tile or 4 tiles + global; 32 or 64 px).
+BUDGETS = {"tiny-qwen2_5_vl": (16 * 28 * 28, 64 * 28 * 28), "tiny-qwen3_vl": (16 * 32 * 32, 64 * 32 * 32),
+           "tiny-gemma3-mm": (0, 1), "tiny-idefics3": (64, 128), "tiny-mistral3": (32, 64)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_transformers_backend_honours_the_familys_image_budget(name: str) -> None:
+    """``TransformersOptions.image_budget`` reaches the processor under the family row's own key: a smaller
+    budget gives the same wide image fewer image tokens, counted from the prompt the model was given."""
+    import io
+
+    from PIL import Image
+
+    from ecoquant.eval.backends.base import ChatRequest, ImagePart, Message, TextPart, generation_settings
+    from ecoquant.eval.backends.transformers_backend import TransformersBackend, TransformersOptions
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1024, 384), "white").save(buf, format="PNG")
+    request = ChatRequest("r", (Message("user", (ImagePart(buf.getvalue()), TextPart("What is it?"))),), 1)
+    counts = []
+    for value in BUDGETS[name]:
+        backend = TransformersBackend.load(family_fixture_path(name), TransformersOptions(device="cpu", image_budget=value))
+        assert backend.describe()["image_budget"] == VLM_FAMILIES[backend.model.config.model_type].budget.processor_kwargs(value)
+        counts.append(backend.generate([request], generation_settings())[0].image_tokens)
+        backend.close()
+    assert 0 < counts[0] < counts[1], counts
+    if name == "tiny-gemma3-mm":  # 4 soft tokens per crop (mm_tokens_per_image), the image and its 3 crops
+        assert counts == [4, 16]
+
+
+def test_image_budget_outside_the_familys_key_is_one_line() -> None:
+    from ecoquant.eval.backends.transformers_backend import TransformersBackend, TransformersOptions
+
+    with pytest.raises(EcoquantError, match=r"do_pan_and_scan takes 0 \(off\) or 1 \(on\)"):
+        TransformersBackend.load(family_fixture_path("tiny-gemma3-mm"), TransformersOptions(image_budget=5))
+    with pytest.raises(EcoquantError, match=r"max_pixels takes a positive number"):
+        TransformersBackend.load(family_fixture_path("tiny-qwen2_5_vl"), TransformersOptions(image_budget=0))
