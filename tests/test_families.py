@@ -60,6 +60,23 @@ def test_fixtures_keep_the_hub_layout() -> None:
     assert "visual.blocks.0.attn.qkv.weight" in qwen and "model.layers.0.self_attn.q_proj.weight" in qwen
 
 
+def test_gemma3_fixture_has_the_newline_pieces_vllm_looks_up() -> None:
+    """vLLM's gemma3_mm processor reads ``vocab["\\n"]`` .. ``vocab["\\n\\n\\n\\n"]`` (Gemma-3's own vocabulary has
+    them); the processor's "\\n\\n" around an image must tokenize to the one piece, as it does on the real model."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(family_fixture_path("tiny-gemma3-mm"))
+    tokenizer = processor.tokenizer
+    vocab = tokenizer.get_vocab()
+    runs = ["\n" * k for k in range(1, 5)]
+    assert all(r in vocab and vocab[r] < 640 for r in runs)
+    assert len(tokenizer) <= 640  # every id has an embedding row
+    ids = tokenizer("a\n\nb\nc", add_special_tokens=False)["input_ids"]
+    assert vocab["\n\n"] in ids and vocab["\n"] in ids and tokenizer.decode(ids) == "a\n\nb\nc"
+    image = tokenizer(processor.full_image_sequence, add_special_tokens=False)["input_ids"]
+    assert image[0] == image[-1] == vocab["\n\n"]
+
+
 def test_layout_round_trip(rtn_checkpoint: tuple[Path, Path]) -> None:
     """Source names in, the same names out: untouched tensors keep name and bytes, quantized ones are packed
     under their source module name, and the output's layout is the source's."""
@@ -219,6 +236,36 @@ def test_gptq_and_w8a8_load_and_stay_close(name: str, tmp_path: Path) -> None:
         assert 0.0 < score.kl_mean < 0.05, (score.model, score.kl_mean)  # quantized: not identical, and close
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_awq_gptq_end_to_end(name: str, tmp_path: Path) -> None:
+    """AWQ smoothing (the family's mapping rows) then GPTQ, W4A16, on each family, kept short (4 windows of 32
+    tokens, a 4-point grid): written in the source layout with the towers untouched, the smoothing recorded for
+    the decoder's layers, loaded by transformers through its own mapping and close to the base by KL."""
+    from ecoquant.calibrate.data import CalibrationConfig
+    from ecoquant.quality.run import QualityConfig, compare
+    from ecoquant.quantize.awq import AWQConfig
+
+    source = family_fixture_path(name)
+    out = tmp_path / "awq-gptq"
+    config = QuantizeConfig(method="awq-gptq", scheme=QuantScheme(group_size=16), awq=AWQConfig(grid=4, clip_grid=4),
+                            calibration=CalibrationConfig(source="corpus", num_samples=4, max_length=32))
+    quantize(source, out, config, show_progress=False)
+    assert checkpoint_layout(out).renamed == checkpoint_layout(source).renamed
+    src, dst = _names(source), _names(out)
+    row = VLM_FAMILIES[load_config(source).model_type]
+    layout = checkpoint_layout(source)
+    towers = [n for n in src if layout.tree_name(n).startswith(row.towers)]
+    assert towers and all(torch.equal(src[n], dst[n]) for n in towers)  # smoothing never reaches a tower
+    recipe = json.loads((out / "quant_recipe.json").read_text())
+    assert recipe["method"] == "awq-gptq", recipe.get("method")
+    searched = [m for unit in recipe["method_config"]["stats"]["units"].values() for m in unit.get("smoothing", ())]
+    assert len(searched) >= 2 * load_config(source).get_text_config().num_hidden_layers  # the row's mappings, per layer
+    assert all(n.startswith(row.decoder) for m in searched for n in (m["smooth"], *m["balance"]))
+    text = compare(source, [out], QualityConfig(window_tokens=64, max_windows=2, device="cpu")).part("text")
+    assert 0.0 < text.variants[0].kl_mean < 0.05, text.variants[0].kl_mean
+
+
 # ----------------------------------------------------------------- AWQ / SmoothQuant rows
 
 
@@ -312,3 +359,100 @@ def test_eval_runs_each_family_on_the_builtin_suite(name: str, tmp_path: Path) -
     for run in runs:
         assert run["requests"] == len(run["samples"]) > 0
         assert run["modelled_energy"]["parts"]["vision_encoder"] > 0, run["modelled_energy"]
+
+
+# ----------------------------------------------------------------- optimize to a submission (memorised eval pages)
+
+#: W4A16 by RTN (group 32: the tiny decoder is 64 wide) and W8A8 INT8 by RTN: data-free, so the grid stays cheap.
+SMALL_GRID = {"candidates": [{"method": "rtn", "group_size": 32}, {"method": "rtn", "scheme": "w8a8-int8"}]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_optimize_grid_to_a_submission_on_memorised_pages(name: str, tmp_path: Path) -> None:
+    """``optimize --grid`` (RTN W4A16, RTN W8A8 INT8) on ``builtin-basic`` size 2, through the decision to the
+    submission folder. The base is the family's fixture briefly overfit on those very requests (**memorised eval
+    pages**, :mod:`ecoquant.fixtures.memorise`): its scores prove the mechanics -- real recoveries, a gate that
+    decides, a pick, a submission in the source's layout -- and say nothing of any model's or method's quality."""
+    import yaml
+
+    from ecoquant.eval.backends.base import generation_settings
+    from ecoquant.eval.runner import EvalConfig, RunRecord
+    from ecoquant.fixtures.memorise import CONFIG_KEY
+    from ecoquant.optimize import OptimizeConfig, optimize
+    from ecoquant.optimize.grid import grid_from_mapping
+
+    source = family_fixture_path(name, memorised=True)
+    out = tmp_path / "run"
+    eval_config = EvalConfig(suite="builtin-basic", size=2, generation=generation_settings(max_new_tokens=8), idle_seconds=0.0)
+    optimize(source, OptimizeConfig(out=out, grid=grid_from_mapping(SMALL_GRID), eval=eval_config), show_progress=False)
+
+    record = RunRecord.load(out / "results.json")
+    base = next(r for r in record.runs if r.role == "base")
+    assert min(base.suite_scores.values()) >= 0.5, base.suite_scores  # memorised: the base answers its pages
+    choice = json.loads((out / "choice.json").read_text())
+    standings = {s["name"]: s for s in choice["standings"]}
+    assert set(standings) == {"rtn-auto-g32", "rtn-auto-w8a8-int8"}
+    assert all(s["mean_recovery"] is not None and s["mean_recovery"] > 0 for s in standings.values()), standings
+    assert choice["pick"] is not None, choice["summary"]
+    pick = standings[choice["pick"]]
+    assert pick["passed"] and pick["mean_recovery"] >= choice["gate"]
+    # the rule: no passing candidate is cheaper than the pick (cost: the energy modelled for the target GPU)
+    assert all(not s["passed"] or s["cost"] >= pick["cost"] for s in standings.values())
+
+    sub = out / "submission"
+    for file in ("model.safetensors", "config.json", "vllm_config.yaml", "README.md", "quant_recipe.json"):
+        assert (sub / file).is_file(), file
+    assert yaml.safe_load((sub / "vllm_config.yaml").read_text())["model"] == "."
+    assert f"| {choice['pick']} |" in (sub / "README.md").read_text()
+    config = json.loads((sub / "config.json").read_text())
+    assert CONFIG_KEY in config and "quantization_config" in config  # the label travels with the weights
+    layout, shipped = checkpoint_layout(source), checkpoint_layout(sub)
+    assert shipped.renamed == layout.renamed
+    src_names = set(_names(source))
+    packed = {n.rsplit(".", 1)[0] for n in _names(sub) if n.endswith((".weight_packed", ".weight_scale"))}
+    assert packed and all(f"{m}.weight" in src_names for m in packed)  # quantized under the source's own names
+
+
+# ----------------------------------------------------------------- the image budget in the transformers backend
+
+#: (smaller, larger) image budget per fixture under its family's own key, within the tiny processors' ranges:
+#: Qwen max_pixels (16 and 64 soft tokens' worth), Gemma-3 pan-and-scan off / on (on: the 1024 x 384 image is
+#: 2.7 times wider than tall, so 3 crops of at least transformers' 256-px minimum join it), Idefics3 and
+#: Mistral-3 size.longest_edge (one 64-px tile or 4 tiles + global; 32 or 64 px).
+BUDGETS = {"tiny-qwen2_5_vl": (16 * 28 * 28, 64 * 28 * 28), "tiny-qwen3_vl": (16 * 32 * 32, 64 * 32 * 32),
+           "tiny-gemma3-mm": (0, 1), "tiny-idefics3": (64, 128), "tiny-mistral3": (32, 64)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_transformers_backend_honours_the_familys_image_budget(name: str) -> None:
+    """``TransformersOptions.image_budget`` reaches the processor under the family row's own key: a smaller
+    budget gives the same wide image fewer image tokens, counted from the prompt the model was given."""
+    import io
+
+    from PIL import Image
+
+    from ecoquant.eval.backends.base import ChatRequest, ImagePart, Message, TextPart, generation_settings
+    from ecoquant.eval.backends.transformers_backend import TransformersBackend, TransformersOptions
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1024, 384), "white").save(buf, format="PNG")
+    request = ChatRequest("r", (Message("user", (ImagePart(buf.getvalue()), TextPart("What is it?"))),), 1)
+    counts = []
+    for value in BUDGETS[name]:
+        backend = TransformersBackend.load(family_fixture_path(name), TransformersOptions(device="cpu", image_budget=value))
+        assert backend.describe()["image_budget"] == VLM_FAMILIES[backend.model.config.model_type].budget.processor_kwargs(value)
+        counts.append(backend.generate([request], generation_settings())[0].image_tokens)
+        backend.close()
+    assert 0 < counts[0] < counts[1], counts
+    if name == "tiny-gemma3-mm":  # 4 soft tokens per crop (mm_tokens_per_image), the image and its 3 crops
+        assert counts == [4, 16]
+
+
+def test_image_budget_outside_the_familys_key_is_one_line() -> None:
+    from ecoquant.eval.backends.transformers_backend import TransformersBackend, TransformersOptions
+
+    with pytest.raises(EcoquantError, match=r"do_pan_and_scan takes 0 \(off\) or 1 \(on\)"):
+        TransformersBackend.load(family_fixture_path("tiny-gemma3-mm"), TransformersOptions(image_budget=5))
+    with pytest.raises(EcoquantError, match=r"max_pixels takes a positive number"):
+        TransformersBackend.load(family_fixture_path("tiny-qwen2_5_vl"), TransformersOptions(image_budget=0))

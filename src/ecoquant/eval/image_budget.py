@@ -12,6 +12,12 @@ transformers backend and ecoquant's own server pass it to the processor.
 Which values a processor allows is per-model knowledge, kept as data:
 :data:`SOFT_TOKEN_BUDGETS`, keyed by the ``image_processor_type`` in the
 checkpoint's ``processor_config.json``.
+
+The families beyond Gemma-4 bound an image's work by their own processor key
+(Qwen ``max_pixels``, Idefics3 and Mistral-3 ``size.longest_edge``, Gemma-3
+pan-and-scan on or off): :func:`family_budget_kwargs` reads it from the
+family's row (:data:`ecoquant.models.families.VLM_FAMILIES`), the same
+keywords vLLM takes as ``mm_processor_kwargs``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ecoquant.errors import EcoquantError
+from ecoquant.models.families import VLM_FAMILIES
 
 SOFT_TOKEN_BUDGETS: Mapping[str, tuple[int, ...]] = MappingProxyType(
     {
@@ -75,3 +82,21 @@ def check_max_soft_tokens(model: Path | str, budget: int | None) -> int | None:
 def processor_kwargs(budget: int | None) -> dict[str, int]:
     """What the processor call takes for the budget (nothing for the checkpoint's own default)."""
     return {} if budget is None else {"max_soft_tokens": budget}
+
+
+def family_budget_kwargs(model_type: str | None, value: int | None) -> dict[str, object]:
+    """The processor keywords for image budget ``value`` under the family row of ``model_type`` (its own key:
+    Qwen ``max_pixels``, Idefics3 / Mistral-3 ``size.longest_edge``, Gemma-3 ``do_pan_and_scan`` 0 or 1);
+    nothing for None, one clear line for a family without a row or a value the key cannot take."""
+    if value is None:
+        return {}
+    row = VLM_FAMILIES.get(model_type or "")
+    if row is None:
+        raise EcoquantError(
+            f"--image-budget: {model_type or 'this model'} has no image-budget row (Gemma-4: use --max-soft-tokens); "
+            f"known for: {', '.join(sorted(VLM_FAMILIES))}"
+        )
+    if value not in (0, 1) if row.budget.switch else value < 1:
+        allowed = "0 (off) or 1 (on)" if row.budget.switch else "a positive number"
+        raise EcoquantError(f"--image-budget {value}: {model_type}'s {row.budget.key} takes {allowed}, e.g. {row.budget.values[-1]}")
+    return row.budget.processor_kwargs(value)

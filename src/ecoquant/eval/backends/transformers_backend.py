@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import gc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -37,7 +37,7 @@ from ecoquant.eval.backends.base import (
     TextPart,
     check_num_speculative_tokens,
 )
-from ecoquant.eval.image_budget import check_max_soft_tokens, processor_kwargs
+from ecoquant.eval.image_budget import check_max_soft_tokens, family_budget_kwargs, processor_kwargs
 from ecoquant.eval.speculative import DraftCounter, DraftCounts, load_assistant
 from ecoquant.models.dense import decompress_now, loadable
 from ecoquant.models.loading import load_config, model_class, resolve_model
@@ -55,6 +55,8 @@ class TransformersOptions:
         batch_size: requests per ``generate`` call.
         max_soft_tokens: the image-token budget per image (:mod:`ecoquant.eval.image_budget`);
             None for the checkpoint's own.
+        image_budget: the image budget of the families beyond Gemma-4, under their own processor key
+            (:func:`~ecoquant.eval.image_budget.family_budget_kwargs`); None for the checkpoint's own.
         assistant: a drafting assistant (folder or hub id; Gemma-4's MTP ``-assistant``) for speculative
             decoding, whose acceptance is then measured per request; None decodes plainly. transformers'
             assisted generation takes one request at a time, so ``batch_size`` is then 1 in effect.
@@ -66,6 +68,7 @@ class TransformersOptions:
     dtype: str = "bfloat16"
     batch_size: int = 8
     max_soft_tokens: int | None = None
+    image_budget: int | None = None
     assistant: str | None = None
     num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS
 
@@ -96,6 +99,23 @@ def hf_messages(request: ChatRequest) -> list[dict[str, Any]]:
                 raise TypeError(f"unknown message part {type(part).__name__}")
         out.append({"role": message.role, "content": content})
     return out
+
+
+def encode_prompts(processor: Any, requests: Sequence[ChatRequest], budget: Mapping[str, Any]) -> Any:
+    """The model inputs for ``requests`` as the backend asks them: the processor's chat template with the images
+    inline, padded on the tokenizer's ``padding_side``, with ``budget`` (the image budget's processor keys).
+
+    One function so that whatever is trained on the evaluation's requests
+    (:mod:`ecoquant.fixtures.memorise`) sees the very tokens the evaluation sends.
+    """
+    return processor.apply_chat_template(
+        [hf_messages(r) for r in requests],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True, **budget},
+    )
 
 
 def batches(requests: Sequence[ChatRequest], batch_size: int) -> Iterator[list[ChatRequest]]:
@@ -138,6 +158,10 @@ class TransformersBackend:
         self.source = source
         self.options = options
         self.device = next(model.parameters()).device
+        self.budget = {
+            **processor_kwargs(options.max_soft_tokens),
+            **family_budget_kwargs(model.config.model_type, options.image_budget),
+        }
         tokenizer = processor.tokenizer
         # Decoder-only generation appends after the prompt: padding must go on the left.
         tokenizer.padding_side = "left"
@@ -165,8 +189,10 @@ class TransformersBackend:
         options = options or TransformersOptions()
         path = resolve_model(model)
         check_max_soft_tokens(path, options.max_soft_tokens)  # before seconds of loading
+        config = load_config(path)
+        family_budget_kwargs(config.model_type, options.image_budget)
         device = options.resolved_device()
-        cls_ = model_class(load_config(path))
+        cls_ = model_class(config)
         try:
             processor = AutoProcessor.from_pretrained(path)
         except (OSError, ValueError) as exc:
@@ -191,6 +217,7 @@ class TransformersBackend:
             "dtype": self.options.dtype,
             "batch_size": self.batch_size,
             "max_soft_tokens": self.options.max_soft_tokens,
+            **({} if self.options.image_budget is None else {"image_budget": self.budget}),
             **(
                 {}
                 if self.assistant is None
@@ -217,14 +244,7 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def _generate_batch(self, batch: Sequence[ChatRequest], settings: GenerationSettings) -> list[Completion]:
-        inputs = self.processor.apply_chat_template(
-            [hf_messages(r) for r in batch],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs={"padding": True, **processor_kwargs(self.options.max_soft_tokens)},
-        )
+        inputs = encode_prompts(self.processor, batch, self.budget)
         inputs = {
             k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device))
             for k, v in inputs.items()
@@ -241,7 +261,9 @@ class TransformersBackend:
                 sequences = self.model.generate(**inputs, generation_config=config, assistant_model=self.assistant)
             drafts = counter.counts(sequences.shape[1] - prompt_len)
         tokens_in = inputs["attention_mask"].sum(dim=1).tolist()
-        image_token = getattr(self.processor, "image_token_id", None)
+        # The soft token the vision features fill (the config's): Gemma-3's processor names its <start_of_image>
+        # placeholder as image_token_id, one per crop rather than 256.
+        image_token = getattr(self.model.config, "image_token_id", None) or getattr(self.processor, "image_token_id", None)
         image_tokens = (
             [None] * len(batch) if image_token is None else (inputs["input_ids"] == image_token).sum(dim=1).tolist()
         )
