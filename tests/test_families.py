@@ -58,6 +58,11 @@ def test_fixtures_keep_the_hub_layout() -> None:
     assert renamed == {"tiny-qwen2_5_vl", "tiny-gemma3-mm", "tiny-mistral3"}
     qwen = _names(family_fixture_path("tiny-qwen2_5_vl"))
     assert "visual.blocks.0.attn.qkv.weight" in qwen and "model.layers.0.self_attn.q_proj.weight" in qwen
+    # gemma-3-4b-it's index names the SigLIP tower under vision_model (vLLM's gemma3_mm loads only that)
+    gemma3 = _names(family_fixture_path("tiny-gemma3-mm"))
+    assert "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight" in gemma3
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in gemma3
+    assert not any(n.startswith("vision_tower.encoder.") for n in gemma3)
 
 
 def test_gemma3_fixture_has_the_newline_pieces_vllm_looks_up() -> None:

@@ -44,7 +44,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +170,17 @@ def quantization_config(
     )
     # ``version`` is what compressed-tensors' own writer adds: the library that defines the format.
     return {**config.model_dump(exclude_none=False, mode="json"), "version": compressed_tensors.__version__}
+
+
+def _both_spellings(ignore: Sequence[str], layout: Layout) -> list[str]:
+    """``ignore`` under the tree's names, each followed by its stored name where the layout renames it."""
+    out: list[str] = []
+    for module in ignore:
+        out.append(module)
+        stored = layout.stored_module(module)
+        if stored != module:
+            out.append(stored)
+    return out
 
 
 def table_quantize(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
@@ -356,7 +367,10 @@ def export_checkpoint(
     are the module tree's; tensors are read and written under the source's own names (its
     :class:`~ecoquant.models.layout.Layout`), and ``quantization_config`` names modules as the tree
     does, as llmcompressor writes them under transformers 5 (transformers matches ``ignore``
-    against its tree; vLLM maps both spellings through its per-family mapper).
+    against its tree), with each ignored module's stored name beside it where the two differ: vLLM maps
+    ``ignore`` through its per-family mapper, which knows the stored names but not every transformers 5
+    renaming (vLLM 0.32's Gemma-3 maps ``model.vision_tower.`` to ``vision_tower.``, while its modules sit
+    under ``vision_tower.vision_model.``, the stored name; the tree one would leave the tower quantized).
 
     Returns:
         ``{"source_bytes": ..., "output_bytes": ..., "quantized_modules": ...}``.
@@ -398,7 +412,7 @@ def export_checkpoint(
             index = {"metadata": {"total_size": output_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config = json.loads((source / "config.json").read_text())
-        config["quantization_config"] = quantization_config(scheme, ignore_linears, tables, head, components)
+        config["quantization_config"] = quantization_config(scheme, _both_spellings(ignore_linears, layout), tables, head, components)
         if head is not None:
             untie(config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
