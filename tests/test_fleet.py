@@ -165,3 +165,18 @@ def test_a_cluster_address_nobody_answers_is_one_line_at_once() -> None:
     with pytest.raises(EcoquantError, match="nothing answers there"):
         _check_reachable(f"127.0.0.1:{port}")
     _check_reachable("auto")  # Ray resolves this itself: not checked here
+
+
+def test_the_dry_run_with_several_gpus_divides_its_estimate_by_them(tmp_path: Path) -> None:
+    """``--gpus 0,1 --dry-run`` says what the Ray path would share, without starting Ray."""
+    from typer.testing import CliRunner
+
+    from ecoquant.cli import app
+    from ecoquant.fixtures.tiny_vlm import tiny_vlm_path
+    from ecoquant.optimize.cluster import spread_text
+
+    assert "on --gpus 0,1: 2 GPUs: about 10.0 min" in spread_text(1200.0, 2, "GPUs", "on --gpus 0,1")
+    result = CliRunner().invoke(app, ["optimize", str(tiny_vlm_path()), "--out", str(tmp_path / "o"), "--gpus", "0,1", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "on --gpus 0,1: 2 GPUs" in result.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.safetensors"))

@@ -195,3 +195,9 @@ def _print_preview(model: str, config: object) -> None:
         from ecoquant.optimize.cluster import connect, spread_estimate
 
         console.print(spread_estimate(connect(address), p.seconds), highlight=False, soft_wrap=True)
+    elif len(config.gpus) > 1:  # type: ignore[attr-defined]
+        from ecoquant.optimize.cluster import spread_text
+
+        gpus = config.gpus  # type: ignore[attr-defined]
+        console.print(spread_text(p.seconds, len(gpus), "GPUs", f"on --gpus {','.join(map(str, gpus))}"),
+                      highlight=False, soft_wrap=True)

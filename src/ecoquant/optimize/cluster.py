@@ -283,17 +283,22 @@ def describe(nodes: tuple[NodeInfo, ...]) -> str:
 
 
 def spread_estimate(ray: ModuleType, seconds: float | None) -> str:
-    """The dry run's estimate divided across the cluster's GPUs (its CPUs where it has none).
+    """The dry run's estimate divided across the cluster's GPUs (its CPUs where it has none)."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    slots, what = (gpus, "GPUs") if gpus else (max(cpus, 1), "CPUs (no GPU)")
+    return spread_text(seconds, slots, what, "on the cluster")
+
+
+def spread_text(seconds: float | None, slots: int, what: str, where: str) -> str:
+    """``seconds`` of one-at-a-time work shared by ``slots`` (``--cluster``'s GPUs, or ``--gpus``'s).
 
     An assumption, said in the line: every stage has at least as many jobs as slots and they take
     about as long as each other; a stage with fewer jobs, or one long quantization, takes longer.
     """
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
-    slots, what = (gpus, "GPUs") if gpus else (max(cpus, 1), "CPUs (no GPU)")
     if seconds is None:
-        return f"on the cluster: {slots} {what}; no estimate yet (no measured times in this folder)"
+        return f"{where}: {slots} {what}; no estimate yet (no measured times in this folder)"
     return (
-        f"on the cluster: {slots} {what}: about {seconds / slots / 60:.1f} min if every stage's jobs share them evenly "
+        f"{where}: {slots} {what}: about {seconds / slots / 60:.1f} min if every stage's jobs share them evenly "
         "(each stage waits for its slowest job, so a stage with fewer jobs than slots takes longer)"
     )
