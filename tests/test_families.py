@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ecoquant.api import QuantizeConfig, quantize
+from ecoquant.energy.costs import CostTerms, VisionCosts, checkpoint_costs
 from ecoquant.errors import EcoquantError
 from ecoquant.fixtures.tiny_families import FIXTURES, family_fixture_path
 from ecoquant.models.families import (
@@ -166,47 +167,137 @@ def test_gemma3_pan_and_scan_by_hand() -> None:
 
 
 def test_pixtral_longest_edge_by_hand() -> None:
-    # 1280 x 960 scaled by 0.8 -> 1024 x 768 -> 74 x 55 patches (ceil); 37 x 28 tokens + one break per row.
+    # 1280 x 960 scaled by 0.8 -> 1024 x 768 -> 74 x 55 patches (ceil); 37 x 28 tokens + one break per row
+    # (the break and end tokens are text tokens: separators, no projector work).
     geo = LongestEdgePatches(patch=14, merge=2)
-    assert geo.encode(1280, 960, 1024) == Encoding((74 * 55,), 28 * 38)
+    assert geo.encode(1280, 960, 1024) == Encoding((74 * 55,), 28 * 37, separators=28)
+
+
+# The shared tiny decoder (tiny_families.TEXT): hidden 64, 4 query heads and 2 KV heads of 16, MLP 128, 2 layers,
+# vocabulary 640. Its Linears a layer: q, o 64x64; k, v 64x32; gate, up 64x128; down 128x64 -> 36,864 weights,
+# 2 x 36,864 = 73,728 FLOPs a token; the head 64 x 640 -> 2 x 40,960 = 81,920 FLOPs a scored position.
+TEXT_LINEAR_WEIGHTS = 2 * 64 * 64 + 2 * 64 * 32 + 2 * 64 * 128 + 128 * 64
+HEAD_WEIGHTS = 640 * 64
+
+
+def _assert_text_terms(terms: CostTerms, extra_per_layer: int) -> None:
+    """Decoder FLOPs, head FLOPs and decode bytes of the shared tiny decoder, by hand. ``extra_per_layer``: the
+    family's per-layer weights besides the Linears (norms, biases), counted in bytes only (bf16: 2 bytes each)."""
+    assert terms.decoder_flops_per_token == 2 * 2 * TEXT_LINEAR_WEIGHTS  # 2 layers x 73,728 = 147,456
+    assert sum(terms.head_flops.values()) == 2 * HEAD_WEIGHTS  # 81,920, tied or not: the head is a matmul
+    # Decode reads every decoder weight (2 layers, then the final norm of 64) and the whole head or the tied
+    # embedding (the same 640 x 64), and one 64-wide row of the embedding; the towers are not read.
+    assert terms.decode.decoder == 2 * (2 * (TEXT_LINEAR_WEIGHTS + extra_per_layer) + 64)
+    assert terms.decode.head == 2 * HEAD_WEIGHTS
+    assert terms.decode.embedding_rows == 2 * 64
+
+
+def _assert_vision(vision: VisionCosts | None, enc: Encoding, by_hand: float) -> None:
+    """One image's vision FLOPs, as ``inspect`` prices an encoding and as the request model prices its soft tokens."""
+    assert vision is not None
+    assert math.isclose(sum(vision.image_flops(enc).values()), by_hand)
+    assert math.isclose(vision.total_flops(enc.soft_tokens), by_hand)
 
 
 def test_tiny_idefics3_flops_and_bytes_by_hand() -> None:
     """The energy model's terms for the tiny Idefics3 against a hand count (see the fixture's sizes)."""
-    from ecoquant.energy.costs import checkpoint_costs
-
     terms = checkpoint_costs(family_fixture_path("tiny-idefics3"))
-    # Decoder per token and layer: q, o 64x64; k, v 64x32; gate, up, down 64x128 -> 2 x 36,864 FLOPs.
-    per_layer = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
-    assert terms.decoder_flops_per_token == 2 * per_layer
-    assert sum(terms.head_flops.values()) == 2 * 64 * 640
-    # Decode bytes: every decoder weight in bf16 (Linears + 2 norms a layer + the final norm) and the untied head.
-    decoder_bytes = 2 * (2 * (per_layer // 2 + 2 * 64) + 64)
-    assert terms.decode.decoder == decoder_bytes
-    assert terms.decode.head == 2 * 640 * 64
+    # Llama decoder: 2 RMS norms of 64 a layer, no biases; the head is its own (untied).
+    _assert_text_terms(terms, extra_per_layer=2 * 64)
     # Vision: a 64 x 64 image is one 64-px tile of 8 x 8 = 64 patches (no global image), 64 / 2² = 16 tokens.
-    # Per patch and layer: q, k, v, o 32x32 and fc1, fc2 32x64 -> 2 x 4,096; connector 128 -> 64 per token;
-    # attention 4 x 32 x 64² per layer.
-    vision = terms.vision
-    assert vision is not None
+    # Per patch: the patch conv 3 x 8 x 8 -> 32 (2 x 6,144); per layer q, k, v, o 32x32 and fc1, fc2 32x64
+    # (2 x 8,192). Connector 128 -> 64 per token; attention 4 x 32 x 64² per layer.
     enc = ImageSplitting.from_config(load_config(family_fixture_path("tiny-idefics3"))).encode(64, 64, 64)
     assert enc == Encoding((64,), 16)
-    by_hand = 2 * (2 * (4 * 32 * 32 + 2 * 32 * 64)) * 64 + 2 * 128 * 64 * 16 + 2 * 4 * 32 * 64 * 64
-    assert math.isclose(sum(vision.image_flops(enc).values()), by_hand)
-    assert math.isclose(vision.total_flops(16), by_hand)  # the request model's view: 16 soft tokens
+    per_patch = 2 * 3 * 8 * 8 * 32 + 2 * 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    _assert_vision(terms.vision, enc, per_patch * 64 + 2 * 128 * 64 * 16 + 2 * 4 * 32 * 64 * 64)
 
 
-def test_qwen2_5_vl_windowed_attention_is_counted_per_layer() -> None:
-    """Qwen2.5-VL's windowed blocks attend within 64 patches; ``fullatt_block_indexes`` ones over the image."""
-    from ecoquant.energy.costs import checkpoint_costs
+def test_tiny_qwen2_5_vl_flops_and_bytes_by_hand() -> None:
+    """Qwen2.5-VL: q/k/v biases in the decoder, a Conv3d patch embedding over two frames, SwiGLU vision blocks
+    with biases, windowed attention in all but ``fullatt_block_indexes``, the merger MLP once per merged token."""
+    path = family_fixture_path("tiny-qwen2_5_vl")
+    terms = checkpoint_costs(path)
+    # Qwen2 decoder: q, k, v biases (64 + 32 + 32) and 2 RMS norms of 64 a layer; the head is its own.
+    _assert_text_terms(terms, extra_per_layer=64 + 32 + 32 + 2 * 64)
+    # A 112 x 112 image: a multiple of 28 px inside [min_pixels, budget], so 8 x 8 = 64 patches of 14 px,
+    # 2 x 2 merged into 16 soft tokens.
+    config = load_config(path)
+    enc = DynamicResolution.from_config(config).encode(112, 112, VLM_FAMILIES["qwen2_5_vl"].budget.default)
+    assert enc == Encoding((64,), 16)
+    # Per patch: Conv3d 3 x 2 x 14 x 14 -> 32 (a still image is its frame twice: temporal patch 2), 2 x 37,632;
+    # per block qkv 32x96, proj 32x32, gate and up 32x64, down 64x32: 2 x 10,240; its biases are not FLOPs.
+    per_patch = 2 * 3 * 2 * 14 * 14 * 32 + 2 * 2 * (32 * 96 + 32 * 32 + 3 * 32 * 64)
+    # Per soft token: the merger's MLP on 4 x 32 = 128 features, 128x128 then 128x64: 2 x 24,576.
+    per_token = 2 * (128 * 128 + 128 * 64)
+    # Attention, width 96 / 3 = 32: block 0 attends within windows of 56 px // 2 // 14 = 2 merged tokens a side,
+    # 4 x 4 = 16 patches (the 8 x 8 image is 4 whole windows); block 1 (fullatt_block_indexes) over all 64.
+    assert terms.vision is not None and terms.vision.windows == (16, None)
+    attention = 4 * 32 * 64 * 16 + 4 * 32 * 64 * 64
+    _assert_vision(terms.vision, enc, per_patch * 64 + per_token * 16 + attention)
 
-    vision = checkpoint_costs(family_fixture_path("tiny-qwen2_5_vl")).vision
-    assert vision is not None
-    assert vision.windows == (64, None)  # the fixture's fullatt_block_indexes = [1]
-    width = 32  # qkv's 96 outputs / 3
-    attention = 4 * width * 400 * 64 + 4 * width * 400 * 400
-    linear = sum(vision.per_patch.values()) * 400 + sum(vision.per_soft_token.values()) * 100
-    assert math.isclose(sum(vision.image_flops(Encoding((400,), 100)).values()), linear + attention)
+
+def test_tiny_qwen3_vl_flops_and_bytes_by_hand() -> None:
+    """Qwen3-VL: q/k norms in the decoder, a Conv3d patch embedding of 16-px patches, GELU vision MLPs, the
+    merger and one DeepStack merger (``deepstack_visual_indexes`` = [1]) each once per merged token."""
+    path = family_fixture_path("tiny-qwen3_vl")
+    terms = checkpoint_costs(path)
+    # Qwen3 decoder: q_norm and k_norm of 16 (head dim) and 2 RMS norms of 64 a layer, no biases; its own head.
+    _assert_text_terms(terms, extra_per_layer=2 * 16 + 2 * 64)
+    # A 128 x 128 image: a multiple of 32 px, 8 x 8 = 64 patches of 16 px, 16 soft tokens.
+    enc = DynamicResolution.from_config(load_config(path)).encode(128, 128, VLM_FAMILIES["qwen3_vl"].budget.default)
+    assert enc == Encoding((64,), 16)
+    # Per patch: Conv3d 3 x 2 x 16 x 16 -> 32, 2 x 49,152; per block qkv 32x96, proj 32x32, fc1 32x64,
+    # fc2 64x32: 2 x 8,192. (The learned position embedding is interpolated: gathers, not matmuls.)
+    per_patch = 2 * 3 * 2 * 16 * 16 * 32 + 2 * 2 * (32 * 96 + 32 * 32 + 2 * 32 * 64)
+    # Per soft token: the merger (norm, 128x128, 128x64) and the DeepStack merger of block 1's output (the same
+    # shapes, its norm after the 2 x 2 shuffle), each 2 x 24,576.
+    per_token = 2 * 2 * (128 * 128 + 128 * 64)
+    # Attention: both blocks over all 64 patches, width 32.
+    attention = 2 * 4 * 32 * 64 * 64
+    _assert_vision(terms.vision, enc, per_patch * 64 + per_token * 16 + attention)
+
+
+def test_tiny_gemma3_mm_flops_and_bytes_by_hand() -> None:
+    """Gemma-3: q/k norms and four norms a layer in the decoder, a tied head, SigLIP with a Conv2d patch embedding,
+    the projector a bare Parameter (a matmul, not a Linear) once per pooled soft token."""
+    path = family_fixture_path("tiny-gemma3-mm")
+    terms = checkpoint_costs(path)
+    # Gemma-3 decoder: q_norm, k_norm of 16 and input, post-attention, pre- and post-feedforward norms of 64 a
+    # layer; the head is tied (the embedding, read in full).
+    _assert_text_terms(terms, extra_per_layer=2 * 16 + 4 * 64)
+    # A 64 x 64 image, pan-and-scan off: one crop of (64 / 8)² = 64 patches, average-pooled 4 x 4 into
+    # mm_tokens_per_image = 4 soft tokens.
+    enc = FixedTokensPanScan.from_config(load_config(path)).encode(64, 64, 0)
+    assert enc == Encoding((64,), 4)
+    # Per patch: Conv2d 3 x 8 x 8 -> 32, 2 x 6,144; per layer q, k, v, out 32x32, fc1 32x64, fc2 64x32:
+    # 2 x 8,192. The fixture's SigLIP also builds the attention-pooling head (vision_use_head is transformers'
+    # default there); Gemma-3 never reads its output and the released configs have none: not counted.
+    per_patch = 2 * 3 * 8 * 8 * 32 + 2 * 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    # Per soft token: the pooled 32-wide feature times mm_input_projection_weight (32 x 64): 2 x 2,048.
+    per_token = 2 * 32 * 64
+    attention = 2 * 4 * 32 * 64 * 64  # both layers over the crop's 64 patches
+    _assert_vision(terms.vision, enc, per_patch * 64 + per_token * 4 + attention)
+
+
+def test_tiny_mistral3_flops_and_bytes_by_hand() -> None:
+    """Mistral-3: a Mistral decoder with a tied head (the fixture's config), Pixtral with a Conv2d patch embedding
+    and SwiGLU layers, the patch merger and projector once per merged token; row-end tokens are not projected."""
+    path = family_fixture_path("tiny-mistral3")
+    terms = checkpoint_costs(path)
+    # Mistral decoder: 2 RMS norms of 64 a layer, no biases; tie_word_embeddings true in this fixture's config.
+    _assert_text_terms(terms, extra_per_layer=2 * 64)
+    # A 64 x 64 image within longest_edge 64: 8 x 8 = 64 patches, 2 x 2 merged into 4 x 4 = 16 soft tokens,
+    # and 4 row ends ([IMG_BREAK] x 3, [IMG_END]): text tokens, no vision work.
+    enc = LongestEdgePatches.from_config(load_config(path)).encode(64, 64, 64)
+    assert enc == Encoding((64,), 16, separators=4)
+    # Per patch: Conv2d 3 x 8 x 8 -> 32 (no bias), 2 x 6,144; per layer q, k, v, o 32x32, gate and up 32x64,
+    # down 64x32: 2 x 10,240.
+    per_patch = 2 * 3 * 8 * 8 * 32 + 2 * 2 * (4 * 32 * 32 + 3 * 32 * 64)
+    # Per soft token: the patch merger's 4 x 32 = 128 -> 32, then linear_1 32 -> 64 and linear_2 64 -> 64.
+    per_token = 2 * (128 * 32 + 32 * 64 + 64 * 64)
+    attention = 2 * 4 * 32 * 64 * 64  # both layers over the image's 64 patches (head dim 16 x 2 heads)
+    _assert_vision(terms.vision, enc, per_patch * 64 + per_token * 16 + attention)
 
 
 # ----------------------------------------------------------------- calibrated methods (slow)

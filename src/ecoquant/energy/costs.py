@@ -8,9 +8,13 @@ Three kinds of work, each with its own bound on a GPU (see :mod:`ecoquant.energy
   layer sees at most its window. The output head runs once per request at
   prefill (a server computes logits for the last prompt position only), and
   once per decoded token.
-* **The vision encoder, per image** (compute-bound): its Linears once per
-  patch, its (bidirectional) attention over all patches of the image, and the
-  projection into the text space once per soft token. Gemma-4 pools ``k x k``
+* **The vision encoder, per image** (compute-bound): its Linears and its
+  patch-embedding convolution (``2 x`` its weight's elements: one output per
+  patch) once per patch, its (bidirectional) attention over all patches of the
+  image, and the projection into the text space once per soft token (its
+  Linears, and any Parameter the family's row names as a matmul weight).
+  Modules the family's forward never reads (its row's ``unused``) are not
+  priced. Gemma-4 pools ``k x k``
   patches into one soft token, so an image budget of ``B`` soft tokens is at
   most ``B x k²`` patches; the budget decides the vision cost.
 * **Decode, per step** (memory-bound at small batch): the weight bytes read to

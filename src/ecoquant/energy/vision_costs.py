@@ -1,8 +1,10 @@
 """The vision encoder's cost per image, in FLOPs, from the module tree and the family's image geometry.
 
 Split from :mod:`ecoquant.energy.costs` (which assembles a checkpoint's whole cost terms): the tower's
-Linears run once per patch, the projector's once per soft token, and attention once per sequence (a
-tile, crop or window), so the cost is a function of how the processor encodes an image at a budget.
+Linears and patch-embedding convolution run once per patch, the projector's Linears (and any bare matmul
+weight its family row names) once per soft token, and attention once per sequence (a tile, crop or window),
+so the cost is a function of how the processor encodes an image at a budget. Modules the family's forward
+never reads (the row's ``unused``) are priced nowhere.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 from torch import nn
 
 from ecoquant.energy.gpus import Precision
-from ecoquant.models.families import Encoding, VlmFamily
+from ecoquant.errors import EcoquantError
+from ecoquant.models.families import Encoding, VlmFamily, window_patches
 
 REFERENCE_IMAGE = (1280, 960)
 """Width and height (pixels) of the image ``inspect`` prices for families whose vision work depends on the
@@ -78,31 +81,51 @@ class VisionCosts:
         return sum(self.flops_at(soft_tokens).values())
 
 
+def _patch_conv_flops(name: str, conv: nn.modules.conv._ConvNd) -> float:
+    """A tower's patch-embedding convolution: its stride is its kernel, so it has one output per patch, and
+    that output costs ``2 x`` the weight's elements (in channels x kernel x out channels, as a Linear)."""
+    if tuple(conv.stride) != tuple(conv.kernel_size):
+        raise EcoquantError(f"ecoquant prices only patch-embedding convolutions (stride = kernel); {name} is not one")
+    return 2.0 * conv.weight.numel()
+
+
 def tower_flops(
-    model: nn.Module, precisions: Mapping[str, Precision], tower: tuple[str, ...], projector: tuple[str, ...]
+    model: nn.Module,
+    precisions: Mapping[str, Precision],
+    tower: tuple[str, ...],
+    projector: tuple[str, ...],
+    unused: tuple[str, ...] = (),
 ) -> tuple[dict[Precision, float], dict[Precision, float]]:
-    """Linear FLOPs by precision: of the tower (once per patch) and of the projector (once per soft token).
-    The projector is matched first: Qwen's merger sits inside its tower's prefix."""
+    """Linear and patch-convolution FLOPs by precision: of the tower (once per patch) and of the projector (once
+    per soft token); modules under ``unused`` are skipped. The projector is matched first: Qwen's merger sits
+    inside its tower's prefix. Convolutions run in bf16 (compressed-tensors quantizes Linears only)."""
     per_patch: dict[Precision, float] = {}
     per_soft: dict[Precision, float] = {}
     for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear):
-            continue
-        flops = 2.0 * m.in_features * m.out_features
         table = per_soft if name.startswith(projector) else per_patch if name.startswith(tower) else None
-        if table is not None:
-            table[precisions[name]] = table.get(precisions[name], 0.0) + flops
+        if table is None or (unused and name.startswith(unused)):
+            continue
+        if isinstance(m, nn.Linear):
+            precision, flops = precisions[name], 2.0 * m.in_features * m.out_features
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            precision, flops = "bf16", _patch_conv_flops(name, m)
+        else:
+            continue
+        table[precision] = table.get(precision, 0.0) + flops
     return per_patch, per_soft
 
 
 def vlm_vision_costs(model: nn.Module, row: VlmFamily, config: Any, precisions: Mapping[str, Precision]) -> VisionCosts:
     """A vision-language family's encoder: tower Linears per patch, projector Linears per soft token,
     attention per sequence (windowed where the row says), patches per token from the row's geometry."""
-    per_patch, per_soft = tower_flops(model, precisions, row.vision, row.projector)
+    per_patch, per_soft = tower_flops(model, precisions, row.vision, row.projector, row.unused)
+    for name in row.projector_matmuls:  # a bare weight Parameter: never a Linear, so never quantized
+        per_soft["bf16"] = per_soft.get("bf16", 0.0) + 2.0 * model.get_parameter(name).numel()
     layers = model.get_submodule(row.vision_layers)
     widths = tuple(layer.get_submodule(row.vision_query).out_features * row.query_share for layer in layers)  # type: ignore[union-attr]
     full = set(getattr(config.vision_config, row.window_layers_key, None) or ()) if row.window_layers_key else None
-    windows = tuple(None if full is None or i in full else row.window_patches for i in range(len(widths)))
+    window = window_patches(config, row.window_key) if row.window_key else None
+    windows = tuple(None if full is None or i in full else window for i in range(len(widths)))
     geometry = row.geometry.from_config(config)
     return VisionCosts(
         MappingProxyType(per_patch), MappingProxyType(per_soft), widths, 1, row.budget.values, row.budget.default,

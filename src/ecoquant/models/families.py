@@ -31,6 +31,10 @@ class Encoding:
 
     sequences: tuple[int, ...]
     soft_tokens: int
+    """Image tokens the vision features fill: what the projector maps, one feature each."""
+    separators: int = 0
+    """Placeholder tokens the processor adds that no feature fills (Pixtral's ``[IMG_BREAK]``/``[IMG_END]``):
+    decoder positions, no projector work."""
 
     @property
     def patches(self) -> int:
@@ -72,6 +76,14 @@ class DynamicResolution:
             w = math.ceil(width * beta / factor) * factor
         patches = (h // self.patch) * (w // self.patch)
         return Encoding((patches,), patches // self.merge**2)
+
+
+def window_patches(config: Any, key: str) -> int:
+    """Patches in one of Qwen2.5-VL's attention windows: whole ``merge x merge`` groups, ``key // merge // patch``
+    of them a side (transformers' ``vision_utils.get_vision_window_index``); 64 at the released 112 px."""
+    v = config.vision_config
+    side = getattr(v, key) // v.spatial_merge_size // v.patch_size * v.spatial_merge_size
+    return int(side**2)
 
 
 @dataclass(frozen=True)
@@ -148,7 +160,8 @@ class LongestEdgePatches:
     """Pixtral (Mistral-3): the image is scaled down so its longest edge is at most ``budget``
     (``size.longest_edge``), cut into ``patch``-pixel patches (partial ones padded), one sequence per image;
     ``merge x merge`` patches make one soft token and every row of tokens ends with ``[IMG_BREAK]``
-    (the last with ``[IMG_END]``): transformers' ``PixtralProcessor``."""
+    (the last with ``[IMG_END]``): transformers' ``PixtralProcessor``. The row ends are text tokens (the
+    embedding's rows), so they are separators, not soft tokens the projector fills."""
 
     patch: int
     merge: int
@@ -169,7 +182,7 @@ class LongestEdgePatches:
         cols = math.ceil(width * scale / self.patch)
         rows = math.ceil(height * scale / self.patch)
         tok_rows, tok_cols = math.ceil(rows / self.merge), math.ceil(cols / self.merge)
-        return Encoding((rows * cols,), tok_rows * (tok_cols + 1))
+        return Encoding((rows * cols,), tok_rows * tok_cols, separators=tok_rows)
 
 
 VisionGeometry = DynamicResolution | ImageSplitting | FixedTokensPanScan | LongestEdgePatches
@@ -209,8 +222,12 @@ class VlmFamily:
         vision_layers / vision_query / query_share: the encoder layers, each one's query projection, and the
             query's share of that Linear's outputs (1/3 for a fused ``qkv``): the attention width is
             ``out_features x query_share``.
-        window_layers_key / window_patches: windowed encoder layers (Qwen2.5-VL: all but the vision config's
-            ``fullatt_block_indexes``) attend within ``window_patches`` patches.
+        window_layers_key / window_key: windowed encoder layers (Qwen2.5-VL: all but the vision config's
+            ``fullatt_block_indexes``) attend within windows of the vision config's ``window_key`` pixels a side
+            (``window_size``: 112 on the released models, 8 x 8 = 64 patches of 14 px).
+        projector_matmuls: Parameters the projector applies as a matmul weight rather than through an
+            ``nn.Linear`` (Gemma-3's ``mm_input_projection_weight``): ``2 x`` their elements per soft token.
+        unused: prefixes of modules the family builds but whose output its forward never reads (priced nowhere).
         geometry: how an image becomes encoder sequences and soft tokens (its sizes read from the config,
             so the tiny fixtures and the released models share the row).
         budget: the image-budget lever.
@@ -229,7 +246,9 @@ class VlmFamily:
     head: str = "lm_head"
     query_share: float = 1.0
     window_layers_key: str = ""
-    window_patches: int = 0
+    window_key: str = ""
+    projector_matmuls: tuple[str, ...] = ()
+    unused: tuple[str, ...] = ()
 
     @property
     def layers(self) -> str:
@@ -252,7 +271,7 @@ VLM_FAMILIES: Mapping[str, VlmFamily] = MappingProxyType({
     "qwen2_5_vl": VlmFamily(
         decoder="model.language_model.", vision=("model.visual.",), projector=("model.visual.merger.",),
         embed="model.language_model.embed_tokens", vision_layers="model.visual.blocks", vision_query="attn.qkv",
-        query_share=1 / 3, window_layers_key="fullatt_block_indexes", window_patches=64,  # 112-px windows / 14
+        query_share=1 / 3, window_layers_key="fullatt_block_indexes", window_key="window_size",
         geometry=DynamicResolution, budget=_QWEN_BUDGET,
         source="transformers models/qwen2_5_vl; vLLM qwen2_5_vl.py (hf_to_vllm_mapper)",
     ),
@@ -270,6 +289,12 @@ VLM_FAMILIES: Mapping[str, VlmFamily] = MappingProxyType({
         decoder="model.language_model.", vision=("model.vision_tower.",), projector=("model.multi_modal_projector.",),
         embed="model.language_model.embed_tokens", vision_layers="model.vision_tower.encoder.layers",
         vision_query="self_attn.q_proj",
+        # The projection into the text space is a bare Parameter (vision hidden x text hidden), applied by
+        # torch.matmul after the 4 x 4 average pooling: 2 x 1152 x 2560 FLOPs per soft token on gemma-3-4b.
+        projector_matmuls=("model.multi_modal_projector.mm_input_projection_weight",),
+        # SigLIP's attention-pooling head: Gemma-3 reads last_hidden_state, never the pooled output, and the
+        # released configs set vision_use_head false (no such module); a config that leaves it on builds it.
+        unused=("model.vision_tower.head.",),
         geometry=FixedTokensPanScan,
         budget=ImageBudget(key="do_pan_and_scan", values=(0, 1), default=0, switch=True),
         source="transformers models/gemma3 (Gemma3ImageProcessor); vLLM gemma3_mm.py",
