@@ -271,8 +271,8 @@ def test_tiny_gemma3_mm_flops_and_bytes_by_hand() -> None:
     enc = FixedTokensPanScan.from_config(load_config(path)).encode(64, 64, 0)
     assert enc == Encoding((64,), 4)
     # Per patch: Conv2d 3 x 8 x 8 -> 32, 2 x 6,144; per layer q, k, v, out 32x32, fc1 32x64, fc2 64x32:
-    # 2 x 8,192. The fixture's SigLIP also builds the attention-pooling head (vision_use_head is transformers'
-    # default there); Gemma-3 never reads its output and the released configs have none: not counted.
+    # 2 x 8,192. No attention-pooling head: vision_use_head is false, as in the released configs (the row's
+    # `unused` entry prices one nowhere where a config builds it; Gemma-3 never reads its output).
     per_patch = 2 * 3 * 8 * 8 * 32 + 2 * 2 * (4 * 32 * 32 + 2 * 32 * 64)
     # Per soft token: the pooled 32-wide feature times mm_input_projection_weight (32 x 64): 2 x 2,048.
     per_token = 2 * 32 * 64
