@@ -552,3 +552,24 @@ def test_image_budget_outside_the_familys_key_is_one_line() -> None:
         TransformersBackend.load(family_fixture_path("tiny-gemma3-mm"), TransformersOptions(image_budget=5))
     with pytest.raises(EcoquantError, match=r"max_pixels takes a positive number"):
         TransformersBackend.load(family_fixture_path("tiny-qwen2_5_vl"), TransformersOptions(image_budget=0))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inspect_prices_each_family_as_the_energy_model_does(name: str) -> None:
+    """``ecoquant inspect``: bytes per decoded token (the footprint's count) equal the energy model's decode
+    bytes (both leave the towers out: they run at prefill), prefill FLOPs and vision FLOPs per image are shown."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from ecoquant.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", str(family_fixture_path(name))], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    size = r"([\d.]+ [KMG]?i?B)"
+    footprint = re.search(rf"bytes per decoded token \(batch 1\): {size} = decoder {size} \+ head {size}", result.output)
+    model = re.search(rf"decode reads {size} per step \(decoder {size}, head {size}", result.output)
+    assert footprint and model, result.output
+    assert footprint.groups() == model.groups()
+    assert "prefill GFLOPs per prompt token" in result.output
+    assert re.search(r"vision GFLOPs per a 1280x960 image at each image budget: \S+: \d", result.output)

@@ -99,6 +99,9 @@ NOT_PER_TOKEN: tuple[str, ...] = (
     "embed_vision.",
     "embed_audio.",
     "multi_modal_projector.",
+    "visual.",  # Qwen2-VL / 2.5-VL / 3-VL: the tower, its merger inside it (models.families)
+    "vision_model.",  # Idefics3 / SmolVLM: the SigLIP tower
+    "connector.",  # Idefics3: the pixel-shuffle projector
 )
 
 
