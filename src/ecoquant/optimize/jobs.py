@@ -291,9 +291,8 @@ class ClusterSession:
         prepared: PreparedSuite,
         config: OptimizeConfig,
         stages: Stages,
-        *_: Any,
     ) -> tuple[list[str], dict[str, FailedRun], EnergyInfo | None]:
-        """Evaluate ``jobs`` in parallel on the cluster, one GPU each; the same return as the local pool's."""
+        """Evaluate ``jobs`` in parallel on the cluster, one GPU each; the same return as ``run._evaluate_here``."""
         import ray
 
         from ecoquant.eval.runner import FailedRun
