@@ -221,11 +221,10 @@ def optimize_estimate(model: str, out: Path) -> list[Line]:
     from ecoquant.optimize import OptimizeConfig
     from ecoquant.optimize.stages import preview
 
-    from ecoquant.models.loading import is_hub_id
+    from ecoquant.models.loading import check_folder_or_hub_id
 
+    check_folder_or_hub_id(model)
     local = Path(model).expanduser()
-    if not local.exists() and not is_hub_id(model):
-        raise EcoquantError(f"{model}: no such folder (and not a hub id like 'google/gemma-4-E4B-it')")
     if not local.exists():
         from huggingface_hub import snapshot_download
 

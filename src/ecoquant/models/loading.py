@@ -71,9 +71,14 @@ def _locate(model: str | Path) -> Path:
             raise EcoquantError(f"{path} is not a model folder: it has no config.json")
         return path
     text = str(model)
-    if not is_hub_id(text):
-        raise EcoquantError(f"{text}: no such folder (and not a hub id like 'google/gemma-4-E4B-it')")
+    check_folder_or_hub_id(text)
     return _download(text)
+
+
+def check_folder_or_hub_id(text: str) -> None:
+    """Refuse ``text`` when it is neither an existing path nor reads as a hub id (nothing is looked up)."""
+    if not Path(text).expanduser().exists() and not is_hub_id(text):
+        raise EcoquantError(f"{text}: no such folder (and not a hub id like 'google/gemma-4-E4B-it')")
 
 
 def _download(repo_id: str) -> Path:
